@@ -1,0 +1,13 @@
+"""lightning_diag: Lightning callbacks that watch a training run from the inside and warn before
+it blows up.
+
+Example:
+    >>> from lightning_diag import GradNormWatcher
+    >>> callbacks = [GradNormWatcher(action="warn")]
+"""
+
+from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, ZScore
+from lightning_diag.callbacks import GradNormWatcher
+
+__all__ = ["Above", "Alert", "Below", "DivergenceError", "GradNormWatcher", "NonFinite", "ZScore"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""The Lightning callbacks of lightning_diag: one monitor per file, sharing ``_base``."""
+
+from lightning_diag.callbacks.grad_norm import GradNormWatcher
+
+__all__ = ["GradNormWatcher"]

@@ -1,0 +1,58 @@
+"""Everything that touches the Trainer's loggers or private internals lives here, so a Lightning
+change is a one-file fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+__all__ = ["grad_scale", "log_histogram", "log_metrics", "log_text"]
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send a dict of floats to every logger of the trainer, from global rank zero only."""
+    if metrics and trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """Write text to each TensorBoard logger; other loggers have no text channel and skip it."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_text(tag, text, global_step=step)
+
+
+def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int, bins: int = 64) -> None:
+    """Write a histogram to each TensorBoard logger (others skip it)."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_histogram(tag, values.detach().float().cpu(), global_step=step, bins=bins)
+
+
+def grad_scale(trainer: pl.Trainer, optimizer: Any) -> Tensor | None:
+    """The fp16 loss scale still applied to gradients at ``on_before_optimizer_step``, or None.
+
+    Lightning unscales gradients before that hook, except for optimizers that unscale inside
+    their own ``step`` (fused ones): for those the gradients are still multiplied by the scale.
+    The scale is returned as the scaler's device tensor, so dividing by it costs no sync.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else torch.tensor(float(scaler.get_scale()))
+
+
+def has_grad_scaler(trainer: pl.Trainer) -> bool:
+    """True under fp16 mixed precision, where overflow steps (inf gradients) are routine."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None

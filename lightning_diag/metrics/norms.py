@@ -1,0 +1,92 @@
+"""Fused norms over many tensors: per tensor, per layer (group) and total.
+
+Every function here launches a fixed number of kernels whatever the number of tensors
+(``torch._foreach_norm`` for all dense tensors of a device and dtype at once, then one
+``stack``/``index_add_``), returns device tensors and never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["count_nonfinite", "grouped_norms", "tensor_norms", "total_norm"]
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each tensor, in float32, stacked into one 1-D tensor.
+
+    Dense tensors go through one ``torch._foreach_norm`` call; sparse tensors (rare: an
+    ``nn.Embedding(sparse=True)`` gradient) are coalesced and normed one by one. A tensor that
+    holds an inf or NaN gets a non-finite norm.
+
+    Example:
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.float16)])
+        tensor([5., 2.])
+    """
+    if not tensors:
+        return torch.zeros(0)
+    out: list[Tensor | None] = [None] * len(tensors)
+    # dtype=float32 keeps fp16/bf16 sums from overflowing; float64 tensors cannot be narrowed by
+    # the kernel, so they get their own call (rare: one extra kernel at most).
+    for wide in (False, True):
+        index = [i for i, t in enumerate(tensors) if not t.is_sparse and (t.dtype == torch.float64) == wide]
+        if index:
+            norms = torch._foreach_norm([tensors[i] for i in index], 2, dtype=None if wide else torch.float32)
+            for i, n in zip(index, norms):
+                out[i] = n
+    for i, t in enumerate(tensors):
+        if t.is_sparse:
+            out[i] = t.coalesce().values().float().norm()
+    return torch.stack(out).float()  # stack promotes to float64 if any was; back to float32
+
+
+def grouped_norms(norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Combine per-tensor norms into per-group norms: ``sqrt(sum of squares)`` per group.
+
+    Args:
+        norms: 1-D tensor of per-tensor L2 norms.
+        group_index: 1-D long tensor, same length, the group of each tensor in ``[0, num_groups)``.
+        num_groups: number of groups (a group with no tensor gets 0).
+
+    Example:
+        >>> grouped_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2)
+        tensor([5., 1.])
+    """
+    if norms.shape != group_index.shape:
+        raise ValueError(
+            f"`norms` and `group_index` must have the same shape, got {tuple(norms.shape)} "
+            f"and {tuple(group_index.shape)}"
+        )
+    squares = norms.new_zeros(num_groups).index_add_(0, group_index, norms.square())
+    return squares.sqrt()
+
+
+def total_norm(norms: Tensor) -> Tensor:
+    """Global L2 norm from per-tensor norms (what ``clip_grad_norm_`` calls the total norm).
+
+    Example:
+        >>> total_norm(torch.tensor([3.0, 4.0]))
+        tensor(5.)
+    """
+    return norms.square().sum().sqrt()
+
+
+def count_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """Number of inf/NaN entries over all tensors, as a 0-d long tensor.
+
+    One reduction per tensor: call it on the rare path (a non-finite norm was seen), not
+    every step; :func:`tensor_norms` already flags which tensors are affected.
+
+    Example:
+        >>> count_nonfinite([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
+        tensor(2)
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.long)
+    counts = [
+        (~torch.isfinite(t.coalesce().values() if t.is_sparse else t)).sum() for t in tensors
+    ]
+    return torch.stack(counts).sum()
