@@ -1,0 +1,31 @@
+"""Pure tensor math: no Lightning import, no logging, no host syncs (except where a docstring
+says so, e.g. ``CollapseAccumulator.compute``). Tested against float64 references."""
+
+from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
+from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
+from lightning_diag.metrics.spectral import (
+    AlignmentSummary,
+    alignment_histogram,
+    alignment_summary,
+    power_iteration,
+    spectral_alignment,
+    stable_rank,
+)
+from lightning_diag.metrics.stats import EmaZScore, zclip
+
+__all__ = [
+    "AlignmentSummary",
+    "CollapseAccumulator",
+    "EmaZScore",
+    "alignment_histogram",
+    "alignment_summary",
+    "count_nonfinite",
+    "grouped_norms",
+    "neural_collapse_metrics",
+    "power_iteration",
+    "spectral_alignment",
+    "stable_rank",
+    "tensor_norms",
+    "total_norm",
+    "zclip",
+]

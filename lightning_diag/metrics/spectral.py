@@ -1,0 +1,288 @@
+"""Spectral alignment (SA): how layer inputs line up with the top singular direction of W.
+
+After Qiu, Wu, Tan, Wang and Yao, "Spectral Alignment as Predictor of Loss Explosion" (2025,
+arXiv 2510.04202). Only the paper's abstract could be read, so the definition below is *our
+reconstruction* (DESIGN.md section 5, ``research/spectral_alignment_and_spikes.md`` section 1):
+
+For a linear layer ``y = W x`` with PyTorch weight ``W`` of shape ``(d_out, d_in)`` and SVD
+``W = sum_i s_i u_i v_i^T``, each input row ``x_t`` gets ``SA_t = cos(x_t, v_1)``, with ``v_1`` the
+top *right* singular vector (input space). A step changes ``s_1`` by about
+``-lr * sum_t (u_1^T delta_t) (v_1^T x_t)``: while the signs of ``SA_t`` are mixed the terms cancel;
+when every input falls on one side of ``v_1`` they add up and ``s_1`` grows step after step. So the
+warning sign is a collapse of *sign diversity*. ``v_1`` is defined only up to sign, hence the
+sign-invariant summaries.
+
+Everything here takes tensors and returns tensors on the same device, never reads a value back to
+the host, and computes in float32 at least (bf16/fp16 are upcast; float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AlignmentSummary",
+    "alignment_histogram",
+    "alignment_summary",
+    "power_iteration",
+    "spectral_alignment",
+    "stable_rank",
+]
+
+# Iterations used when there is no warm start: a random start is far from v_1, and the error
+# shrinks by (s_2 / s_1)^2 per iteration only.
+_COLD_START_ITERS = 20
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    # float32 at least: bf16 has 8 bits of mantissa, not enough for cosines or for power iteration.
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _normalize(x: Tensor, fallback: Tensor | float) -> Tensor:
+    """``x / ||x||`` along the last dim; where ``||x|| == 0``, ``fallback`` instead (no NaN)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), fallback)
+
+
+def power_iteration(
+    weights: Tensor, v0: Tensor | None = None, *, iters: int = 2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplet ``(sigma_1, u_1, v_1)`` of one matrix or a stack of equal-shape ones.
+
+    Power iteration on ``W^T W``, written as alternating products ``u = W v / ||W v||``,
+    ``v = W^T u / ||W^T u||`` (normalising both halves keeps huge weights from overflowing).
+    ``v_1`` is the top *right* singular vector (input space, length ``d_in``),
+    ``sigma_1 = ||W v_1||`` and ``u_1 = W v_1 / sigma_1``, so ``W v_1 = sigma_1 u_1`` holds exactly
+    for what is returned. Cost: ``2 * iters + 1`` matrix-vector products per matrix.
+
+    **Warm start.** Weights move little between checks, so passing the previous ``v_1`` as ``v0``
+    makes 1-2 iterations enough (the angle error shrinks by ``(s_2 / s_1)^2`` per iteration), and
+    ``sigma_1`` is a Rayleigh quotient, whose error is the *square* of the vector error. A warm
+    start also keeps the sign of ``v_1`` from one check to the next (``W^T W`` has no negative
+    eigenvalue to flip it), so a time series of SA does not jump between mirror images.
+
+    **Near-degenerate top.** When ``s_1 ~ s_2`` the iterate converges to *some* unit vector of the
+    top singular subspace, not to ``v_1`` (which is then ill-defined anyway), and it can swap
+    direction after a large weight change. What still holds is that ``sigma_1`` is within the gap
+    of ``s_1`` (it is a lower bound that converges to it). A caller that sees ``sigma_1`` jump
+    between checks should re-run with more iterations (e.g. ``iters=20``).
+
+    Args:
+        weights: ``(d_out, d_in)`` or ``(B, d_out, d_in)``; any float dtype, computed in float32
+            at least. Detached: no autograd graph is built.
+        v0: start vector, ``(d_in,)`` or ``(B, d_in)``, nonzero, need not be normalised
+            (typically the ``v_1`` returned by the previous check). ``None``: a fixed-seed
+            Gaussian vector drawn from a private ``torch.Generator`` (no effect on the global
+            RNG), and at least 20 iterations.
+        iters: number of iterations (>= 0; 0 only evaluates ``sigma_1`` at ``v0``).
+
+    Returns:
+        ``(sigma_1, u_1, v_1)`` of shapes ``()``, ``(d_out,)``, ``(d_in,)``, or with a leading
+        ``B``, in the compute dtype. A zero matrix gives ``sigma_1 = 0``, ``u_1 = 0`` and ``v_1``
+        equal to the (normalised) start vector, never NaN; non-finite weights give a NaN
+        ``sigma_1``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 1.0]))
+        >>> sigma, u, v = power_iteration(w)
+        >>> round(float(sigma), 4), v.abs().round(decimals=4).tolist()
+        (3.0, [1.0, 0.0])
+        >>> sigma, u, v = power_iteration(1.01 * w, v0=v, iters=1)  # next check: warm start
+        >>> round(float(sigma), 4)
+        3.03
+    """
+    if weights.ndim not in (2, 3):
+        raise ValueError(
+            f"`weights` must be (d_out, d_in) or (B, d_out, d_in), got shape {tuple(weights.shape)}"
+        )
+    if iters < 0:
+        raise ValueError(f"`iters` must be >= 0, got {iters}")
+    single = weights.ndim == 2
+    w = weights.detach().to(_compute_dtype(weights))
+    if single:
+        w = w.unsqueeze(0)
+    batch, _, d_in = w.shape
+
+    if v0 is None:
+        # A fixed generator on the weights' device: deterministic and no global RNG side effect.
+        # (A data-derived start such as the row sum can be 0 or orthogonal to v_1.)
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        v = torch.randn(batch, d_in, generator=gen, device=w.device, dtype=w.dtype)
+        iters = max(iters, _COLD_START_ITERS)
+    else:
+        expected = (d_in,) if single else (batch, d_in)
+        if tuple(v0.shape) != expected:
+            raise ValueError(f"`v0` must have shape {expected}, got {tuple(v0.shape)}")
+        v = v0.detach().to(device=w.device, dtype=w.dtype).reshape(batch, d_in)
+    v = _normalize(v, v)
+
+    for _ in range(iters):
+        u = _normalize(torch.bmm(w, v.unsqueeze(-1)).squeeze(-1), 0.0)
+        # W^T u == 0 only for a zero matrix (or v in its null space): keep v rather than divide.
+        v = _normalize(torch.bmm(w.mT, u.unsqueeze(-1)).squeeze(-1), v)
+
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    sigma = torch.linalg.vector_norm(wv, dim=-1)
+    u = _normalize(wv, 0.0)
+    if single:
+        return sigma[0], u[0], v[0]
+    return sigma, u, v
+
+
+def spectral_alignment(inputs: Tensor, v1: Tensor, eps: float = 0.0) -> Tensor:
+    """Cosine of each input row with ``v_1``: ``SA_t = v_1^T x_t / (||x_t|| ||v_1||)``.
+
+    Args:
+        inputs: ``(N, d_in)`` rows of one layer's input (flatten batch and sequence first:
+            ``x.reshape(-1, d_in)``), or ``(B, N, d_in)`` for ``B`` layers of equal input width.
+        v1: ``(d_in,)``, or ``(B, d_in)`` with batched inputs; from :func:`power_iteration`.
+        eps: rows with ``||x_t|| <= eps`` get ``SA_t = 0`` (zero rows, e.g. padding, always do).
+
+    Returns:
+        ``(N,)`` or ``(B, N)`` values in ``[-1, 1]``, float32 at least. Non-finite rows give NaN.
+
+    Example:
+        >>> spectral_alignment(torch.tensor([[1.0, 1.0], [-2.0, 0.0], [0.0, 0.0]]),
+        ...                    torch.tensor([1.0, 0.0]))
+        tensor([ 0.7071, -1.0000,  0.0000])
+    """
+    if inputs.ndim != v1.ndim + 1 or inputs.ndim not in (2, 3) or (
+        inputs.shape[:-2] + inputs.shape[-1:] != v1.shape
+    ):
+        raise ValueError(
+            "expected `inputs` (N, d_in) with `v1` (d_in,), or (B, N, d_in) with (B, d_in); got "
+            f"{tuple(inputs.shape)} and {tuple(v1.shape)}"
+        )
+    dtype = _compute_dtype(inputs, v1)
+    x = inputs.detach().to(dtype)
+    v = v1.detach().to(dtype)
+    v = _normalize(v, v)  # a unit v1 makes the projection a cosine
+    proj = torch.matmul(x, v.unsqueeze(-1)).squeeze(-1)
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    cos = proj / norm.clamp_min(torch.finfo(dtype).tiny)
+    # Clamp: rounding can give 1 + 1e-7, which a histogram on [-1, 1] would silently drop.
+    # `norm <= eps` rather than `norm > eps`: a NaN row stays NaN instead of passing for a zero row.
+    return torch.where(norm <= eps, 0.0, cos.clamp(-1.0, 1.0))
+
+
+class AlignmentSummary(NamedTuple):
+    """Per-layer summaries of SA values; each field has the input's leading shape.
+
+    Attributes:
+        frac_positive: ``p+``, share of *nonzero* SA values that are positive. The one field
+            that is not sign-invariant: flipping ``v_1`` turns it into ``1 - p+``.
+        sign_diversity: ``D = 1 - |2 p+ - 1|``; 1 = balanced signs, 0 = all rows on one side.
+        collapse: ``|2 p+ - 1| = 1 - D``, the collapse score to alert on.
+        mean_abs: mean of ``|SA|`` (how aligned the rows are, whatever the side).
+        abs_mean: ``|mean SA|`` (how aligned the *mean* input is).
+        std: population standard deviation of SA.
+    """
+
+    frac_positive: Tensor
+    sign_diversity: Tensor
+    collapse: Tensor
+    mean_abs: Tensor
+    abs_mean: Tensor
+    std: Tensor
+
+
+def alignment_summary(alignment: Tensor) -> AlignmentSummary:
+    """Sign-diversity statistics of SA values, reduced over the last dim (Qiu et al. 2025).
+
+    Exact zeros (zero input rows) count as neither side: ``p+ = n_pos / (n_pos + n_neg)``. With no
+    nonzero value at all, ``p+``, ``D`` and ``collapse`` are NaN (no sign information; a dead
+    layer must not read as perfectly diverse). The magnitude figures use every value, zeros
+    included. All fields but ``frac_positive`` are unchanged when ``v_1`` changes sign.
+
+    Args:
+        alignment: ``(N,)`` or ``(B, N)`` SA values, as returned by :func:`spectral_alignment`.
+
+    Returns:
+        An :class:`AlignmentSummary` of tensors of shape ``()`` or ``(B,)``; ``._asdict()`` gives
+        a dict for logging.
+
+    Example:
+        >>> s = alignment_summary(torch.tensor([0.5, 0.25, -0.5, 0.0]))
+        >>> round(float(s.frac_positive), 4), round(float(s.sign_diversity), 4)
+        (0.6667, 0.6667)
+    """
+    a = alignment.detach().to(_compute_dtype(alignment))
+    n_pos = (a > 0).sum(-1).to(a.dtype)
+    n_neg = (a < 0).sum(-1).to(a.dtype)
+    frac_positive = n_pos / (n_pos + n_neg)  # 0 / 0 = NaN when there is no sign at all
+    collapse = (2 * frac_positive - 1).abs()
+    return AlignmentSummary(
+        frac_positive=frac_positive,
+        sign_diversity=1 - collapse,
+        collapse=collapse,
+        mean_abs=a.abs().mean(-1),
+        # The mean of SA flips sign with v_1; its absolute value does not.
+        abs_mean=a.mean(-1).abs(),
+        std=a.std(-1, correction=0),
+    )
+
+
+def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
+    """Stable rank ``||W||_F^2 / s_1^2`` (between 1 and rank(W); MSign, arXiv 2602.01734).
+
+    A drop towards 1 means one direction dominates W, the same pathology SA looks for. With
+    ``sigma1`` from :func:`power_iteration` (a lower bound of ``s_1``), the result is an upper
+    bound that is exact once the iteration has converged.
+
+    Args:
+        weights: ``(d_out, d_in)`` or ``(B, d_out, d_in)``.
+        sigma1: ``()`` or ``(B,)`` top singular values.
+
+    Returns:
+        ``()`` or ``(B,)``, float32 at least; 0 for a zero matrix (``sigma1 == 0``).
+
+    Example:
+        >>> w = torch.diag(torch.tensor([2.0, 1.0]))
+        >>> stable_rank(w, power_iteration(w)[0])
+        tensor(1.2500)
+    """
+    if weights.ndim not in (2, 3) or sigma1.shape != weights.shape[:-2]:
+        raise ValueError(
+            "expected `weights` (d_out, d_in) with `sigma1` (), or (B, d_out, d_in) with (B,); "
+            f"got {tuple(weights.shape)} and {tuple(sigma1.shape)}"
+        )
+    dtype = _compute_dtype(weights, sigma1)
+    frob_sq = weights.detach().to(dtype).square().sum((-2, -1))
+    s_sq = sigma1.detach().to(dtype).square()
+    return torch.where(s_sq > 0, frob_sq / s_sq.clamp_min(torch.finfo(dtype).tiny), 0.0)
+
+
+def alignment_histogram(alignment: Tensor, bins: int = 20) -> Tensor:
+    """Counts of SA values in ``bins`` equal bins on ``[-1, 1]``, reduced over the last dim.
+
+    Bins are half-open ``[a, b)`` except the last, which includes 1 (as ``numpy.histogram``).
+    Non-finite values are not counted. Flipping the sign of ``v_1`` mirrors the histogram
+    (``counts.flip(-1)``), up to values lying exactly on a bin edge.
+
+    Args:
+        alignment: ``(N,)`` or ``(B, N)`` SA values.
+        bins: number of bins (>= 1).
+
+    Returns:
+        ``(bins,)`` or ``(B, bins)`` int64 counts.
+
+    Example:
+        >>> alignment_histogram(torch.tensor([-1.0, -0.2, 0.1, 0.3, 1.0]), bins=4)
+        tensor([1, 1, 2, 1])
+    """
+    if bins < 1:
+        raise ValueError(f"`bins` must be >= 1, got {bins}")
+    a = alignment.detach().to(_compute_dtype(alignment))
+    finite = torch.isfinite(a)
+    # Bucket index by arithmetic rather than torch.histc, which has no batch dimension.
+    idx = ((a.clamp(-1.0, 1.0) + 1) * (bins / 2)).floor().clamp(0, bins - 1)
+    idx = torch.where(finite, idx, 0).long()  # NaN -> bin 0, but with weight 0 below
+    counts = torch.zeros(*a.shape[:-1], bins, dtype=torch.long, device=a.device)
+    return counts.scatter_add_(-1, idx, finite.long())
