@@ -75,3 +75,95 @@ def make_trainer(**overrides: Any) -> pl.Trainer:
 def tiny_module() -> TinyModule:
     torch.manual_seed(0)
     return TinyModule()
+
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 (appended section)
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts top-level ATen ops dispatched while active (ops nested inside one op are not seen).
+
+    ``torch.profiler`` is not the tool for fusion checks: on the CPU a ``_foreach_*`` kernel records
+    one inner op per tensor, while here it counts once. ``counter.ops`` maps op name -> count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = defaultdict(int)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def dispatch_counter() -> type[DispatchCounter]:
+    """The :class:`DispatchCounter` class: ``with dispatch_counter() as c: ...; c.total``."""
+    return DispatchCounter
+
+
+class MixtureClassifier(pl.LightningModule):
+    """An MLP classifier on a Gaussian mixture: the fast neural-collapse fixture of DESIGN.md section 6.
+
+    ``num_classes`` centres drawn from N(0, sep^2 I_dim), points = centre + N(0, I_dim); a training
+    set of ``n_per_class`` and a validation set of ``n_val_per_class`` points per class (balanced,
+    labels interleaved ``0, 1, ..., K-1, 0, 1, ...`` so every batch holds every class). ``body``
+    (``depth`` blocks of Linear, optional BatchNorm1d, ReLU, optional Dropout) computes the
+    features, ``head = nn.Linear(width, num_classes)`` the logits.
+    SGD with momentum 0.9 and weight decay 5e-4. The data come from a private generator, so
+    building the module does not touch the global RNG.
+    """
+
+    def __init__(
+        self, num_classes: int = 4, dim: int = 8, width: int = 32, depth: int = 2, n_per_class: int = 32,
+        n_val_per_class: int = 16, batch_size: int = 32, val_batch_size: int = 16, lr: float = 0.05,
+        sep: float = 1.0, batchnorm: bool = True, dropout: float = 0.0, shuffle: bool = False, seed: int = 0,
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(depth):
+            blocks.append(nn.Linear(dim if i == 0 else width, width))
+            blocks += [nn.BatchNorm1d(width)] if batchnorm else []
+            blocks.append(nn.ReLU())
+            blocks += [nn.Dropout(dropout)] if dropout else []
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, num_classes)
+        self.lr, self.batch_size, self.val_batch_size, self.shuffle = lr, batch_size, val_batch_size, shuffle
+        g = torch.Generator().manual_seed(seed)
+        centres = sep * torch.randn(num_classes, dim, generator=g)
+
+        def sample(n: int) -> TensorDataset:
+            y = torch.arange(num_classes).repeat(n)  # interleaved: every batch holds every class
+            return TensorDataset(centres[y] + torch.randn(len(y), dim, generator=g), y)
+
+        self.train_set, self.val_set = sample(n_per_class), sample(n_val_per_class)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size)
+
+
+@pytest.fixture
+def mixture_classifier() -> MixtureClassifier:
+    torch.manual_seed(0)
+    return MixtureClassifier()

@@ -58,6 +58,7 @@ class DiagnosticCallback(Callback):
         self._rule_index: dict[tuple[str, ...], list[list[int]]] = {}
         self._warned: Counter[str] = Counter()
         self._once: set[str] = set()
+        self.published_extra: list[float] = []  # host copy of publish(extra=...), read by _act
 
     # -- identity and cadence -------------------------------------------------------------------
 
@@ -80,22 +81,29 @@ class DiagnosticCallback(Callback):
 
     # -- the one host transfer ------------------------------------------------------------------
 
-    def publish(self, trainer: pl.Trainer, step: int, keys: Sequence[str], values: Tensor) -> dict[str, float]:
+    def publish(
+        self, trainer: pl.Trainer, step: int, keys: Sequence[str], values: Tensor, extra: Tensor | None = None
+    ) -> dict[str, float]:
         """Log ``values`` (1-D device tensor, one per key) and act on every pending alert.
 
         This is the monitor's only host sync: figures and all rules' pending firings travel in
-        one ``.tolist()``. Returns the logged dict.
+        one ``.tolist()``. ``extra`` (optional 1-D device tensor) travels in the same transfer
+        without being logged; its host copy is :attr:`published_extra` while :meth:`_act` runs,
+        for a subclass whose actions need more than the alerts. Returns the logged dict.
         """
         keys = tuple(keys)
         for rule, index in zip(self.rules, self._bind_rules(keys)):
             rule.update(values[index], step)
         rules = [*self._builtin_rules, *self.rules]
-        packed = torch.cat([values.detach().to(torch.float64).reshape(-1), *(r.pending() for r in rules)])
+        # A rule's pending() is usually [steps..., values...]; a rule may append more (its own take reads it).
+        pendings = [r.pending() for r in rules]
+        tail = [] if extra is None else [extra.detach().to(device=values.device, dtype=torch.float64).reshape(-1)]
+        packed = torch.cat([values.detach().to(torch.float64).reshape(-1), *pendings, *tail])
         host = packed.tolist()
         metrics = dict(zip(keys, host[: len(keys)]))
         offset, new_alerts = len(keys), []
-        for rule in rules:
-            size = 2 * len(rule.keys)
+        for rule, pending in zip(rules, pendings):
+            size = pending.numel()
             new_alerts += rule.take(host[offset : offset + size], self.source)
             offset += size
         new_alerts.sort(key=lambda a: a.step)
@@ -104,6 +112,7 @@ class DiagnosticCallback(Callback):
         log_metrics(trainer, metrics, step)
         for alert in new_alerts:
             log_text(trainer, f"alerts/{self.source}", alert.message, alert.step)
+        self.published_extra = host[offset:]
         self._act(trainer, new_alerts)
         return metrics
 
@@ -120,12 +129,7 @@ class DiagnosticCallback(Callback):
             for alert in alerts:
                 action(alert, trainer)
         elif action == "warn":
-            for alert in alerts:
-                self._warned[alert.metric] += 1
-                if self._warned[alert.metric] <= _WARNINGS_PER_KEY:
-                    suffix = " (further alerts on this metric are logged only)" if (
-                        self._warned[alert.metric] == _WARNINGS_PER_KEY) else ""
-                    rank_zero_warn(alert.message + suffix)
+            self._warn(alerts)
         elif action in ("stop", "raise"):
             # Every rank reaches this line at the same steps, so the collective is safe; a rank
             # that saw nothing still stops (or raises) with the others instead of hanging.
@@ -137,6 +141,15 @@ class DiagnosticCallback(Callback):
                 raise DivergenceError(alerts or [])
             trainer.should_stop = True
             rank_zero_info(f"{reason} -> stopping the run (trainer.should_stop = True)")
+
+    def _warn(self, alerts: list[Alert]) -> None:
+        """The ``"warn"`` action: a rank-zero warning per alert, at most 5 per metric."""
+        for alert in alerts:
+            self._warned[alert.metric] += 1
+            if self._warned[alert.metric] <= _WARNINGS_PER_KEY:
+                suffix = " (further alerts on this metric are logged only)" if (
+                    self._warned[alert.metric] == _WARNINGS_PER_KEY) else ""
+                rank_zero_warn(alert.message + suffix)
 
     # -- checkpoint state -----------------------------------------------------------------------
 

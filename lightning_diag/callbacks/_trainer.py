@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-__all__ = ["grad_scale", "log_histogram", "log_metrics", "log_text"]
+__all__ = ["grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics", "log_text", "loss_scale"]
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -39,6 +39,17 @@ def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int, bins
         writer.add_histogram(tag, values.detach().float().cpu(), global_step=step, bins=bins)
 
 
+def has_tensorboard(trainer: pl.Trainer) -> bool:
+    """True on global rank zero when the trainer has a TensorBoard logger (build images only then)."""
+    return bool(_tensorboard_writers(trainer))
+
+
+def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> None:
+    """Write a ``(3, H, W)`` RGB image with values in ``[0, 1]`` to each TensorBoard logger (others skip it)."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), global_step=step, dataformats="CHW")
+
+
 def grad_scale(trainer: pl.Trainer, optimizer: Any) -> Tensor | None:
     """The fp16 loss scale still applied to gradients at ``on_before_optimizer_step``, or None.
 
@@ -56,3 +67,18 @@ def grad_scale(trainer: pl.Trainer, optimizer: Any) -> Tensor | None:
 def has_grad_scaler(trainer: pl.Trainer) -> bool:
     """True under fp16 mixed precision, where overflow steps (inf gradients) are routine."""
     return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def loss_scale(trainer: pl.Trainer) -> Tensor | None:
+    """The fp16 loss scale that ``on_before_backward`` sees multiplied into the loss, or None.
+
+    Lightning's fp16 precision plugins (``MixedPrecision``, ``FSDPPrecision``) scale the loss
+    *before* calling ``on_before_backward``; bf16, fp32 and plugins that scale inside their own
+    backward (DeepSpeed) hand the hook the plain loss. Returned as the scaler's device tensor (a
+    power of two), so dividing by it is exact and costs no sync.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else None

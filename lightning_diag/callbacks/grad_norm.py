@@ -138,6 +138,7 @@ class GradNormWatcher(DiagnosticCallback):
         patience = self.nonfinite_patience or (_FP16_NONFINITE_PATIENCE if has_grad_scaler(trainer) else 1)
         self._nonfinite_rule.patience = patience
 
+    @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -174,7 +175,8 @@ class GradNormWatcher(DiagnosticCallback):
         if not self.per_layer:
             self.publish(trainer, step, keys, figures)
             return
-        weights = [self._groups.params[i].detach() for i in present]
+        # No per-parameter .detach(): the hooks run under no_grad, so the op count stays flat in depth.
+        weights = [self._groups.params[i] for i in present]
         layer_grad = grouped_norms(norms, layer_index, len(layer_names))
         layer_weight = grouped_norms(tensor_norms(weights), layer_index, len(layer_names))
         keys += [f"{family}/{name}" for family in ("grad_norm", "weight_norm", "grad_weight_ratio")
@@ -186,6 +188,7 @@ class GradNormWatcher(DiagnosticCallback):
         # The update is known only after optimizer.step(): hold a copy of the weights until then.
         self._pending = (step, keys, figures, weights, torch._foreach_mul(weights, 1.0), layer_index, layer_weight)
 
+    @torch.no_grad()
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -1,0 +1,627 @@
+"""GradNormWatcher against independent float64 references, inside real Lightning runs.
+
+References are computed from gradients captured *outside* the watcher: in the LightningModule's
+own ``on_before_optimizer_step`` (Lightning calls callback hooks first, module hook second) or in a
+callback placed before or after the watcher in ``callbacks=[...]`` (Lightning keeps that order).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import DispatchCounter, MemoryLogger, TinyModule, make_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_diag import Above, Alert, DivergenceError, GradNormWatcher
+
+# -- models and helpers -----------------------------------------------------------------------------
+
+
+class CaptureMixin:
+    """Records, per optimizer step, float64 copies of every trainable parameter and its gradient
+    as the module's own ``on_before_optimizer_step`` sees them (after every callback hook)."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.trainer.global_step
+        self.grads[step] = {n: _dense64(p.grad) for n, p in self.named_parameters() if p.grad is not None}
+        self.weights[step] = {n: p.detach().double().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+class CapturingTiny(CaptureMixin, TinyModule):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+
+class MixedModule(CaptureMixin, pl.LightningModule):
+    """Embedding -> Conv1d -> LayerNorm -> Linear, plus a parameter owned by the root module.
+
+    ``nan_step``: a NaN is written into ``conv.weight.grad`` in ``on_after_backward`` (before the
+    watcher) at that step and removed again in ``on_before_optimizer_step`` (after it), so training
+    stays finite. ``sparse=True`` makes the embedding gradient sparse (SGD handles it).
+    """
+
+    def __init__(self, nan_step: int | None = None, sparse: bool = False, unused: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6, sparse=sparse)
+        self.conv = nn.Conv1d(6, 5, kernel_size=3, padding=1)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 1)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.unused = nn.Linear(3, 3) if unused else None
+        self.nan_step = nan_step
+        self.grads, self.weights = {}, {}
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, 12, (48, 7), generator=g)
+        self.data = TensorDataset(tokens, torch.randn(48, 1, generator=g))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(self.norm(h))).mean(1) * self.scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, y = batch
+        return nn.functional.mse_loss(self(tokens), y)
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step == self.nan_step:
+            self.conv.weight.grad[0, 0, 0] = float("nan")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        self.conv.weight.grad.nan_to_num_(0.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+MIXED_LAYERS = {
+    "emb": ["emb.weight"],
+    "conv": ["conv.weight", "conv.bias"],
+    "norm": ["norm.weight", "norm.bias"],
+    "head": ["head.weight", "head.bias"],
+    "scale": ["scale"],
+}
+
+
+class Deep(CapturingTiny):
+    """TinyModule with nested blocks, for ``group_depth``: ``blocks.<i>.{a,b}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.blocks = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(6, 6), "b": nn.Linear(6, 6)}) for _ in range(2))
+        self.out = nn.Linear(6, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.net(x)
+        for block in self.blocks:
+            h = torch.tanh(block["b"](torch.tanh(block["a"](h))))
+        return nn.functional.mse_loss(self.out(h), y)
+
+
+def _dense64(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_dense() if t.is_sparse else t).detach().double().clone()
+
+
+def _norm64(tensors: list[torch.Tensor]) -> float:
+    """Float64 L2 norm of several tensors: per-tensor ``vector_norm``, then sqrt of the sum of squares."""
+    return math.sqrt(sum(torch.linalg.vector_norm(t.double()).item() ** 2 for t in tensors))
+
+
+def _values(logger: MemoryLogger, key: str) -> dict[int, float]:
+    return dict(logger.history[key])
+
+
+def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any) -> pl.Trainer:
+    trainer = make_trainer(callbacks=list(callbacks), **trainer_kwargs)
+    trainer.fit(module)
+    return trainer
+
+
+class ToggleRule(Above):
+    """A rule whose condition holds on every other evaluation (fires every other logging step)."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__(metric, 0.0)
+        self.calls = 0
+
+    def hits(self, value: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.full_like(value, self.calls % 2 == 1, dtype=torch.bool)
+
+
+class ScaleGrads(Callback):
+    """Multiplies every gradient by ``factor`` at ``step`` (place it before the watcher) and keeps
+    float64 copies of the gradients as the watcher will receive them."""
+
+    def __init__(self, step: int, factor: float) -> None:
+        self.step, self.factor = step, factor
+        self.grads: dict[int, list[torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        if trainer.global_step == self.step:
+            for p in params:
+                p.grad.mul_(self.factor)
+        self.grads[trainer.global_step] = [p.grad.detach().double().clone() for p in params]
+
+
+def wrap_hooks(watcher: GradNormWatcher, around: Callable[[int, Callable[[], None]], None]) -> None:
+    """Route the watcher's ``on_before_optimizer_step`` and ``on_train_batch_end`` through
+    ``around(step, call)``, ``step`` being the optimizer step the call belongs to."""
+    for name, offset in (("on_before_optimizer_step", 0), ("on_train_batch_end", 1)):
+        hook = getattr(watcher, name)
+
+        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
+            around(trainer.global_step - _offset, lambda: _hook(trainer, *args))  # batch end: after the step
+
+        setattr(watcher, name, wrapped)  # Lightning looks hooks up on the instance
+
+
+# -- norms against float64 references ---------------------------------------------------------------
+
+
+def test_norms_match_float64_reference_on_mixed_layers() -> None:
+    torch.manual_seed(0)
+    module = MixedModule()
+    trainer = _fit(module, GradNormWatcher(action="log"), max_steps=4)
+    log = trainer.logger
+    assert sorted(_values(log, "grad_norm/total")) == [0, 1, 2, 3]
+    for step, grads in module.grads.items():
+        weights = module.weights[step]
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+        assert _values(log, "grad_norm/nonfinite")[step] == 0
+        for layer, names in MIXED_LAYERS.items():
+            g, w = _norm64([grads[n] for n in names]), _norm64([weights[n] for n in names])
+            assert _values(log, f"grad_norm/{layer}")[step] == pytest.approx(g, rel=1e-5)
+            assert _values(log, f"weight_norm/{layer}")[step] == pytest.approx(w, rel=1e-5)
+            assert _values(log, f"grad_weight_ratio/{layer}")[step] == pytest.approx(g / w, rel=1e-5)
+    per_layer = {k.partition("/")[2] for k in log.history if k.startswith("weight_norm/")}
+    assert per_layer == set(MIXED_LAYERS)
+
+
+def test_nan_gradient_is_counted_and_fires_a_critical_alert_at_its_step() -> None:
+    torch.manual_seed(0)
+    module = MixedModule(nan_step=2)
+    received: list[Alert] = []
+    watcher = GradNormWatcher(action=lambda alert, trainer: received.append(alert))
+    log = _fit(module, watcher, max_steps=5).logger
+    assert [v for _, v in log.history["grad_norm/nonfinite"]] == [0, 0, 1, 0, 0]
+    assert math.isnan(_values(log, "grad_norm/total")[2]) and math.isnan(_values(log, "grad_norm/conv")[2])
+    # the other layers of the NaN step are still measured exactly
+    head = _norm64([module.grads[2][n] for n in MIXED_LAYERS["head"]])
+    assert _values(log, "grad_norm/head")[2] == pytest.approx(head, rel=1e-5)
+    assert math.isfinite(_values(log, "grad_norm/total")[3])
+    assert [(a.metric, a.step, a.severity, a.value) for a in received] == [("grad_norm/nonfinite", 2, "critical", 1.0)]
+    assert watcher.alerts == received
+    assert _values(log, "alerts/GradNormWatcher") == {0: 0, 1: 0, 2: 1, 3: 1, 4: 1}
+    assert torch.isfinite(watcher.baseline.mean)  # the NaN step was not absorbed
+
+
+# -- fusion: op count does not grow with depth ------------------------------------------------------
+
+
+def _hook_ops(depth: int, every_n_steps: int, step: int, **kwargs: Any) -> DispatchCounter:
+    """Top-level ATen ops dispatched inside the watcher's hooks at optimizer step ``step``."""
+    counter = DispatchCounter()
+
+    def around(s: int, call: Callable[[], None]) -> None:
+        if s == step:
+            with counter:
+                call()
+        else:
+            call()
+
+    torch.manual_seed(0)
+    watcher = GradNormWatcher(every_n_steps=every_n_steps, action="log", **kwargs)
+    wrap_hooks(watcher, around)
+    _fit(TinyModule(depth=depth), watcher, max_steps=step + 1)
+    return counter
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"clip": "zclip", "update_ratio": True}], ids=["default", "zclip+update"])
+def test_hook_op_count_does_not_grow_with_depth(kwargs: dict[str, Any]) -> None:
+    logging_10, logging_100 = _hook_ops(10, 1, 2, **kwargs), _hook_ops(100, 1, 2, **kwargs)
+    assert 0 < logging_10.total == logging_100.total < 200, (dict(logging_10.ops), dict(logging_100.ops))
+    assert logging_10.ops["aten._foreach_norm"] == 2 + ("update_ratio" in kwargs)  # grads, weights, updates
+    quiet_10, quiet_100 = _hook_ops(10, 5, 2, **kwargs), _hook_ops(100, 5, 2, **kwargs)
+    assert 0 < quiet_10.total == quiet_100.total < logging_10.total
+    # no host read between logging steps (an .item() or bool(tensor) shows up as _local_scalar_dense)
+    assert quiet_100.ops.get("aten._local_scalar_dense", 0) == 0
+
+
+def test_op_counter_sees_growth_of_lightnings_per_parameter_grad_norm() -> None:
+    """The counter is able to fail: Lightning's ``grad_norm`` utility dispatches ops per parameter."""
+    from lightning.pytorch.utilities import grad_norm
+
+    counts = []
+    for depth in (10, 100):
+        module = TinyModule(depth=depth)
+        module.net(torch.randn(2, 4)).sum().backward()
+        with DispatchCounter() as counter:
+            grad_norm(module, norm_type=2)
+        counts.append(counter.total)
+    assert counts[1] > 5 * counts[0]
+
+
+# -- accumulation, precision, DDP -------------------------------------------------------------------
+
+
+def test_gradient_accumulation_logs_one_record_per_optimizer_step() -> None:
+    torch.manual_seed(0)
+    module = CapturingTiny()
+    log = _fit(module, GradNormWatcher(action="log"), max_steps=3, accumulate_grad_batches=4).logger
+    assert [s for s, _ in log.history["grad_norm/total"]] == [0, 1, 2]
+    for step, grads in module.grads.items():  # the accumulated gradient of 4 micro-batches
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+
+
+def test_bf16_mixed_precision_on_cpu_logs_finite_norms() -> None:
+    torch.manual_seed(0)
+    module = CapturingTiny()
+    log = _fit(module, GradNormWatcher(action="log"), max_steps=3, precision="bf16-mixed").logger
+    totals = _values(log, "grad_norm/total")
+    assert sorted(totals) == [0, 1, 2]
+    for key, records in log.history.items():
+        assert all(math.isfinite(v) for _, v in records), key
+    for step, grads in module.grads.items():
+        assert totals[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+
+
+class RowSplitTiny(TinyModule):
+    """Rank r of w reads rows r, r + w, r + 2w, ... in order (Lightning's own sampler would shuffle)."""
+
+    def setup(self, stage: str) -> None:
+        # Tensors sent to forkserver ranks arrive in shared memory, so both ranks would step the same
+        # weights; Lightning unshares them only for "spawn". Give each rank its own copy.
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data.clone()
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(self.data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
+
+
+@pytest.mark.distributed
+def test_ddp_on_two_cpu_processes_logs_the_single_process_total_norm(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    single = _fit(TinyModule(batch_size=8), GradNormWatcher(action="log"), max_steps=3).logger
+    # Two ranks of 4 rows: rank 0 reads rows 0, 2, 4, 6, rank 1 rows 1, 3, 5, 7, so each global batch
+    # holds the 8 rows of the single-process batch, and DDP averages the two halves' gradients.
+    torch.manual_seed(0)
+    # forkserver: the ranks fork from a server that imported torch and Lightning once (spawn would
+    # import them in both ranks at once, ~3x slower on 2 cores), and never from this process,
+    # whose OpenMP and logger threads make a plain fork unsafe.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
+    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
+                           timeout=datetime.timedelta(seconds=60))
+    csv = CSVLogger(tmp_path, name="ddp", version=0)
+    _fit(RowSplitTiny(batch_size=4), GradNormWatcher(action="log"), max_steps=3, devices=2, strategy=strategy,
+         logger=csv, use_distributed_sampler=False)
+    rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
+    assert list(rows["step"]) == [0, 1, 2]  # rank zero logged, once per step
+    for key in ("grad_norm/total", "grad_norm/net.0", "weight_norm/net.2"):
+        expected = [v for _, v in single.history[key]]
+        np.testing.assert_allclose(rows[key], expected, rtol=1e-5, err_msg=key)
+
+
+# -- update ratio, clipping, no side effects --------------------------------------------------------
+
+
+class AdamTiny(CapturingTiny):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step - 1  # the step that just ran
+        self.after = getattr(self, "after", {})
+        self.after[step] = {n: p.detach().double().clone() for n, p in self.named_parameters()}
+
+
+def test_update_ratio_matches_reference_on_logging_steps() -> None:
+    torch.manual_seed(0)
+    module = AdamTiny()
+    log = _fit(module, GradNormWatcher(every_n_steps=2, update_ratio=True, action="log"), max_steps=5).logger
+    layers = {"net.0": ["net.0.weight", "net.0.bias"], "net.2": ["net.2.weight", "net.2.bias"],
+              "net.4": ["net.4.weight", "net.4.bias"]}
+    assert sorted(_values(log, "update_ratio/net.0")) == [1, 3]
+    for step in (1, 3):
+        before, after = module.weights[step], module.after[step]
+        for layer, names in layers.items():
+            expected = _norm64([after[n] - before[n] for n in names]) / _norm64([before[n] for n in names])
+            assert _values(log, f"update_ratio/{layer}")[step] == pytest.approx(expected, rel=1e-4)
+            assert expected > 0
+
+
+def _zclip_reference(totals: list[float], warmup: int, alpha: float, z_threshold: float) -> list[tuple[float, float]]:
+    """ZClip in float64: (z, clipped norm) per step, baseline fed with the clipped norm."""
+    out, history, mean, var = [], [], 0.0, 0.0
+    for g in totals:
+        ready = len(history) >= warmup
+        z = (g - mean) / (math.sqrt(var) + 1e-6) if ready else 0.0
+        clipped = mean + z_threshold**2 / z * math.sqrt(var) if z > z_threshold else g
+        out.append((z, clipped))
+        if not ready:
+            history.append(clipped)
+            mean, var = float(np.mean(history)), float(np.var(history))
+        else:
+            mean = alpha * mean + (1 - alpha) * clipped
+            var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
+            history.append(clipped)
+    return out
+
+
+def test_zclip_rescales_a_spike_to_the_adaptive_target_and_leaves_normal_steps_alone() -> None:
+    torch.manual_seed(0)
+    module = CapturingTiny(lr=0.02)
+    spike = ScaleGrads(step=9, factor=30.0)
+    watcher = GradNormWatcher(clip="zclip", warmup=5, action="log")
+    log = _fit(module, spike, watcher, max_steps=11).logger
+    totals = [_norm64(spike.grads[s]) for s in range(11)]
+    reference = _zclip_reference(totals, warmup=5, alpha=0.97, z_threshold=2.5)
+    assert reference[9][0] > 2.5  # the injected spike is a spike
+    for step, (z, clipped) in enumerate(reference):
+        after = [module.grads[step][n] for n, p in module.named_parameters()]
+        before = spike.grads[step]
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(totals[step], rel=1e-5)
+        assert _values(log, "grad_norm/zscore")[step] == pytest.approx(z, rel=1e-4, abs=1e-4)
+        assert _values(log, "grad_norm/clip_coef")[step] == pytest.approx(clipped / totals[step], rel=1e-4)
+        if z > 2.5:
+            assert _norm64(after) == pytest.approx(clipped, rel=1e-4)
+            logged_target = _values(log, "grad_norm/clip_coef")[step] * _values(log, "grad_norm/total")[step]
+            assert _norm64(after) == pytest.approx(logged_target, rel=1e-5)
+            assert _norm64(after) < totals[step] / 5
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(after, before)), step
+    assert _values(log, "grad_norm/clipped_steps")[10] == sum(z > 2.5 for z, _ in reference)
+    assert ("grad_norm/zscore", 9) in [(a.metric, a.step) for a in watcher.alerts]
+
+
+def test_monitor_only_run_is_bit_identical_to_a_run_without_the_callback() -> None:
+    finals = []
+    for callbacks in ([], [GradNormWatcher(every_n_steps=2, update_ratio=True, action="log", warmup=2)]):
+        torch.manual_seed(0)
+        module = MixedModule()
+        _fit(module, *callbacks, max_steps=6)
+        finals.append({n: p.detach().clone() for n, p in module.named_parameters()})
+    assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
+
+
+# -- checkpoint resume ------------------------------------------------------------------------------
+
+
+def _resume_run(tmp_path: Any, stop_epoch: int | None) -> GradNormWatcher:
+    """4 epochs of 4 steps, a gradient spike at step 12; optionally interrupted after ``stop_epoch``."""
+
+    def parts() -> tuple[TinyModule, list[Callback], GradNormWatcher]:
+        watcher = GradNormWatcher(warmup=3, action="log", rules=[Above("grad_norm/total", 0.0)])
+        return TinyModule(n=32), [ScaleGrads(step=12, factor=20.0), watcher], watcher
+
+    torch.manual_seed(0)
+    module, callbacks, watcher = parts()
+    ckpt = None
+    if stop_epoch is not None:
+        trainer = make_trainer(callbacks=callbacks, max_steps=-1, max_epochs=stop_epoch)
+        trainer.fit(module)
+        ckpt = tmp_path / "interrupted.ckpt"
+        trainer.save_checkpoint(ckpt)
+        module, callbacks, watcher = parts()  # a fresh process: new module, new callbacks
+    make_trainer(callbacks=callbacks, max_steps=-1, max_epochs=4).fit(module, ckpt_path=ckpt)
+    return watcher
+
+
+def test_checkpoint_resume_continues_baseline_and_alert_history(tmp_path: Any) -> None:
+    straight, resumed = _resume_run(tmp_path, None), _resume_run(tmp_path, stop_epoch=2)
+    # one Above alert at step 0 (its streak carries over the resume) and the spike at step 12,
+    # which is only a spike against a baseline that continued
+    assert [(a.metric, a.step) for a in straight.alerts] == [("grad_norm/total", 0), ("grad_norm/zscore", 12)]
+    assert resumed.alerts == straight.alerts
+    for name in ("count", "mean", "var"):
+        torch.testing.assert_close(getattr(resumed.baseline, name), getattr(straight.baseline, name))
+
+
+# -- alert actions ----------------------------------------------------------------------------------
+
+
+def test_stop_action_stops_the_trainer_and_checkpointing_still_saves(tmp_path: Any) -> None:
+    watcher = GradNormWatcher(every_n_steps=2, action="stop", rules=[Above("grad_norm/total", 0.0)])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = _fit(TinyModule(), watcher, checkpoint, max_steps=10, enable_checkpointing=True)
+    assert trainer.global_step == 2  # fired at logging step 1, the run ended after that step
+    assert trainer.should_stop
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+
+
+def test_raise_action_raises_divergence_error() -> None:
+    watcher = GradNormWatcher(action="raise", rules=[Above("grad_norm/total", 0.0)])
+    trainer = make_trainer(callbacks=[watcher], max_steps=10)
+    with pytest.raises(DivergenceError) as error:
+        trainer.fit(TinyModule())
+    assert [a.metric for a in error.value.alerts] == ["grad_norm/total"]
+    assert trainer.global_step == 0
+
+
+def test_callable_action_receives_every_alert_with_the_trainer() -> None:
+    seen: list[tuple[Alert, pl.Trainer]] = []
+    watcher = GradNormWatcher(action=lambda alert, trainer: seen.append((alert, trainer)),
+                              rules=[ToggleRule("grad_norm/total")])
+    trainer = _fit(TinyModule(), watcher, max_steps=6)
+    assert [a.step for a, _ in seen] == [0, 2, 4]
+    assert all(isinstance(a, Alert) and t is trainer for a, t in seen)
+    assert seen[0][0].source == "GradNormWatcher" and "grad_norm/total" in seen[0][0].message
+
+
+def test_warn_action_warns_at_most_five_times_per_metric() -> None:
+    watcher = GradNormWatcher(action="warn", rules=[ToggleRule("grad_norm/total")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(TinyModule(), watcher, max_steps=20)
+    ours = [w for w in caught if "GradNormWatcher: grad_norm/total" in str(w.message)]
+    assert len(watcher.alerts) == 10
+    assert len(ours) == 5 and all(issubclass(w.category, UserWarning) for w in ours)
+
+
+# -- TensorBoard ------------------------------------------------------------------------------------
+
+
+def test_metrics_and_alert_text_arrive_in_tensorboard_event_file(tmp_path: Any) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    memory = MemoryLogger()
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/total", 0.0)])
+    _fit(TinyModule(), watcher, max_steps=3, logger=[tensorboard, memory])
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for key in ("grad_norm/total", "grad_norm/net.0", "weight_norm/net.4", "grad_weight_ratio/net.2",
+                "alerts/GradNormWatcher"):
+        assert key in scalars
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [
+            (s, pytest.approx(v, rel=1e-6)) for s, v in memory.history[key]]
+    text_tag = "alerts/GradNormWatcher/text_summary"
+    assert text_tag in events.Tags()["tensors"]
+    (event,) = events.Tensors(text_tag)
+    assert event.step == 0
+    assert event.tensor_proto.string_val[0].decode() == watcher.alerts[0].message
+
+
+# -- odd models and bad arguments -------------------------------------------------------------------
+
+
+class FrozenModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + torch.zeros((), requires_grad=True)
+
+
+def test_model_without_trainable_parameters_warns_once_and_runs() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(FrozenModule(), GradNormWatcher(), max_steps=3)
+    assert trainer.global_step == 3
+    assert len([w for w in caught if "no trainable parameter" in str(w.message)]) == 1
+    assert not [k for k in trainer.logger.history if k.startswith("grad_norm/")]
+
+
+def test_unused_layer_keys_are_absent_and_frozen_layers_are_excluded() -> None:
+    torch.manual_seed(0)
+    module = MixedModule(unused=True)
+    module.norm.requires_grad_(False)
+    log = _fit(module, GradNormWatcher(action="log"), max_steps=2).logger
+    layers = {k.partition("/")[2] for k in log.history if k.startswith("weight_norm/")}
+    assert layers == set(MIXED_LAYERS) - {"norm"}  # `unused` has None grads, `norm` is frozen
+    for step, grads in module.grads.items():
+        assert "unused.weight" not in grads
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+
+
+def test_sparse_embedding_gradient_is_measured() -> None:
+    torch.manual_seed(0)
+    module = MixedModule(sparse=True)
+    log = _fit(module, GradNormWatcher(action="log"), max_steps=3).logger
+    assert module.emb.weight.grad.is_sparse
+    for step, grads in module.grads.items():
+        assert _values(log, "grad_norm/emb")[step] == pytest.approx(_norm64([grads["emb.weight"]]), rel=1e-5)
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "layers"),
+    [
+        (dict(include=["net.0*"]), {"net.0": ["net.0.weight", "net.0.bias"]}),
+        (dict(exclude=["*.bias", "out"]), {"net.0": ["net.0.weight"], "blocks.0.a": ["blocks.0.a.weight"],
+                                          "blocks.0.b": ["blocks.0.b.weight"], "blocks.1.a": ["blocks.1.a.weight"],
+                                          "blocks.1.b": ["blocks.1.b.weight"]}),
+        (dict(group_depth=2, exclude=["net.*"]), {
+            "blocks.0": [f"blocks.0.{m}.{p}" for m in "ab" for p in ("weight", "bias")],
+            "blocks.1": [f"blocks.1.{m}.{p}" for m in "ab" for p in ("weight", "bias")],
+            "out": ["out.weight", "out.bias"]}),
+    ],
+    ids=["include", "exclude", "group_depth"],
+)
+def test_layer_selection_and_grouping(kwargs: dict[str, Any], layers: dict[str, list[str]]) -> None:
+    torch.manual_seed(0)
+    module = Deep()
+    log = _fit(module, GradNormWatcher(action="log", **kwargs), max_steps=2).logger
+    assert {k.partition("/")[2] for k in log.history if k.startswith("weight_norm/")} == set(layers)
+    for step, grads in module.grads.items():
+        watched = [grads[n] for names in layers.values() for n in names]
+        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(watched), rel=1e-5)
+        for layer, names in layers.items():
+            expected = _norm64([grads[n] for n in names])
+            assert _values(log, f"grad_norm/{layer}")[step] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        (dict(every_n_steps=0), "0"),
+        (dict(clip="foo"), "'foo'"),
+        (dict(action="explode"), "'explode'"),
+        (dict(z_threshold=-1), "-1"),
+        (dict(group_depth=0), "0"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_value(kwargs: dict[str, Any], shown: str) -> None:
+    with pytest.raises(ValueError, match=f"got {shown}"):
+        GradNormWatcher(**kwargs)
+
+
+def test_include_matching_nothing_raises_value_error_listing_parameters() -> None:
+    trainer = make_trainer(callbacks=[GradNormWatcher(include=["decoder.*"])], max_steps=1)
+    with pytest.raises(ValueError, match=r"decoder\.\*.*net\.0\.weight"):
+        trainer.fit(TinyModule())
+
+
+# -- CUDA -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_between_logging_steps_on_cuda() -> None:
+    checked = []
+
+    def around(step: int, call: Callable[[], None]) -> None:
+        # step 0 moves the baseline and rule state to the device once; after that, a step that
+        # does not log must not wait for the GPU
+        if step > 0 and not watcher.is_logging_step(trainer, step):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            checked.append(step)
+        else:
+            call()
+
+    watcher = GradNormWatcher(every_n_steps=5, clip="zclip", warmup=2, action="log")
+    wrap_hooks(watcher, around)
+    trainer = make_trainer(callbacks=[watcher], max_steps=12, accelerator="gpu")
+    trainer.fit(TinyModule())
+    assert checked == [1, 2, 3, 5, 6, 7, 8, 10, 11]
+    assert sorted(_values(trainer.logger, "grad_norm/total")) == [4, 9]
