@@ -167,3 +167,12 @@ class MixtureClassifier(pl.LightningModule):
 def mixture_classifier() -> MixtureClassifier:
     torch.manual_seed(0)
     return MixtureClassifier()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops on a loaded 2-core machine are far faster on one OpenMP thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
 """The Lightning callbacks of lightning_diag: one monitor per file, sharing ``_base``."""
 
 from lightning_diag.callbacks.grad_norm import GradNormWatcher
+from lightning_diag.callbacks.neural_collapse import NCTracker
 
-__all__ = ["GradNormWatcher"]
+__all__ = ["GradNormWatcher", "NCTracker"]
