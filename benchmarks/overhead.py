@@ -49,14 +49,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, SpikeDetection
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import GradNormWatcher
+from lightning_diag import GradNormWatcher, LossSpikeDetector
 
 LOG_EVERY_N_STEPS = 50  # Lightning's default cadence, used by every row
 
@@ -127,9 +127,16 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "no callback": lambda: [],
     f"GradNormWatcher (every {LOG_EVERY_N_STEPS} steps)": lambda: [GradNormWatcher(action="log")],
     "Lightning grad_norm (every step)": lambda: [LightningGradNorm()],
+    # The loss detector's comparator is Lightning's SpikeDetection (defaults: running mean of 10
+    # losses, one host read per step, plus a barrier and an all-reduce under DDP).
+    f"LossSpikeDetector (log, every {LOG_EVERY_N_STEPS} steps)": lambda: [LossSpikeDetector(action="log")],
+    "LossSpikeDetector (skip: 1 flag read/step)": lambda: [LossSpikeDetector(action="skip")],
+    "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
 }
 BASELINE = "no callback"
-HOOKS = ("on_before_optimizer_step", "on_train_batch_end")  # where monitors do their work
+# Where monitors do their work. LossSpikeDetector reads the loss in on_before_backward; with
+# action="skip" its gated optimizer.step (one flag read) is in no hook and shows in step time only.
+HOOKS = ("on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The Lightning callbacks of lightning_diag: one monitor per file, sharing ``_base``."""
 
 from lightning_diag.callbacks.grad_norm import GradNormWatcher
+from lightning_diag.callbacks.loss_spike import LossSpikeDetector
 from lightning_diag.callbacks.neural_collapse import NCTracker
 
-__all__ = ["GradNormWatcher", "NCTracker"]
+__all__ = ["GradNormWatcher", "LossSpikeDetector", "NCTracker"]

@@ -12,15 +12,18 @@ from lightning_diag.metrics.spectral import (
     stable_rank,
 )
 from lightning_diag.metrics.stats import EmaZScore, zclip
+from lightning_diag.metrics.windows import RollingWindow, linear_fit
 
 __all__ = [
     "AlignmentSummary",
     "CollapseAccumulator",
     "EmaZScore",
+    "RollingWindow",
     "alignment_histogram",
     "alignment_summary",
     "count_nonfinite",
     "grouped_norms",
+    "linear_fit",
     "neural_collapse_metrics",
     "power_iteration",
     "spectral_alignment",
