@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import GradNormWatcher, LossSpikeDetector
+from lightning_diag import GradNormWatcher, LossSpikeDetector, SpectralAlignmentMonitor
 
 LOG_EVERY_N_STEPS = 50  # Lightning's default cadence, used by every row
 
@@ -132,11 +132,15 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     f"LossSpikeDetector (log, every {LOG_EVERY_N_STEPS} steps)": lambda: [LossSpikeDetector(action="log")],
     "LossSpikeDetector (skip: 1 flag read/step)": lambda: [LossSpikeDetector(action="skip")],
     "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
+    # Sampling happens in forward pre-hooks on check steps: it shows in step time, not hook time.
+    "SpectralAlignmentMonitor (check every 10 steps)": lambda: [SpectralAlignmentMonitor(action="log")],
 }
 BASELINE = "no callback"
 # Where monitors do their work. LossSpikeDetector reads the loss in on_before_backward; with
 # action="skip" its gated optimizer.step (one flag read) is in no hook and shows in step time only.
-HOOKS = ("on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+HOOKS = (
+    "on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end",
+)
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -7,7 +7,18 @@ Example:
 """
 
 from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, ZScore
-from lightning_diag.callbacks import GradNormWatcher, LossSpikeDetector, NCTracker
+from lightning_diag.callbacks import GradNormWatcher, LossSpikeDetector, NCTracker, SpectralAlignmentMonitor
 
-__all__ = ["Above", "Alert", "Below", "DivergenceError", "GradNormWatcher", "LossSpikeDetector", "NCTracker", "NonFinite", "ZScore"]
+__all__ = [
+    "Above",
+    "Alert",
+    "Below",
+    "DivergenceError",
+    "GradNormWatcher",
+    "LossSpikeDetector",
+    "NCTracker",
+    "NonFinite",
+    "SpectralAlignmentMonitor",
+    "ZScore",
+]
 __version__ = "0.1.0"

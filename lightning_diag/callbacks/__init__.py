@@ -3,5 +3,6 @@
 from lightning_diag.callbacks.grad_norm import GradNormWatcher
 from lightning_diag.callbacks.loss_spike import LossSpikeDetector
 from lightning_diag.callbacks.neural_collapse import NCTracker
+from lightning_diag.callbacks.spectral_alignment import SpectralAlignmentMonitor
 
-__all__ = ["GradNormWatcher", "LossSpikeDetector", "NCTracker"]
+__all__ = ["GradNormWatcher", "LossSpikeDetector", "NCTracker", "SpectralAlignmentMonitor"]

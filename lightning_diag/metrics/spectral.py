@@ -217,7 +217,9 @@ def alignment_summary(alignment: Tensor) -> AlignmentSummary:
     n_pos = (a > 0).sum(-1).to(a.dtype)
     n_neg = (a < 0).sum(-1).to(a.dtype)
     frac_positive = n_pos / (n_pos + n_neg)  # 0 / 0 = NaN when there is no sign at all
-    collapse = (2 * frac_positive - 1).abs()
+    # |2 p+ - 1| written as a symmetric count ratio, so a sign flip of v_1 (n_pos <-> n_neg)
+    # gives bit-identical figures instead of ones equal up to rounding.
+    collapse = (n_pos - n_neg).abs() / (n_pos + n_neg)
     return AlignmentSummary(
         frac_positive=frac_positive,
         sign_diversity=1 - collapse,
