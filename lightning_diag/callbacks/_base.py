@@ -14,9 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_diag.alerts import Action, Alert, DivergenceError, Rule, validate_action
-from lightning_diag.callbacks._trainer import log_metrics, log_text
+from lightning_diag.callbacks._dashboard import custom_scalars_layout
+from lightning_diag.callbacks._trainer import log_metrics, log_text, show_alert_count, write_dashboard_once
 
-__all__ = ["DiagnosticCallback"]
+__all__ = ["DiagnosticCallback", "diagnostic_callbacks", "total_alerts"]
 
 _WARNINGS_PER_KEY = 5  # "warn" action: at most this many warnings per metric, then log only
 _MAX_ALERTS = 10_000  # history kept in memory and in checkpoints
@@ -35,7 +36,8 @@ class DiagnosticCallback(Callback):
         every_n_steps: logging cadence in optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``. Alerts surface at the first logging step at or
             after the step where a rule fired (``Alert.step`` is the step where it fired).
-        action: what to do with an alert: ``"log"`` (only log it), ``"warn"`` (rank-zero warning,
+        action: what to do with a ``"warning"`` or ``"critical"`` alert (``"info"`` alerts are
+            recorded and logged, never acted on): ``"log"`` (only log it), ``"warn"`` (rank-zero warning,
             at most 5 per metric), ``"stop"`` (``trainer.should_stop = True``, agreed across DDP
             ranks, so checkpoint callbacks still run), ``"raise"`` (:class:`DivergenceError` on
             every rank), or a callable ``action(alert, trainer)``. Every alert is logged in any case.
@@ -109,11 +111,13 @@ class DiagnosticCallback(Callback):
         new_alerts.sort(key=lambda a: a.step)
         self.alerts = (self.alerts + new_alerts)[-_MAX_ALERTS:]
         metrics[f"alerts/{self.source}"] = float(len(self.alerts))
+        write_dashboard_once(trainer, lambda: custom_scalars_layout(diagnostic_callbacks(trainer)))
+        show_alert_count(trainer, total_alerts)
         log_metrics(trainer, metrics, step)
         for alert in new_alerts:
             log_text(trainer, f"alerts/{self.source}", alert.message, alert.step)
         self.published_extra = host[offset:]
-        self._act(trainer, new_alerts)
+        self._act(trainer, [a for a in new_alerts if a.severity != "info"])  # info: recorded, never acted on
         return metrics
 
     def _bind_rules(self, keys: tuple[str, ...]) -> list[list[int]]:
@@ -176,3 +180,13 @@ class DiagnosticCallback(Callback):
             for rule, s in zip(rules, state_dict.get(states, [])):
                 rule.load_state_dict(s)
         self.load_extra_state(state_dict)
+
+
+def diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:
+    """The lightning_diag monitors among the trainer's callbacks, in their order."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, DiagnosticCallback)]
+
+
+def total_alerts(trainer: pl.Trainer) -> int:
+    """Alerts raised so far by all the trainer's monitors (the progress bar's ``alerts`` item)."""
+    return sum(len(cb.alerts) for cb in diagnostic_callbacks(trainer))

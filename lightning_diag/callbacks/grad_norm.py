@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_diag.alerts import Above, Action, Rule
+from lightning_diag.alerts import SEVERITIES, Above, Action, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
 from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler
 from lightning_diag.layers import ParameterGroups, group_parameters, validate_patterns
@@ -56,7 +56,12 @@ class GradNormWatcher(DiagnosticCallback):
 
     Alerts: ``grad_norm/nonfinite`` above 0 (critical; under fp16 with a loss scaler only after
     5 overflow steps in a row, since the scaler skips isolated overflows by design) and
-    ``grad_norm/zscore`` above ``z_threshold`` (warning).
+    ``grad_norm/zscore`` above ``z_threshold`` (``spike_severity``, default ``"info"``: recorded
+    and logged but not acted on). Gradient-norm spikes are routine in healthy Adam training, which
+    is why ZClip clips them instead of stopping: on our tiny char-level GPT (``testbeds.CharLM``,
+    1,200 steps) stable runs at constant learning rates 1e-3, 3e-3 and 1e-2 reached z-scores of
+    6.6, 10.4 and 16.6, as high as runs heading for a loss explosion. Raise ``spike_severity`` to
+    act on spikes, or add a rule such as ``Above("grad_norm/total", 50.0, patience=10)``.
 
     Args:
         every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
@@ -72,6 +77,7 @@ class GradNormWatcher(DiagnosticCallback):
         clip: ``"none"`` (monitor only) or ``"zclip"`` (adaptive clipping, changes training).
         nonfinite_patience: consecutive non-finite steps before alerting (``None``: 1, or 5 under
             an fp16 loss scaler).
+        spike_severity: severity of the z-score spike alert; ``"info"`` alerts are never acted on.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra alert rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0)``.
 
@@ -95,10 +101,13 @@ class GradNormWatcher(DiagnosticCallback):
         warmup: int = 25,
         clip: Literal["none", "zclip"] = "none",
         nonfinite_patience: int | None = None,
+        spike_severity: Literal["info", "warning", "critical"] = "info",
         action: Action = "warn",
         rules: Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        if spike_severity not in SEVERITIES:
+            raise ValueError(f"`spike_severity` must be one of {SEVERITIES}, got {spike_severity!r}")
         if clip not in ("none", "zclip"):
             raise ValueError(f"`clip` must be one of ('none', 'zclip'), got {clip!r}")
         if not z_threshold > 0:
@@ -113,7 +122,7 @@ class GradNormWatcher(DiagnosticCallback):
         self.z_threshold, self.clip, self.nonfinite_patience = z_threshold, clip, nonfinite_patience
         self.baseline = EmaZScore(alpha=alpha, warmup=warmup)
         self._nonfinite_rule = Above("grad_norm/nonfinite", 0.0, severity="critical")
-        self._spike_rule = Above("grad_norm/zscore", z_threshold, severity="warning")
+        self._spike_rule = Above("grad_norm/zscore", z_threshold, severity=spike_severity)
         self._builtin_rules = [self._nonfinite_rule, self._spike_rule]
         self._groups: ParameterGroups | None = None
         self._present: dict[tuple[bool, ...], tuple[list[int], Tensor, list[str]]] = {}

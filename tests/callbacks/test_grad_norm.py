@@ -397,6 +397,22 @@ def test_zclip_rescales_a_spike_to_the_adaptive_target_and_leaves_normal_steps_a
     assert ("grad_norm/zscore", 9) in [(a.metric, a.step) for a in watcher.alerts]
 
 
+@pytest.mark.parametrize("severity, raises", [("info", False), ("warning", True)])
+def test_spike_alerts_are_info_by_default_and_acted_on_only_when_escalated(severity: str, raises: bool) -> None:
+    torch.manual_seed(0)
+    spike = ScaleGrads(step=9, factor=30.0)
+    watcher = GradNormWatcher(warmup=5, action="raise", spike_severity=severity)
+    trainer = make_trainer(callbacks=[spike, watcher], max_steps=11)
+    if raises:
+        with pytest.raises(DivergenceError, match="grad_norm/zscore"):
+            trainer.fit(CapturingTiny(lr=0.02))
+    else:
+        trainer.fit(CapturingTiny(lr=0.02))
+        assert trainer.global_step == 11
+    assert [(a.metric, a.step, a.severity) for a in watcher.alerts] == [("grad_norm/zscore", 9, severity)]
+    assert trainer.logger.history["alerts/GradNormWatcher"][-1][1] == 1.0  # logged either way
+
+
 def test_monitor_only_run_is_bit_identical_to_a_run_without_the_callback() -> None:
     finals = []
     for callbacks in ([], [GradNormWatcher(every_n_steps=2, update_ratio=True, action="log", warmup=2)]):
