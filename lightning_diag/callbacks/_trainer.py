@@ -3,7 +3,8 @@ change is a one-file fix."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +12,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-__all__ = ["grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics", "log_text", "loss_scale"]
+__all__ = [
+    "grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics", "log_text", "loss_scale",
+    "show_alert_count", "write_dashboard_once",
+]
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -34,7 +38,9 @@ def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
 
 
 def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int, bins: int = 64) -> None:
-    """Write a histogram to each TensorBoard logger (others skip it)."""
+    """Write a histogram to each TensorBoard logger (others skip it); an empty ``values`` is skipped."""
+    if values.numel() == 0:  # e.g. every value was non-finite and filtered out: TensorBoard would raise
+        return
     for writer in _tensorboard_writers(trainer):
         writer.add_histogram(tag, values.detach().float().cpu(), global_step=step, bins=bins)
 
@@ -48,6 +54,49 @@ def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> None:
     """Write a ``(3, H, W)`` RGB image with values in ``[0, 1]`` to each TensorBoard logger (others skip it)."""
     for writer in _tensorboard_writers(trainer):
         writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), global_step=step, dataformats="CHW")
+
+
+_DASHBOARD_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()  # SummaryWriters that hold our layout
+_BARS_WRAPPED: weakref.WeakSet[Any] = weakref.WeakSet()  # progress bars that show the alert count
+PROGRESS_BAR_KEY = "alerts"
+
+
+def write_dashboard_once(trainer: pl.Trainer, layout: Callable[[], Mapping[str, Any]]) -> None:
+    """Write a custom-scalars layout (``layout()``) to each TensorBoard logger that has none yet.
+
+    TensorBoard reads the first layout of a run, so one per ``SummaryWriter`` (one per run) is
+    enough; ``layout`` is called only when some writer still needs it.
+    """
+    writers = [w for w in _tensorboard_writers(trainer) if w not in _DASHBOARD_WRITTEN]
+    if not writers:
+        return
+    built = dict(layout())
+    for writer in writers:
+        if built:
+            writer.add_custom_scalars(built)
+        _DASHBOARD_WRITTEN.add(writer)
+
+
+def show_alert_count(trainer: pl.Trainer, count: Callable[[pl.Trainer], int]) -> None:
+    """Show ``count(trainer)`` as ``alerts`` in the progress bar, from now on.
+
+    Lightning's sanctioned place for extra progress-bar items is ``ProgressBar.get_metrics``
+    (TQDM and Rich bars and custom ones all call it at every refresh); the trainer's bar gets a
+    wrapper of it once. ``self.log(..., prog_bar=True)`` is not an option: it is refused in some
+    of the hooks where monitors publish, and it would also send the count to every logger.
+    """
+    bar = trainer.progress_bar_callback
+    if bar is None or bar in _BARS_WRAPPED:
+        return
+    inner = bar.get_metrics
+
+    def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = inner(trainer, pl_module)
+        items.setdefault(PROGRESS_BAR_KEY, count(trainer))  # a user's own "alerts" item wins
+        return items
+
+    bar.get_metrics = get_metrics  # type: ignore[method-assign]
+    _BARS_WRAPPED.add(bar)
 
 
 def grad_scale(trainer: pl.Trainer, optimizer: Any) -> Tensor | None:

@@ -1,0 +1,37 @@
+"""The ``lightning-diag`` console script.
+
+Commands:
+    report LOGDIR   health summary of a run's TensorBoard event files, plus an HTML or PNG report
+                    (see :mod:`lightning_diag.report`).
+
+Example:
+    >>> from lightning_diag.cli import main
+    >>> main(["report", "lightning_logs/version_0", "--no-output"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from lightning_diag import report
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="lightning-diag", description="lightning_diag command-line tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report_parser = commands.add_parser(
+        "report", help="health summary and HTML/PNG report of a run's TensorBoard event files",
+        description=report.__doc__.split("\n\n")[0] if report.__doc__ else None,
+    )
+    report.add_arguments(report_parser)
+    args = parser.parse_args(argv)
+    return report.run_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
