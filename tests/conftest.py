@@ -176,3 +176,28 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ScriptedLoss(pl.LightningModule):
+    """Returns a given loss sequence, one value per optimizer step: a loss stream whose explosion
+    step is known by construction. ``lr=0``, so the one weight never moves."""
+
+    def __init__(self, losses: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.scripted = torch.tensor(losses, dtype=torch.float32)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.weight.sum() + self.scripted[self.global_step]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(len(self.scripted))), batch_size=1)
+
+
+@pytest.fixture
+def scripted_loss() -> type[ScriptedLoss]:
+    """The :class:`ScriptedLoss` class: ``scripted_loss([2.0] * 50 + [9.0] * 50)``."""
+    return ScriptedLoss

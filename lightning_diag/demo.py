@@ -1,0 +1,384 @@
+"""The one-command demo: watch a tiny transformer blow up, and see which monitor warned first.
+
+Usage::
+
+    python -m lightning_diag.demo              # about a minute on a laptop CPU
+    python -m lightning_diag.demo --stable     # a safe learning rate: no explosion, no divergence alert
+    lightning-diag-demo --steps 1500 --lr 3.0 --seed 1 --out runs/demo
+
+The run trains :class:`~lightning_diag.testbeds.CharLM` (a 3-layer pre-LN GPT, about 150k
+parameters, on the characters of Python's own standard library, no download) under an exponential
+learning-rate ramp from ``1e-3`` to ``--lr`` over ``--steps`` steps: the learning-rate range test,
+whose loss explodes once the rate passes about 0.5 (near step 900 of the default 1,000). Every
+monitor that exists runs at its default settings, except ``every_n_steps=10`` so that alerts are
+printed within 10 steps of firing (alerts surface at a monitor's logging steps; the step printed is
+the one where the rule fired). Lightning's own ``SpikeDetection`` runs beside them for comparison,
+recording instead of raising. The explosion step is :func:`~lightning_diag.testbeds.divergence_step`
+of the recorded losses (loss above 3x its running minimum for 10 steps, or non-finite); the run
+stops 100 steps after it (or at a non-finite loss) and prints each monitor's first warning and its
+lead time. TensorBoard logs go under ``--out``.
+
+The helpers here (:class:`ExplosionRecorder`, :class:`RecordingSpikeDetection`,
+:func:`default_monitors`) are shared with ``benchmarks/early_warning.py``, which scores the same
+monitors over a grid of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import math
+import os
+import shlex
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, SpikeDetection
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_diag.alerts import Action, Alert
+from lightning_diag.testbeds import CharLM, divergence_step, flush_denormals, lr_at_step
+
+__all__ = [
+    "EXPLOSION_FACTOR",
+    "EXPLOSION_PATIENCE",
+    "MONITORS",
+    "ExplosionRecorder",
+    "RecordingSpikeDetection",
+    "available_monitors",
+    "default_monitors",
+    "main",
+]
+
+# The written definition of the explosion step (testbeds.divergence_step with these arguments).
+EXPLOSION_FACTOR = 3.0
+EXPLOSION_PATIENCE = 10
+
+# Every monitor of the package: name -> (module, what it needs). Imported lazily, so that one
+# broken or missing monitor leaves the others usable (the demo and the suite say which).
+MONITORS: dict[str, tuple[str, str]] = {
+    "GradNormWatcher": ("lightning_diag.callbacks.grad_norm", "any"),
+    "LossSpikeDetector": ("lightning_diag.callbacks.loss_spike", "any"),
+    "SpectralAlignmentMonitor": ("lightning_diag.callbacks.spectral_alignment", "any"),
+    "NCTracker": ("lightning_diag.callbacks.neural_collapse", "classifier"),
+}
+
+_START_LR = 1e-3  # start of the demo's ramp, and its stable learning rate
+_DEFAULT_PEAK_LR = 1.0
+_CADENCE = 10  # every_n_steps of the monitors in the demo and the suite
+_STOP_AFTER = 100  # steps recorded past the explosion before the run stops
+_PRINTED_PER_RULE = 3  # live alerts printed per (monitor, rule); the table counts them all
+
+
+def available_monitors() -> tuple[dict[str, type], dict[str, str]]:
+    """The monitor classes that import, and ``{name: error}`` for those that do not.
+
+    Example:
+        >>> classes, missing = available_monitors()
+        >>> "GradNormWatcher" in classes
+        True
+    """
+    classes, missing = {}, {}
+    for name, (module, _) in MONITORS.items():
+        try:
+            classes[name] = getattr(importlib.import_module(module), name)
+        except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+            missing[name] = f"{type(error).__name__}: {error}"
+    return classes, missing
+
+
+def default_monitors(
+    task: str = "lm", *, every_n_steps: int = _CADENCE, action: Action = "log"
+) -> tuple[list[Callback], dict[str, str]]:
+    """Every available monitor applicable to ``task`` (``"lm"`` or ``"classifier"``), at defaults.
+
+    Only ``every_n_steps`` and ``action`` are set. Returns the monitors and ``{name: reason}`` for
+    each monitor left out (not applicable, or failing to import).
+
+    Example:
+        >>> monitors, left_out = default_monitors("lm")
+        >>> sorted(left_out)
+        ['NCTracker']
+    """
+    if task not in ("lm", "classifier"):
+        raise ValueError(f"`task` must be 'lm' or 'classifier', got {task!r}")
+    classes, left_out = available_monitors()
+    left_out = {name: f"not available ({error})" for name, error in left_out.items()}
+    monitors: list[Callback] = []
+    for name, cls in classes.items():
+        if MONITORS[name][1] == "classifier" and task != "classifier":
+            left_out[name] = "not applicable: needs a classifier (class labels and a linear head)"
+            continue
+        # NCTracker measures at validation epochs (its every_n_steps is for probe loaders only).
+        cadence = None if name == "NCTracker" else every_n_steps
+        monitors.append(cls(every_n_steps=cadence, action=action))
+    return monitors, left_out
+
+
+class ExplosionRecorder(Callback):
+    """Records every step's loss and total gradient norm, and ends the run soon after an explosion.
+
+    The explosion step is :func:`~lightning_diag.testbeds.divergence_step` of the recorded losses
+    (``EXPLOSION_FACTOR``, ``EXPLOSION_PATIENCE``). Once the loss is non-finite, or ``stop_after``
+    steps have passed since the explosion, the run stops at the next multiple of ``cadence`` steps,
+    so monitors logging every ``cadence`` steps publish what fired before the end.
+    ``losses[t]`` and ``grad_norms[t]`` belong to optimizer step ``t`` (``Alert.step`` numbering).
+
+    Args:
+        stop_after: steps to keep training past the explosion (``None``: never stop early).
+        cadence: the monitors' logging cadence.
+        on_explosion: called once with the explosion step when it becomes known.
+    """
+
+    def __init__(
+        self, stop_after: int | None = _STOP_AFTER, cadence: int = _CADENCE,
+        on_explosion: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.stop_after, self.cadence, self.on_explosion = stop_after, cadence, on_explosion
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.explosion_step: int | None = None
+        self._stop_at: int | None = None
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        self.grad_norms.append(float(norm))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        step = len(self.losses) - 1
+        if self.explosion_step is None and (not math.isfinite(self.losses[-1]) or step % self.cadence == 0):
+            self.explosion_step = divergence_step(self.losses, EXPLOSION_FACTOR, EXPLOSION_PATIENCE)
+            if self.explosion_step is not None and self.on_explosion is not None:
+                self.on_explosion(self.explosion_step)
+        if self._stop_at is None and self.stop_after is not None and self.explosion_step is not None and (
+            not math.isfinite(self.losses[-1]) or step >= self.explosion_step + self.stop_after
+        ):
+            self._stop_at = -(-(step + 1) // self.cadence) * self.cadence - 1  # next logging step
+        if self._stop_at is not None and step >= self._stop_at:
+            trainer.should_stop = True
+
+
+class RecordingSpikeDetection(SpikeDetection):
+    """Lightning's ``SpikeDetection`` with its defaults, recording each spike's step instead of raising.
+
+    The stock callback writes the bad batch indices to a file and raises ``TrainingSpikeException``
+    at the first spike (a loss at least ``1 + rtol`` = 3 times the running mean of the last 10
+    losses, or non-finite). Here :attr:`spike_steps` collects the optimizer step of every spike and
+    training goes on, so it can be scored like the other monitors.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spike_steps: list[int] = []
+
+    def _handle_spike(self, fabric: Any, batch_idx: int) -> None:
+        # Called from on_train_batch_end, after the optimizer step: that step is global_step - 1.
+        self.spike_steps.append(int(fabric.global_step) - 1)
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+class _Progress(Callback):
+    """Prints the loss and learning rate every ``every`` steps (the demo has no progress bar)."""
+
+    def __init__(self, recorder: ExplosionRecorder, every: int = 100) -> None:
+        self.recorder, self.every, self.lr = recorder, every, math.nan
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        step = len(self.recorder.losses) - 1
+        if step >= 0 and step % self.every == 0:
+            print(f"  step {step:>5}   loss {self.recorder.losses[-1]:8.3f}   lr {self.lr:.3g}", flush=True)
+
+
+class _LivePrinter:
+    """The monitors' ``action``: prints an alert as it surfaces, a few per (monitor, rule)."""
+
+    def __init__(self, limit: int = _PRINTED_PER_RULE) -> None:
+        self.limit = limit
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def __call__(self, alert: Alert, trainer: pl.Trainer) -> None:
+        rule = (alert.source, _rule_of(alert.metric))
+        self.counts[rule] = self.counts.get(rule, 0) + 1
+        if self.counts[rule] <= self.limit:
+            print(f"  ALERT step {alert.step:>5}  {alert.source:<24} {alert.metric} = {alert.value:.4g}"
+                  f"  (threshold {alert.threshold:g}, {alert.severity})", flush=True)  # fmt: skip
+        if self.counts[rule] == self.limit:
+            print(f"        (further {alert.source} {rule[1]} alerts are counted, not printed)", flush=True)
+
+
+def _rule_of(metric: str) -> str:
+    """The rule family of an alert's metric: its first two ``/`` parts (drops a layer name)."""
+    return "/".join(metric.split("/")[:2])
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_diag.demo",
+        description="Train a tiny character-level GPT until its loss explodes, with every lightning_diag "
+        "monitor watching; print which one warned first and how many steps ahead.",
+    )
+    parser.add_argument("--steps", type=int, default=1000,
+                        help="training steps; the learning-rate ramp spans them (default 1000)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"end of the exponential ramp from {_START_LR:g} (default {_DEFAULT_PEAK_LR:g}; "
+                        f"the loss explodes near 0.5), or with --stable the constant rate (default {_START_LR:g})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data order (default 0)")
+    parser.add_argument("--out", default=os.path.join("runs", "demo"),
+                        help="TensorBoard log directory (default runs/demo)")
+    parser.add_argument("--stable", action="store_true",
+                        help=f"constant learning rate ({_START_LR:g} unless --lr): the run must not explode")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    return args
+
+
+@contextlib.contextmanager
+def _quiet_cpu_session() -> Iterator[None]:
+    """Fast, quiet CPU settings for the run, restored afterwards (``main`` may run inside pytest)."""
+    threads = torch.get_num_threads()
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    # A model this small runs as fast on one thread, and OpenMP threads spin badly on a busy
+    # machine (measured: 23 ms/step on one thread, 16 ms idle but up to 180 ms loaded on two).
+    torch.set_num_threads(1)
+    flush_denormals(True)  # high-LR CPU runs are ~10x slower with denormals (DESIGN.md section 7)
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*(LeafSpec|TreeSpec).*")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        flush_denormals(False)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table, columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _warnings_of(monitor: Callback) -> list[tuple[int, str]]:
+    """(step, metric) of a monitor's warning and critical alerts; ``"info"`` alerts are records, not warnings."""
+    return [(a.step, a.metric) for a in getattr(monitor, "alerts", []) if a.severity != "info"]
+
+
+def _summary(
+    monitors: list[Callback], left_out: dict[str, str], spikes: RecordingSpikeDetection, explosion: int | None
+) -> str:
+    def cells(name: str, alerts: list[tuple[int, str]]) -> tuple[str, ...]:
+        boom = "none" if explosion is None else str(explosion)
+        if not alerts:
+            return (name, "-", "", "0", boom, "-" if explosion is None else "missed")
+        step, metric = min(alerts)
+        lead = "-" if explosion is None else str(explosion - step)
+        return (name, str(step), metric, str(len(alerts)), boom, lead)
+
+    rows = [("monitor", "first warning", "metric", "alerts", "explosion", "lead (steps)")]
+    for monitor in monitors:
+        rows.append(cells(type(monitor).__name__, _warnings_of(monitor)))
+    rows.append(cells("SpikeDetection (Lightning)", [(s, "loss spike") for s in spikes.spike_steps]))
+    text = _table(rows)
+    for name, reason in left_out.items():
+        text += f"\n{name}: {reason}"
+    return text
+
+
+def _model(args: argparse.Namespace) -> tuple[CharLM, str]:
+    """The demo's model and a description of its learning-rate schedule."""
+    if args.stable:
+        lr = args.lr if args.lr is not None else _START_LR
+        return CharLM(lr=lr, seed=args.seed), f"constant learning rate {lr:g}"
+    lr = args.lr if args.lr is not None else _DEFAULT_PEAK_LR
+    model = CharLM(lr=_START_LR, lr_end=lr, ramp_steps=args.steps, seed=args.seed)
+    return model, f"learning rate ramped exponentially from {_START_LR:g} to {lr:g} over {args.steps} steps"
+
+
+def _outcome(model: CharLM, recorder: ExplosionRecorder, seconds: float) -> str:
+    """One line: steps trained, time, last learning rate, and the explosion if any."""
+    hp, steps, explosion = model.hparams, len(recorder.losses), recorder.explosion_step
+    line = f"Trained {steps} steps in {seconds:.0f} s (last learning rate "
+    line += f"{lr_at_step(steps - 1, hp.lr, hp.lr_end, hp.ramp_steps):.3g}). "
+    if explosion is None:
+        return line + "No explosion."
+    floor = min(recorder.losses[:explosion] or [math.nan])
+    return line + (f"Explosion at step {explosion}: loss {recorder.losses[explosion]:.3g}, "
+                   f"running minimum before it {floor:.3g}.")
+
+
+def _stable_verdict(monitors: list[Callback], spikes: RecordingSpikeDetection) -> str:
+    """Whether a stable run raised any warning or critical alert (a false alarm), and its info records."""
+    warned = sum(len(_warnings_of(m)) for m in monitors) + len(spikes.spike_steps)
+    info = sum(len(m.alerts) for m in monitors) - sum(len(_warnings_of(m)) for m in monitors)
+    verdict = "no divergence alert (warning or critical), as it should be" if warned == 0 else (
+        f"{warned} warning/critical alert(s): false alarms, see the table")
+    return f"Stable run: {verdict}" + (f"; {info} info-level record(s) (never acted on)." if info else ".")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns 0. ``argv`` defaults to the command line."""
+    args = _parse(argv)
+    with _quiet_cpu_session():
+        pl.seed_everything(args.seed, verbose=False)
+        model, schedule = _model(args)
+        monitors, left_out = default_monitors("lm", every_n_steps=_CADENCE, action=_LivePrinter())
+        recorder = ExplosionRecorder(on_explosion=lambda step: print(
+            f"  >>> the loss exploded at step {step} (above {EXPLOSION_FACTOR:g}x its running minimum for "
+            f"{EXPLOSION_PATIENCE} steps, or non-finite); stopping {_STOP_AFTER} steps later", flush=True))
+        spikes = RecordingSpikeDetection()
+        logger = TensorBoardLogger(args.out, name="stable" if args.stable else "explode", default_hp_metric=False)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=args.steps, logger=logger, log_every_n_steps=_CADENCE,
+            callbacks=[recorder, *monitors, spikes, _Progress(recorder)], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out,
+        )
+        print(f"lightning_diag demo: a {sum(p.numel() for p in model.parameters()):,}-parameter GPT on "
+              f"{len(model.dataset.data):,} characters of the Python standard library, {schedule}, seed {args.seed}.")
+        names = ", ".join(type(m).__name__ for m in monitors)
+        print(f"Monitors (default settings, every_n_steps={_CADENCE}): {names}; "
+              "Lightning's SpikeDetection for comparison.")
+        print("Alerts surface at the monitors' logging steps; the step shown is where the rule fired.\n")
+        start = time.perf_counter()
+        trainer.fit(model)
+        summary = _summary(monitors, left_out, spikes, recorder.explosion_step)
+        print("\n" + _outcome(model, recorder, time.perf_counter() - start))
+        print(summary)
+        if args.stable:
+            print("\n" + _stable_verdict(monitors, spikes))
+        logger.experiment.add_text("demo/summary", "```\n" + summary + "\n```", global_step=len(recorder.losses))
+        logger.finalize("success")
+        print(f"\nTensorBoard logs: {logger.log_dir}\nView them with:")
+        print(f"    tensorboard --logdir {shlex.quote(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
