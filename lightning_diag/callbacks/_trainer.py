@@ -38,11 +38,16 @@ def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
 
 
 def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int, bins: int = 64) -> None:
-    """Write a histogram to each TensorBoard logger (others skip it); an empty ``values`` is skipped."""
-    if values.numel() == 0:  # e.g. every value was non-finite and filtered out: TensorBoard would raise
-        return
+    """Write a histogram of the finite ``values`` to each TensorBoard logger (others skip it).
+
+    The values reach the host only when a TensorBoard logger exists; non-finite ones are dropped
+    there (TensorBoard rejects them), and an empty histogram is skipped.
+    """
     for writer in _tensorboard_writers(trainer):
-        writer.add_histogram(tag, values.detach().float().cpu(), global_step=step, bins=bins)
+        values = values.detach().float().cpu().flatten()
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            writer.add_histogram(tag, values, global_step=step, bins=bins)
 
 
 def has_tensorboard(trainer: pl.Trainer) -> bool:

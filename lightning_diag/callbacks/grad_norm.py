@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_diag.alerts import SEVERITIES, Above, Action, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
-from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler
+from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler, log_histogram
 from lightning_diag.layers import ParameterGroups, group_parameters, validate_patterns
 from lightning_diag.metrics.norms import grouped_norms, tensor_norms, total_norm
 from lightning_diag.metrics.stats import EmaZScore, zclip
@@ -78,6 +78,10 @@ class GradNormWatcher(DiagnosticCallback):
         nonfinite_patience: consecutive non-finite steps before alerting (``None``: 1, or 5 under
             an fp16 loss scaler).
         spike_severity: severity of the z-score spike alert; ``"info"`` alerts are never acted on.
+        histogram_every_n_steps: TensorBoard histograms of the per-layer gradient and weight norms
+            (``grad_norm_hist/layers``, ``weight_norm_hist/layers``) at the first logging step at or
+            after each multiple; one extra host transfer then, and only with a TensorBoard logger.
+            ``None`` disables them.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra alert rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0)``.
 
@@ -102,12 +106,17 @@ class GradNormWatcher(DiagnosticCallback):
         clip: Literal["none", "zclip"] = "none",
         nonfinite_patience: int | None = None,
         spike_severity: Literal["info", "warning", "critical"] = "info",
+        histogram_every_n_steps: int | None = 500,
         action: Action = "warn",
         rules: Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         if spike_severity not in SEVERITIES:
             raise ValueError(f"`spike_severity` must be one of {SEVERITIES}, got {spike_severity!r}")
+        if histogram_every_n_steps is not None and (
+            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 1
+        ):
+            raise ValueError(f"`histogram_every_n_steps` must be None or an int >= 1, got {histogram_every_n_steps!r}")
         if clip not in ("none", "zclip"):
             raise ValueError(f"`clip` must be one of ('none', 'zclip'), got {clip!r}")
         if not z_threshold > 0:
@@ -120,6 +129,8 @@ class GradNormWatcher(DiagnosticCallback):
         self.exclude = validate_patterns("exclude", exclude)
         self.group_depth, self.per_layer, self.update_ratio = group_depth, per_layer, update_ratio
         self.z_threshold, self.clip, self.nonfinite_patience = z_threshold, clip, nonfinite_patience
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self._histograms_logged = 0  # multiples of histogram_every_n_steps covered so far
         self.baseline = EmaZScore(alpha=alpha, warmup=warmup)
         self._nonfinite_rule = Above("grad_norm/nonfinite", 0.0, severity="critical")
         self._spike_rule = Above("grad_norm/zscore", z_threshold, severity=spike_severity)
@@ -191,6 +202,7 @@ class GradNormWatcher(DiagnosticCallback):
         keys += [f"{family}/{name}" for family in ("grad_norm", "weight_norm", "grad_weight_ratio")
                  for name in layer_names]
         figures = torch.cat([figures, layer_grad, layer_weight, layer_grad / layer_weight.clamp_min(_EPS)])
+        self._maybe_log_histograms(trainer, step, layer_grad, layer_weight)
         if not self.update_ratio:
             self.publish(trainer, step, keys, figures)
             return
@@ -209,6 +221,14 @@ class GradNormWatcher(DiagnosticCallback):
         names = keys[len(keys) - len(layer_weight):]
         keys = keys + [f"update_ratio/{name.partition('/')[2]}" for name in names]
         self.publish(trainer, step, keys, torch.cat([figures, updates / layer_weight.clamp_min(_EPS)]))
+
+    def _maybe_log_histograms(self, trainer: pl.Trainer, step: int, layer_grad: Tensor, layer_weight: Tensor) -> None:
+        every = self.histogram_every_n_steps
+        if every is None or (step + 1) // every <= self._histograms_logged:
+            return
+        self._histograms_logged = (step + 1) // every
+        log_histogram(trainer, "grad_norm_hist/layers", layer_grad, step)
+        log_histogram(trainer, "weight_norm_hist/layers", layer_weight, step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pending = None

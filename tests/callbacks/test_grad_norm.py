@@ -523,6 +523,27 @@ def test_metrics_and_alert_text_arrive_in_tensorboard_event_file(tmp_path: Any) 
     assert event.tensor_proto.string_val[0].decode() == watcher.alerts[0].message
 
 
+def test_per_layer_norm_histograms_arrive_at_their_cadence(tmp_path: Any) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    memory = MemoryLogger()
+    watcher = GradNormWatcher(every_n_steps=2, histogram_every_n_steps=3, action="log")
+    _fit(TinyModule(), watcher, max_steps=8, logger=[tensorboard, memory])
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    # logging steps 1, 3, 5, 7; the first at or after each multiple of 3 steps: 3 (after 3) and 5 (after 6)
+    grads = events.Histograms("grad_norm_hist/layers")
+    assert [h.step for h in grads] == [3, 5]
+    layers = [k for k in memory.history if k.startswith("grad_norm/net.")]
+    for histogram in grads:
+        values = sorted(v for k in layers for s, v in memory.history[k] if s == histogram.step)
+        assert histogram.histogram_value.num == len(layers)
+        assert histogram.histogram_value.min == pytest.approx(values[0], rel=1e-6)
+        assert histogram.histogram_value.max == pytest.approx(values[-1], rel=1e-6)
+    assert [h.step for h in events.Histograms("weight_norm_hist/layers")] == [3, 5]
+
+
 # -- odd models and bad arguments -------------------------------------------------------------------
 
 
