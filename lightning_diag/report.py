@@ -272,7 +272,7 @@ def format_summary(summary: Summary, timeline: int = 20) -> str:
         if len(summary.alerts) > len(shown):
             lines.append(f"  ... {len(summary.alerts) - len(shown)} more (see the HTML report)")
     if summary.first_alert:
-        lines.append("First warning per monitor:")
+        lines.append("First alert per monitor (any severity, info included):")
         width = max(len(m) for m in summary.first_alert)
         for monitor, alert in summary.first_alert.items():
             lines.append(f"  {monitor:<{width}}  " + (f"step {alert.step}: {alert.message}" if alert else "none"))

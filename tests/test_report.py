@@ -42,7 +42,7 @@ def test_summary_lists_alerts_first_warnings_worst_layers_and_nc_trend(
     assert "GradNormWatcher: grad_norm/total = " in out and "(above 0) at step 1" in out  # the alert text
     classifier, regressor = out.split("== regressor/version_0")  # runs in path order
     assert "Health: no alerts" in classifier and "NCTracker  none" in classifier
-    first = regressor.split("First warning per monitor:")[1]
+    first = regressor.split("First alert per monitor (any severity, info included):")[1]
     assert "GradNormWatcher    step 1:" in first and "LossSpikeDetector  none" in first
     worst = regressor.split("Worst layers at the last step")[1]
     for family in ("grad_norm ", "weight_norm ", "grad_weight_ratio "):
