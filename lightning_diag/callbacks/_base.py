@@ -155,6 +155,10 @@ class DiagnosticCallback(Callback):
                     self._warned[alert.metric] == _WARNINGS_PER_KEY) else ""
                 rank_zero_warn(alert.message + suffix)
 
+    def dashboard_charts(self) -> dict[str, list[str]]:
+        """This monitor's charts on the TensorBoard dashboard: title -> tag regexes (override)."""
+        return {}
+
     # -- checkpoint state -----------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, Any]:

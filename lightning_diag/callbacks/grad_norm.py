@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_diag.alerts import SEVERITIES, Above, Action, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
+from lightning_diag.callbacks._dashboard import layer_tags
 from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler, log_histogram
 from lightning_diag.layers import ParameterGroups, group_parameters, validate_patterns
 from lightning_diag.metrics.norms import grouped_norms, tensor_norms, total_norm
@@ -19,6 +20,7 @@ from lightning_diag.metrics.stats import EmaZScore, zclip
 __all__ = ["GradNormWatcher"]
 
 _EPS = 1e-12
+_SUMMARY_KEYS = ("total", "zscore", "baseline", "nonfinite", "clip_coef", "clipped_steps")  # grad_norm/<key>
 _FP16_NONFINITE_PATIENCE = 5  # the fp16 scaler overflows (and skips) a few steps in a row while calibrating
 
 
@@ -229,6 +231,17 @@ class GradNormWatcher(DiagnosticCallback):
         self._histograms_logged = (step + 1) // every
         log_histogram(trainer, "grad_norm_hist/layers", layer_grad, step)
         log_histogram(trainer, "weight_norm_hist/layers", layer_weight, step)
+
+    def dashboard_charts(self) -> dict[str, list[str]]:
+        return {
+            "total gradient norm and baseline": [r"grad_norm/(total|baseline)$"],
+            "z-score of the total norm": [r"grad_norm/zscore$"],
+            "non-finite gradients, clipping": [r"grad_norm/(nonfinite|clip_coef|clipped_steps)$"],
+            "gradient norm per layer": [layer_tags("grad_norm", _SUMMARY_KEYS)],
+            "||g|| / ||w|| per layer": [layer_tags("grad_weight_ratio")],
+            "update ratio ||dw|| / ||w|| per layer": [layer_tags("update_ratio")],
+            "weight norm per layer": [layer_tags("weight_norm")],
+        }
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pending = None

@@ -379,6 +379,14 @@ class LossSpikeDetector(DiagnosticCallback):
         self._remove_gates()
         self._snapshot = None
 
+    def dashboard_charts(self) -> dict[str, list[str]]:
+        return {
+            "loss and EMA baseline": [r"loss_spike/(loss|ema)$"],
+            "z-score": [r"loss_spike/zscore$"],
+            "ratio to minimum, trend": [r"loss_spike/(ratio_to_min|trend)$"],
+            "events, skips, rollbacks, LR scale": [r"loss_spike/(events|skipped|rollbacks|lr_scale)$"],
+        }
+
     # -- the rules, on the device ---------------------------------------------------------------
 
     def _read_metric(self, trainer: pl.Trainer) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -231,6 +232,15 @@ class NCTracker(DiagnosticCallback):
             self._handles.append(modules[self.feature_layer].register_forward_hook(self._capture_output))
         elif self.feature_layer is None:
             self._handles.append(head.register_forward_pre_hook(self._capture_input))
+
+    def dashboard_charts(self) -> dict[str, list[str]]:
+        p = re.escape(self.prefix)
+        return {
+            "NC1 (within-class variability)": [rf"{p}/nc1$"],
+            "NC2 (equinorm, equiangularity)": [rf"{p}/nc2_.*"],
+            "NC3 (self-duality), NC4 (nearest class centre)": [rf"{p}/nc[34]$"],
+            "CDNV, trace ratio": [rf"{p}/(cdnv|trace_ratio)$"],
+        }
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()

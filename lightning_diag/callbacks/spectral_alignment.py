@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_diag.alerts import Action, Alert, Rule, Severity
 from lightning_diag.callbacks._base import DiagnosticCallback
+from lightning_diag.callbacks._dashboard import layer_tags
 from lightning_diag.callbacks._trainer import log_histogram
 from lightning_diag.layers import matches, validate_patterns
 from lightning_diag.metrics.spectral import alignment_summary, power_iteration, spectral_alignment, stable_rank
@@ -305,6 +306,16 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                 f"{[n for n, _ in linears][:50]}"
             )
         return [n for n, _ in chosen], [m for _, m in chosen]
+
+    def dashboard_charts(self) -> dict[str, list[str]]:
+        return {
+            "model level: mean collapse, share collapsed or flagged": [
+                r"spectral_alignment/(mean_collapse|frac_collapsed|frac_flagged)$"],
+            "collapse c per layer": [layer_tags("spectral_alignment/collapse")],
+            "sign diversity D per layer": [layer_tags("spectral_alignment/sign_diversity")],
+            "top singular value per layer": [layer_tags("sigma1")],
+            "stable rank per layer": [layer_tags("stable_rank")],
+        }
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
