@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import torch
 from torch import Tensor
 
+from lightning_diag._checks import check_int
 from lightning_diag.metrics.stats import EmaZScore
 
 if TYPE_CHECKING:
@@ -104,8 +105,7 @@ class Rule:
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` must be a non-empty string, got {metric!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`patience` must be an int >= 1, got {patience!r}")
+        check_int("patience", patience, 1)
         if severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {SEVERITIES}, got {severity!r}")
         self.metric, self.threshold, self.patience, self.severity = metric, float(threshold), patience, severity

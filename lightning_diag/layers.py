@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from lightning_diag._checks import check_int
+
 __all__ = ["ParameterGroups", "group_parameters", "matches", "validate_patterns"]
 
 
@@ -65,8 +67,7 @@ def group_parameters(
         >>> group_parameters(net).layers
         ['0', '2']
     """
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise ValueError(f"`depth` must be None or an int >= 1, got {depth!r}")
+    check_int("depth", depth, 1, optional=True)
     layers: dict[str, int] = {}
     names, params, layer_of = [], [], []
     for name, param in model.named_parameters():

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_diag._checks import check_int
 from lightning_diag.alerts import Action, Alert, DivergenceError, Rule, validate_action
 from lightning_diag.callbacks._dashboard import custom_scalars_layout
 from lightning_diag.callbacks._trainer import log_metrics, log_text, show_alert_count, write_dashboard_once
@@ -48,8 +49,7 @@ class DiagnosticCallback(Callback):
     def __init__(
         self, *, every_n_steps: int | None = None, action: Action = "warn", rules: Sequence[Rule] = ()
     ) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be None or an int >= 1, got {every_n_steps!r}")
+        check_int("every_n_steps", every_n_steps, 1, optional=True)
         validate_action(action)
         for rule in rules:
             if not isinstance(rule, Rule):

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_diag._checks import check_int
 from lightning_diag.alerts import SEVERITIES, Above, Action, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
 from lightning_diag.callbacks._dashboard import layer_tags
@@ -115,18 +116,13 @@ class GradNormWatcher(DiagnosticCallback):
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         if spike_severity not in SEVERITIES:
             raise ValueError(f"`spike_severity` must be one of {SEVERITIES}, got {spike_severity!r}")
-        if histogram_every_n_steps is not None and (
-            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 1
-        ):
-            raise ValueError(f"`histogram_every_n_steps` must be None or an int >= 1, got {histogram_every_n_steps!r}")
+        check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
         if clip not in ("none", "zclip"):
             raise ValueError(f"`clip` must be one of ('none', 'zclip'), got {clip!r}")
         if not z_threshold > 0:
             raise ValueError(f"`z_threshold` must be > 0, got {z_threshold!r}")
-        if group_depth is not None and (not isinstance(group_depth, int) or group_depth < 1):
-            raise ValueError(f"`group_depth` must be None or an int >= 1, got {group_depth!r}")
-        if nonfinite_patience is not None and (not isinstance(nonfinite_patience, int) or nonfinite_patience < 1):
-            raise ValueError(f"`nonfinite_patience` must be None or an int >= 1, got {nonfinite_patience!r}")
+        check_int("group_depth", group_depth, 1, optional=True)
+        check_int("nonfinite_patience", nonfinite_patience, 1, optional=True)
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
         self.group_depth, self.per_layer, self.update_ratio = group_depth, per_layer, update_ratio

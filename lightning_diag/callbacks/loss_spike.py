@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_diag._checks import check_int
 from lightning_diag.alerts import ACTIONS, Above, Alert, DivergenceError, NonFinite, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
 from lightning_diag.callbacks._trainer import log_metrics, loss_scale
@@ -55,11 +56,6 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu_copy(v) for v in obj)
     return copy.deepcopy(obj)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
 
 
 class LossSpikeDetector(DiagnosticCallback):
@@ -250,15 +246,15 @@ class LossSpikeDetector(DiagnosticCallback):
         if factor is not None and not factor > 1:
             raise ValueError(f"`factor` must be None or > 1, got {factor!r}")
         if trend_window is not None:
-            _check_int("trend_window", trend_window, 3)
+            check_int("trend_window", trend_window, 3)
         if not trend_threshold > 0:
             raise ValueError(f"`trend_threshold` must be > 0, got {trend_threshold!r}")
         for name, value in (("nonfinite_patience", nonfinite_patience), ("zscore_patience", zscore_patience),
                             ("factor_patience", factor_patience), ("trend_patience", trend_patience),
                             ("snapshot_every_n_steps", snapshot_every_n_steps),
                             ("max_consecutive_skips", max_consecutive_skips)):
-            _check_int(name, value, 1)
-        _check_int("max_rollbacks", max_rollbacks, 0)
+            check_int(name, value, 1)
+        check_int("max_rollbacks", max_rollbacks, 0)
         if not 0 < lr_factor < 1:
             raise ValueError(f"`lr_factor` must be in (0, 1), got {lr_factor!r}")
         self.monitor, self.mode, self.check_on = monitor, mode, check_on

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from torch.utils.hooks import RemovableHandle
 
+from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback
 from lightning_diag.callbacks._trainer import has_tensorboard, log_image
@@ -162,8 +163,7 @@ class NCTracker(DiagnosticCallback):
             raise ValueError(f"`nc4='exact'` needs a second pass, so a probe DataLoader as `data`, got data={data!r}")
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be one of ('class', 'sample'), got {global_mean!r}")
-        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
-            raise ValueError(f"`every_n_epochs` must be None or an int >= 1, got {every_n_epochs!r}")
+        check_int("every_n_epochs", every_n_epochs, 1, optional=True)
         if every_n_steps is not None and not probe:
             raise ValueError(f"`every_n_steps` needs a probe DataLoader as `data`, got data={data!r}")
         if every_n_epochs is None and every_n_steps is None:
@@ -172,8 +172,7 @@ class NCTracker(DiagnosticCallback):
             raise ValueError(f"`feature_layer` must be None, a module name or a callable, got {feature_layer!r}")
         if callable(feature_layer) and data == "train":
             raise ValueError("a callable `feature_layer` needs a forward pass of its own: use data='val' or a probe")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"`num_classes` must be None or an int >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2, optional=True)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"`dtype` must be a floating point torch.dtype, got {dtype!r}")
         if not isinstance(prefix, str) or not prefix or "/" in prefix:

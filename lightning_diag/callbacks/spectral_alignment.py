@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from lightning_diag._checks import check_int
 from lightning_diag.alerts import Action, Alert, Rule, Severity
 from lightning_diag.callbacks._base import DiagnosticCallback
 from lightning_diag.callbacks._dashboard import layer_tags
@@ -210,12 +211,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                                  ("power_iterations", power_iterations, 1), ("patience", patience, 1),
                                  ("mean_collapse_patience", mean_collapse_patience, 1),
                                  ("baseline_warmup", baseline_warmup, 1), ("warmup_steps", warmup_steps, 0)]:  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-        if histogram_every_n_steps is not None and (
-            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 1
-        ):
-            raise ValueError(f"`histogram_every_n_steps` must be None or an int >= 1, got {histogram_every_n_steps!r}")
+            check_int(name, value, low)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
         if layer_rule not in LAYER_RULES:
             raise ValueError(f"`layer_rule` must be one of {LAYER_RULES}, got {layer_rule!r}")
         if not 0.0 < collapse_threshold <= 1.0:

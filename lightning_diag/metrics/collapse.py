@@ -54,6 +54,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_diag._checks import check_int
+
 __all__ = [
     "FULL_COVARIANCE_MAX_DIM",
     "METRIC_KEYS",
@@ -155,10 +157,8 @@ class CollapseAccumulator:
         global_mean: Literal["class", "sample"] = "class",
         full_covariance: bool | None = None,
     ) -> None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"`dim` must be an int >= 1, got {dim!r}")
+        check_int("num_classes", num_classes, 1)
+        check_int("dim", dim, 1)
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be 'class' or 'sample', got {global_mean!r}")
         if not dtype.is_floating_point:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_diag._checks import check_int
+
 __all__ = ["EmaZScore", "zclip"]
 
 
@@ -44,8 +46,7 @@ class EmaZScore:
     def __init__(self, alpha: float = 0.97, warmup: int = 25, eps: float = 1e-6) -> None:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
-        if not isinstance(warmup, int) or warmup < 2:
-            raise ValueError(f"`warmup` must be an int >= 2, got {warmup!r}")
+        check_int("warmup", warmup, 2)
         if eps < 0:
             raise ValueError(f"`eps` must be >= 0, got {eps!r}")
         self.alpha, self.warmup, self.eps = alpha, warmup, eps

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_diag._checks import check_int
+
 __all__ = ["RollingWindow", "linear_fit"]
 
 
@@ -90,8 +92,7 @@ class RollingWindow:
     """
 
     def __init__(self, size: int) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 3:
-            raise ValueError(f"`size` must be an int >= 3, got {size!r}")
+        check_int("size", size, 3)
         self.size = size
         self.reset()
 
