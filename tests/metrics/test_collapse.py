@@ -94,7 +94,9 @@ def as_torch(*arrays):
     return [torch.as_tensor(a) for a in arrays]
 
 
-def assert_metrics_close(actual, expected, rtol=1e-6, atol=0.0, keys=METRIC_KEYS):
+def assert_metrics_close(actual, expected, rtol=1e-6, atol=1e-12, keys=METRIC_KEYS):
+    # atol: several figures are 0 in exact arithmetic (two classes are always equiangular); rounding
+    # leaves ~1e-16 of either sign on another machine, where a pure relative test would fail.
     for key in keys:
         a, e = float(actual[key]), float(expected[key])
         assert math.isclose(a, e, rel_tol=rtol, abs_tol=atol), f"{key}: {a!r} != {e!r}"
