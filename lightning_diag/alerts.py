@@ -1,41 +1,50 @@
-"""The alert layer shared by every monitor: the :class:`Alert` record and threshold rules.
+"""The alert layer shared by every monitor: the :class:`Alert` record, threshold rules and the book
+that evaluates them.
 
-A rule is evaluated on device tensors every time its monitor measures (no host sync): it keeps a
-per-element streak of consecutive hits and, when a streak reaches ``patience``, records the step
-and value of that firing. The monitor reads the pending firings back together with its other
-figures, in its one host transfer per logging step, and turns them into :class:`Alert` records.
-A rule fires once per streak: a metric that stays above its threshold for 1,000 steps is one
-alert, not 1,000.
+A rule watches one logged key, or every key matching a glob pattern (each key independently), and
+fires when its condition has held for ``patience`` consecutive **steps**, once per streak: a metric
+that stays above its threshold for 1,000 steps is one alert, not 1,000. Patience counts steps, not
+measurements, so it means the same for a figure known every step and one known every tenth step
+(a streak that begins at a check and still holds at the next one has lasted the steps between).
+
+Rules run on the host, in float64 numpy, one vectorized pass per rule over all its keys: a
+monitor's figures reach the host asynchronously (``callbacks/_base.py``), so deciding there costs
+no device kernel and no sync. :class:`RuleBook` is what a monitor holds: its built-in rules and the
+user's, bound to its keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from lightning_diag._checks import check_int
-from lightning_diag.metrics.stats import EmaZScore
+from lightning_diag.metrics.stats import EmaBaseline
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
     "ACTIONS",
+    "SEVERITIES",
     "Above",
     "Action",
     "Alert",
     "Below",
+    "DiagnosticWarning",
     "DivergenceError",
     "NonFinite",
     "Rule",
+    "RuleBook",
     "ZScore",
-    "validate_action",
+    "as_rules",
 ]
 
 Severity = Literal["info", "warning", "critical"]
@@ -50,12 +59,15 @@ class Alert:
 
     Attributes:
         source: the monitor that raised it (its class name).
-        metric: the logged key that crossed the threshold, e.g. ``"grad_norm/zscore"``.
-        step: the trainer's global step at which the rule fired.
+        metric: the logged key that crossed the threshold, e.g. ``"grad_norm/total"``.
+        step: the optimizer step (``trainer.global_step`` while it was measured) at which it fired.
         value: the metric's value at that step.
         threshold: the threshold it crossed.
-        severity: ``"info"``, ``"warning"`` or ``"critical"``.
+        severity: ``"info"`` (recorded, never acted on), ``"warning"`` or ``"critical"``.
         message: one human-readable line with all of the above.
+        acted_step: the step during which the monitor's action took effect (``step`` on the
+            CPU, at most ``step + 1`` on a GPU, where the figures reach the host one step late to
+            avoid a sync); ``None`` until then.
     """
 
     source: str
@@ -65,9 +77,17 @@ class Alert:
     threshold: float
     severity: str
     message: str
+    acted_step: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}"
+
+
+class DiagnosticWarning(UserWarning):
+    """The category of every warning lightning_diag shows (filter it with ``warnings.filterwarnings``)."""
 
 
 class DivergenceError(RuntimeError):
@@ -78,24 +98,17 @@ class DivergenceError(RuntimeError):
         super().__init__("; ".join(a.message for a in self.alerts) or "divergence alert")
 
 
-def validate_action(action: Any) -> None:
-    """Raise a ``ValueError`` unless ``action`` is one of :data:`ACTIONS` or a callable."""
-    if callable(action) or action in ACTIONS:
-        return
-    raise ValueError(f"`action` must be one of {ACTIONS} or a callable(alert, trainer), got {action!r}")
-
-
 class Rule:
-    """Base of the threshold rules: fires when ``hits(value)`` holds ``patience`` times in a row.
+    """Base of the threshold rules: fires when :meth:`hits` holds for ``patience`` steps in a row.
 
     Args:
         metric: the logged key the rule watches, or a glob pattern over the monitor's keys
-            (``"grad_norm/*"``); each matching key is watched independently.
-        threshold: the value the metric is compared with.
-        patience: consecutive hits needed to fire (>= 1).
-        severity: ``"info"``, ``"warning"`` or ``"critical"``.
+            (``"grad_norm/layer/*"``); each matching key is watched independently.
+        threshold: the value the metric is compared with (a finite number).
+        patience: steps the condition must hold, counting the first, before the rule fires (>= 1).
+        severity: ``"info"`` (recorded and logged, never acted on), ``"warning"`` or ``"critical"``.
 
-    Subclasses define :meth:`hits` and :attr:`relation` (a word for messages).
+    Subclasses define :meth:`hits` (vectorized over the keys) and :attr:`relation`.
     """
 
     relation = "crossed"
@@ -105,86 +118,70 @@ class Rule:
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` must be a non-empty string, got {metric!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"`threshold` must be a number, got {threshold!r}")
         check_int("patience", patience, 1)
         if severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {SEVERITIES}, got {severity!r}")
         self.metric, self.threshold, self.patience, self.severity = metric, float(threshold), patience, severity
-        self.keys: list[str] = [metric]
-        self.reset()
+        self.keys: list[str] = []
+        self.start = np.zeros(0, dtype=np.int64)  # step at which each key's streak began, -1: none
+        self.fired = np.zeros(0, dtype=bool)  # the current streak has fired
+        self.active = np.zeros(0, dtype=bool)  # in firing state at the last update
 
-    def hits(self, value: Tensor) -> Tensor:
+    def watches(self, key: str) -> bool:
+        return fnmatch.fnmatchcase(key, self.metric)
+
+    def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Bool per value: the condition holds (``slots`` index the rule's own keys)."""
         raise NotImplementedError
 
     def describe(self) -> str:
-        steps = f" for {self.patience} checks" if self.patience > 1 else ""
-        return f"{self.relation} {self.threshold:g}{steps}"
+        return f"{self.relation} {self.threshold:g}{self._for()}"
 
-    def bind(self, keys: Sequence[str]) -> list[int]:
-        """Match :attr:`metric` against a monitor's keys; returns the indices watched.
+    def _for(self) -> str:
+        return f" for {self.patience} steps" if self.patience > 1 else ""
 
-        Raises:
-            ValueError: nothing matches; the message lists the available keys.
-        """
-        index = [i for i, k in enumerate(keys) if fnmatch.fnmatchcase(k, self.metric)]
-        if not index:
-            raise ValueError(
-                f"{self!r} watches {self.metric!r}, which matches none of this monitor's keys: "
-                f"{sorted(keys)}"
-            )
-        matched = [keys[i] for i in index]
-        if matched != self.keys:  # same keys (e.g. after a checkpoint load): keep the state
-            self.keys = matched
-            self.reset()
-        return index
+    def slots(self, keys: Sequence[str]) -> np.ndarray:
+        """The rule's state slot of each key (new keys get fresh slots)."""
+        for key in keys:
+            if key not in self.keys:
+                self.keys.append(key)
+        self._resize(len(self.keys))
+        position = {k: i for i, k in enumerate(self.keys)}
+        return np.array([position[k] for k in keys], dtype=np.int64)
 
-    def reset(self) -> None:
-        n = len(self.keys)
-        self.streak = torch.zeros(n, dtype=torch.long)
-        self.pending_step = torch.full((n,), -1.0, dtype=torch.float64)
-        self.pending_value = torch.zeros(n, dtype=torch.float64)
+    def _resize(self, n: int) -> None:
+        if n > self.start.size:
+            grow = n - self.start.size
+            self.start = np.concatenate([self.start, np.full(grow, -1, dtype=np.int64)])
+            self.fired = np.concatenate([self.fired, np.zeros(grow, dtype=bool)])
+            self.active = np.concatenate([self.active, np.zeros(grow, dtype=bool)])
 
-    def update(self, value: Tensor, step: int) -> None:
-        """Evaluate the rule on ``value`` (shape ``(len(keys),)`` or scalar) at ``step``: device only."""
-        value = value.detach().reshape(-1).to(torch.float64)
-        if self.streak.device != value.device:
-            self.streak, self.pending_step, self.pending_value = (
-                t.to(value.device) for t in (self.streak, self.pending_step, self.pending_value)
-            )
-        self.streak = torch.where(self.hits(value), self.streak + 1, 0)
-        fired = (self.streak == self.patience) & (self.pending_step < 0)
-        self.pending_step = torch.where(fired, float(step), self.pending_step)
-        self.pending_value = torch.where(fired, value, self.pending_value)
+    def update(self, step: int, keys: Sequence[str], values: np.ndarray) -> list[tuple[str, float]]:
+        """Evaluate the rule on ``values`` (one per key) seen at ``step``; returns the ``(key, value)`` that fire."""
+        slots = self.slots(keys)
+        hit = np.asarray(self.hits(values, slots), dtype=bool)
+        start = np.where(hit, np.where(self.start[slots] < 0, step, self.start[slots]), -1)
+        active = hit & (step - start + 1 >= self.patience)
+        fire = active & ~self.fired[slots]
+        self.start[slots], self.active[slots], self.fired[slots] = start, active, hit & (self.fired[slots] | fire)
+        return [(keys[i], float(values[i])) for i in np.flatnonzero(fire)]
 
-    def pending(self) -> Tensor:
-        """The pending firings as one float64 vector ``[steps..., values...]`` for the host transfer."""
-        return torch.cat([self.pending_step, self.pending_value])
-
-    def take(self, host: Sequence[float], source: str) -> list[Alert]:
-        """Turn the host copy of :meth:`pending` into alerts and clear what was pending."""
-        n = len(self.keys)
-        alerts = []
-        for key, step, value in zip(self.keys, host[:n], host[n:]):
-            if step >= 0:
-                message = (
-                    f"{source}: {key} = {value:.4g} ({self.describe()}) at step {int(step)}"
-                )
-                alerts.append(Alert(source, key, int(step), value, self.threshold, self.severity, message))
-        if alerts:
-            self.pending_step.fill_(-1.0)
-        return alerts
+    def alert(self, source: str, key: str, step: int, value: float) -> Alert:
+        message = f"{source}: {key} = {value:.4g} ({self.describe()}) at step {step}"
+        return Alert(source, key, step, value, self.threshold, self.severity, message)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "streak": self.streak.cpu(), "pending_step": self.pending_step.cpu(),
-                "pending_value": self.pending_value.cpu()}
+        # Lists, not arrays: a checkpoint must load with torch.load(weights_only=True).
+        return {"keys": list(self.keys), "start": self.start.tolist(), "fired": self.fired.tolist(),
+                "active": self.active.tolist()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = list(state.get("keys", self.keys))
-        if keys != self.keys and self.keys != [self.metric]:
-            return  # bound to other keys (another model or layer set): start afresh
-        self.keys = keys
-        self.streak = state["streak"].clone()
-        self.pending_step = state["pending_step"].clone()
-        self.pending_value = state["pending_value"].clone()
+        self.keys = list(state["keys"])
+        self.start = np.asarray(state["start"], dtype=np.int64).copy()
+        self.fired = np.asarray(state["fired"], dtype=bool).copy()
+        self.active = np.asarray(state.get("active", np.zeros(len(self.keys))), dtype=bool).copy()
 
     def __repr__(self) -> str:
         return (
@@ -194,29 +191,27 @@ class Rule:
 
 
 class Above(Rule):
-    """Fires when the metric is above ``threshold`` (NaN counts as a hit: it is never "fine").
+    """Fires when the metric is above ``threshold``; NaN counts as a hit (it is never "fine").
 
     Example:
         >>> rule = Above("grad_norm/total", 10.0, patience=2)
-        >>> for step, v in enumerate([11.0, 12.0, 13.0]):
-        ...     rule.update(torch.tensor(v), step)
-        >>> [a.step for a in rule.take(rule.pending().tolist(), "demo")]
-        [1]
+        >>> [rule.update(step, ["grad_norm/total"], np.array([v])) for step, v in enumerate([11.0, 12.0, 13.0])]
+        [[], [('grad_norm/total', 12.0)], []]
     """
 
     relation = "above"
 
-    def hits(self, value: Tensor) -> Tensor:
-        return (value > self.threshold) | torch.isnan(value)
+    def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return ~(values <= self.threshold)  # True for NaN
 
 
 class Below(Rule):
-    """Fires when the metric is below ``threshold`` (NaN counts as a hit)."""
+    """Fires when the metric is below ``threshold``; NaN counts as a hit."""
 
     relation = "below"
 
-    def hits(self, value: Tensor) -> Tensor:
-        return (value < self.threshold) | torch.isnan(value)
+    def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return ~(values >= self.threshold)
 
 
 class NonFinite(Rule):
@@ -228,25 +223,25 @@ class NonFinite(Rule):
         super().__init__(metric, float("inf"), patience=patience, severity=severity)
 
     def describe(self) -> str:
-        return "non-finite" + (f" for {self.patience} checks" if self.patience > 1 else "")
+        return "non-finite" + self._for()
 
-    def hits(self, value: Tensor) -> Tensor:
-        return ~torch.isfinite(value)
+    def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return ~np.isfinite(values)
 
 
 class ZScore(Rule):
-    """Fires when the metric's z-score against its own EMA baseline exceeds ``threshold``.
+    """Fires when the metric's z-score against its own baseline exceeds ``threshold`` (> 0).
 
-    The baseline is an :class:`~lightning_diag.metrics.stats.EmaZScore` per watched key (ZClip's
-    rule: warm-up, then EMA mean and variance with decay ``alpha``). Values that fire are not
-    absorbed into the baseline, so a run of spikes does not teach the rule that spikes are normal.
+    The baseline is an :class:`~lightning_diag.metrics.stats.EmaBaseline` per watched key
+    (ZClip's rule: warm-up, then EMA mean and variance with decay ``alpha``). Values that hit are
+    not absorbed, so a run of spikes does not teach the rule that spikes are normal; non-finite
+    values neither hit nor enter the baseline (pair with :class:`NonFinite`).
 
     Example:
         >>> rule = ZScore("loss", 3.0, warmup=5)
-        >>> for step, v in enumerate([1.0, 1.1, 0.9, 1.0, 1.05, 9.0]):
-        ...     rule.update(torch.tensor(v), step)
-        >>> [a.step for a in rule.take(rule.pending().tolist(), "demo")]
-        [5]
+        >>> fired = [rule.update(s, ["loss"], np.array([v])) for s, v in enumerate([1.0, 1.1, 0.9, 1.0, 1.05, 9.0])]
+        >>> fired[-1]
+        [('loss', 9.0)]
     """
 
     relation = "z-score above"
@@ -261,26 +256,101 @@ class ZScore(Rule):
         patience: int = 1,
         severity: Severity = "warning",
     ) -> None:
-        self.alpha, self.warmup = alpha, warmup
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ValueError(f"`threshold` of a z-score must be > 0 (a z-score <= 0 fires on everything), got {threshold!r}")
         super().__init__(metric, threshold, patience=patience, severity=severity)
+        self.baseline = EmaBaseline(0, alpha=alpha, warmup=warmup)
 
-    def reset(self) -> None:
-        super().reset()
-        self.baselines = [EmaZScore(self.alpha, self.warmup) for _ in self.keys]
+    def _resize(self, n: int) -> None:
+        super()._resize(n)
+        self.baseline.grow(n)
 
-    def hits(self, value: Tensor) -> Tensor:
-        z = torch.stack([b.score(v) for b, v in zip(self.baselines, value)]).to(value.dtype)
-        hit = z > self.threshold
-        for b, v, h in zip(self.baselines, value, hit):
-            b.update(torch.where(h, float("nan"), v.float()))  # non-finite: a spike is not absorbed
+    def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        full = np.full(self.baseline.size, np.nan)
+        full[slots] = values
+        hit = self.baseline.score(full)[slots] > self.threshold
+        absorb = np.zeros(self.baseline.size, dtype=bool)
+        absorb[slots] = ~hit
+        self.baseline.update(full, absorb)
         return hit
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "baselines": [b.state_dict() for b in self.baselines]}
+        return {**super().state_dict(), "baseline": self.baseline.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.keys == list(state.get("keys", [])) and len(state.get("baselines", [])) == len(self.keys):
-            self.baselines = [EmaZScore(self.alpha, self.warmup) for _ in self.keys]
-            for b, s in zip(self.baselines, state["baselines"]):
-                b.load_state_dict(s)
+        self.baseline.grow(len(self.keys))
+        self.baseline.load_state_dict(state["baseline"])
+
+
+def as_rules(rules: Rule | Sequence[Rule] | None) -> list[Rule]:
+    """``rules=`` as a list: one rule or a sequence of rules; anything else is a ``ValueError``."""
+    if rules is None:
+        return []
+    if isinstance(rules, Rule):
+        return [rules]
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise ValueError(f"`rules` must be a rule or a list of rules (Above, Below, NonFinite, ZScore), got {rules!r}")
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise ValueError(f"`rules` must hold lightning_diag rules (Above, Below, NonFinite, ZScore), got {rule!r}")
+    return list(rules)
+
+
+class RuleBook:
+    """The rules of one monitor: its built-in rules and the user's, evaluated together on the host.
+
+    :meth:`update` takes every key the monitor measured at a step (one float64 vector) and runs
+    each rule on the keys it watches, one numpy pass per rule; the key-to-rule matching is cached
+    per key set. A key that is not measured at a step leaves its streaks as they are.
+
+    Args:
+        source: the monitor's name, for the alert messages.
+        builtin: the monitor's own rules.
+        user: the user's ``rules=``.
+
+    Example:
+        >>> book = RuleBook("demo", [NonFinite("loss")], [Above("loss", 5.0, severity="info")])
+        >>> [a.message for a in book.update(3, ["loss"], np.array([7.0]))]
+        ['demo: loss = 7 (above 5) at step 3']
+    """
+
+    def __init__(self, source: str, builtin: Sequence[Rule] = (), user: Sequence[Rule] = ()) -> None:
+        self.source, self.builtin, self.user = source, list(builtin), list(user)
+        self._index: dict[tuple[str, ...], list[np.ndarray]] = {}
+
+    @property
+    def rules(self) -> list[Rule]:
+        return [*self.builtin, *self.user]
+
+    def check_patterns(self, available: Sequence[str]) -> None:
+        """Raise a ``ValueError`` for a user rule that matches none of ``available`` (the keys or templates)."""
+        for rule in self.user:
+            if not any(rule.watches(k) for k in available):
+                close = difflib.get_close_matches(rule.metric, available, n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ValueError(
+                    f"{rule!r} watches {rule.metric!r}, which matches none of this monitor's keys: "
+                    f"{sorted(available)}{hint}"
+                )
+
+    def update(self, step: int, keys: Sequence[str], values: np.ndarray) -> list[Alert]:
+        """Run every rule on the keys it watches; returns the alerts that fired, ordered by rule."""
+        keys = tuple(keys)
+        if keys not in self._index:
+            self._index[keys] = [np.array([i for i, k in enumerate(keys) if r.watches(k)], dtype=np.int64)
+                                 for r in self.rules]  # fmt: skip
+        alerts = []
+        for rule, index in zip(self.rules, self._index[keys]):
+            if index.size:
+                fired = rule.update(step, [keys[i] for i in index], values[index])
+                alerts += [rule.alert(self.source, key, step, value) for key, value in fired]
+        return alerts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"builtin": [r.state_dict() for r in self.builtin], "user": [r.state_dict() for r in self.user]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for group, states in ((self.builtin, "builtin"), (self.user, "user")):
+            for rule, rule_state in zip(group, state.get(states, [])):
+                rule.load_state_dict(rule_state)

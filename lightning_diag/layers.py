@@ -1,4 +1,6 @@
-"""Layer selection by name pattern, shared by every monitor (no Lightning import)."""
+"""Layer selection by name pattern, shared by every monitor (no Lightning import): parameters
+grouped by owning module (:func:`group_parameters`), modules of given kinds (:func:`select_modules`),
+the output head (:func:`last_linear`) and a module by name (:func:`find_module`)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,13 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from lightning_diag._checks import check_int
 
-__all__ = ["ParameterGroups", "group_parameters", "matches", "validate_patterns"]
+__all__ = ["LinearMap", "ParameterGroups", "find_module", "linear_maps", "group_parameters", "last_linear", "matches", "select_modules",
+           "validate_patterns"]
 
 
 def validate_patterns(name: str, patterns: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -83,3 +87,130 @@ def group_parameters(
         params.append(param)
         layer_of.append(layers.setdefault(owner, len(layers)))
     return ParameterGroups(list(layers), names, params, layer_of)
+
+
+def select_modules(
+    model: nn.Module,
+    kinds: tuple[type[nn.Module], ...],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip: Sequence[nn.Module] = (),
+) -> list[tuple[str, nn.Module]]:
+    """The named modules of ``kinds`` (not the root), kept when their name matches an ``include``
+    pattern (all by default) and no ``exclude`` pattern, in ``named_modules`` order; ``skip``
+    leaves out given modules (e.g. the output head).
+
+    Raises:
+        ValueError: ``include`` is given and matches none of the candidates (which are listed).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> [name for name, _ in select_modules(net, (nn.Linear,), exclude=["2"])]
+        ['0']
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, kinds)
+                  and not any(m is s for s in skip)]  # fmt: skip
+    chosen = [(n, m) for n, m in candidates
+              if (include is None or matches(n, include)) and not (exclude and matches(n, exclude))]  # fmt: skip
+    if include and not chosen:
+        raise ValueError(f"`include={list(include)}` matches no candidate layer; the candidates are "
+                         f"{[n for n, _ in candidates][:50]}")  # fmt: skip
+    return chosen
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last ``nn.Linear`` registered in the model (the output head of most classifiers and LMs).
+
+    Example:
+        >>> last_linear(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))[0]
+        '2'
+    """
+    linears = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def find_module(model: nn.Module, name: str, argument: str) -> nn.Module:
+    """The module called ``name``; a ``ValueError`` naming ``argument`` and listing the modules otherwise."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        with_weight = [n for n, m in modules.items() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+        raise ValueError(f"`{argument}={name!r}` is not a module of the model; modules with a weight are: "
+                         f"{with_weight[:50]}")  # fmt: skip
+    return modules[name]
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """A weight ``W`` of shape ``(d_out, d_in)`` applied to an input of a module we can observe: ``y = W x``.
+
+    Attributes:
+        name: the map's name in logged keys (the module's name; ``<mha>.q``/``.k``/``.v`` for the
+            blocks of an ``nn.MultiheadAttention`` in-projection).
+        module: the module whose forward pre-hook sees the input.
+        input: index of that input among the module's positional arguments (``0``; the MHA's
+            ``query``, ``key``, ``value`` are 0, 1, 2); ``input_name`` is its keyword name.
+        param: attribute of ``module`` holding the weight; ``rows`` the rows of it that are ``W``.
+    """
+
+    name: str
+    module: nn.Module
+    input: int = 0
+    input_name: str = "input"
+    param: str = "weight"
+    rows: tuple[int, int] | None = None
+
+    def weight(self) -> Tensor:
+        w = getattr(self.module, self.param)
+        return w if self.rows is None else w[self.rows[0] : self.rows[1]]
+
+
+_MHA_INPUTS = ("query", "key", "value")
+
+
+def linear_maps(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    exclude_head: bool = True,
+) -> tuple[list[LinearMap], tuple[str, nn.Module] | None]:
+    """Every linear map of the model whose input a forward pre-hook can see, and the excluded head.
+
+    ``nn.Linear`` layers (trainable 2-D weight), and the query, key and value blocks of each
+    ``nn.MultiheadAttention`` in-projection (packed ``in_proj_weight`` or separate
+    ``q/k/v_proj_weight``), fed by the MHA's ``query``, ``key`` and ``value``. Not watchable, so
+    left out: ``nn.MultiheadAttention.out_proj`` (MHA multiplies by its weight inside
+    ``F.multi_head_attention_forward``, never calling it; its input is internal), and, with
+    ``exclude_head``, the last ``nn.Linear`` registered (the output head). Patterns match a map's
+    name or its module's name.
+
+    Example:
+        >>> maps, head = linear_maps(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.Linear(4, 2)))
+        >>> [m.name for m in maps], head[0]
+        (['0', '1.q', '1.k', '1.v'], '2')
+    """
+    head = last_linear(model) if exclude_head else None
+    out_projs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    maps: list[LinearMap] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name and id(module) not in out_projs and (head is None or module is not head[1]):
+            if module.weight.ndim == 2 and module.weight.requires_grad:
+                maps.append(LinearMap(name, module))
+        elif isinstance(module, nn.MultiheadAttention):
+            e = module.embed_dim
+            for i, part in enumerate("qkv"):
+                packed = module.in_proj_weight is not None
+                param, rows = ("in_proj_weight", (i * e, (i + 1) * e)) if packed else (f"{part}_proj_weight", None)
+                if getattr(module, param).requires_grad:
+                    maps.append(LinearMap(f"{name}.{part}" if name else part, module, i, _MHA_INPUTS[i], param, rows))
+    chosen = [m for m in maps if _keep(m, include, exclude)]
+    if include and not chosen:
+        raise ValueError(f"`include={list(include)}` matches no watchable layer; the candidates are "
+                         f"{[m.name for m in maps][:50]}")  # fmt: skip
+    return chosen, head
+
+
+def _keep(m: LinearMap, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    owner = m.name.rpartition(".")[0] if m.param != "weight" else m.name
+    names = (m.name, owner)
+    return (include is None or any(matches(n, include) for n in names)) and not (
+        exclude and any(matches(n, exclude) for n in names))

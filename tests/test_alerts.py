@@ -1,19 +1,20 @@
+import numpy as np
 import pytest
-import torch
 
-from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, ZScore, validate_action
+from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, RuleBook, ZScore, as_rules
 
 
 def _run(rule, values, source="test"):
+    book, alerts = RuleBook(source, [rule]), []
     for step, v in enumerate(values):
-        rule.update(torch.as_tensor(v, dtype=torch.float32), step)
-    return rule.take(rule.pending().tolist(), source)
+        alerts += book.update(step, ["m"] if np.ndim(v) == 0 else ["m/a", "m/b"], np.atleast_1d(np.float64(v)))
+    return alerts
 
 
 @pytest.mark.parametrize(
     "rule, values, fired_steps",
     [
-        (Above("m", 1.0), [0, 2, 0, 3], [1]),  # only the first firing is pending until taken
+        (Above("m", 1.0), [0, 2, 0, 3], [1, 3]),
         (Above("m", 1.0, patience=3), [2, 2, 0, 2, 2, 2, 2], [5]),
         (Above("m", 1.0, patience=2), [0, float("nan"), float("nan")], [2]),  # NaN is never fine
         (Below("m", 0.5, patience=2), [1, 0.1, 0.2, 0.3], [2]),
@@ -26,66 +27,85 @@ def test_rules_fire_at_the_step_their_patience_is_reached(rule, values, fired_st
 
 
 def test_a_rule_fires_once_per_streak_and_again_after_it_clears():
-    rule, fired = Above("m", 1.0), []
-    for step, v in enumerate([2, 2, 2, 0, 2, 2]):
-        rule.update(torch.tensor(float(v)), step)
-        fired += [a.step for a in rule.take(rule.pending().tolist(), "t")]
-    assert fired == [0, 4]
+    assert [a.step for a in _run(Above("m", 1.0), [2, 2, 2, 0, 2, 2])] == [0, 4]
+
+
+def test_patience_counts_steps_whatever_the_measurement_cadence():
+    rule, book = Above("m", 1.0, patience=15), None
+    book = RuleBook("t", [rule])
+    fired = [a.step for step in (0, 10, 20, 30) for a in book.update(step, ["m"], np.array([2.0]))]
+    assert fired == [20]  # held at steps 0..20: 21 >= 15 steps; at step 10 only 11 steps
+    assert bool(rule.active[0])
 
 
 def test_alert_record_carries_everything():
-    (alert,) = _run(Above("grad_norm/total", 10.0, severity="critical"), [1.0, 12.5], source="GradNormWatcher")
-    assert alert == Alert(
-        "GradNormWatcher", "grad_norm/total", 1, 12.5, 10.0, "critical",
-        "GradNormWatcher: grad_norm/total = 12.5 (above 10) at step 1",
-    )
+    (alert,) = RuleBook("GradNormWatcher", [Above("grad_norm/total", 10.0, severity="critical")]).update(
+        1, ["grad_norm/total"], np.array([12.5]))
+    assert alert == Alert("GradNormWatcher", "grad_norm/total", 1, 12.5, 10.0, "critical",
+                          "GradNormWatcher: grad_norm/total = 12.5 (above 10) at step 1")
+    assert str(alert).startswith("[critical] GradNormWatcher:") and alert.acted_step is None
 
 
 def test_vector_rules_track_each_key_independently():
-    rule = Below("sa/*", 0.1, patience=2)
-    assert rule.bind(["loss", "sa/a", "sa/b"]) == [1, 2]
+    book = RuleBook("t", [Below("sa/*", 0.1, patience=2)])
+    alerts = []
     for step, v in enumerate([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]):
-        rule.update(torch.tensor(v), step)
-    alerts = rule.take(rule.pending().tolist(), "t")
+        alerts += book.update(step, ["loss", "sa/a", "sa/b"], np.array([9.0, *v]))
     assert [(a.metric, a.step) for a in alerts] == [("sa/a", 1), ("sa/b", 2)]
 
 
-def test_bind_lists_the_available_keys_when_nothing_matches():
-    with pytest.raises(ValueError, match=r"matches none.*grad_norm/total"):
-        Above("loss", 1.0).bind(["grad_norm/total"])
+def test_a_key_not_measured_at_a_step_keeps_its_streak():
+    book = RuleBook("t", [Above("m/*", 1.0, patience=3)])
+    book.update(0, ["m/a", "m/b"], np.array([2.0, 2.0]))
+    book.update(1, ["m/a"], np.array([2.0]))  # m/b not measured at step 1
+    alerts = book.update(2, ["m/a", "m/b"], np.array([2.0, 2.0]))
+    assert sorted(a.metric for a in alerts) == ["m/a", "m/b"]
+
+
+def test_user_patterns_are_checked_against_the_keys_with_suggestions():
+    book = RuleBook("t", user=[Above("grad_norm/totl", 1.0)])
+    with pytest.raises(ValueError, match=r"matches none.*grad_norm/total.*did you mean"):
+        book.check_patterns(["grad_norm/total", "grad_norm/zscore"])
 
 
 def test_zscore_rule_fires_on_a_spike_and_does_not_absorb_it():
-    rule = ZScore("loss", 4.0, warmup=5)
-    values = [1.0, 1.1, 0.9, 1.0, 1.05, 50.0, 50.0, 1.0]
-    alerts = _run(rule, values)
+    rule = ZScore("m", 4.0, warmup=5)
+    alerts = _run(rule, [1.0, 1.1, 0.9, 1.0, 1.05, 50.0, 50.0, 1.0])
     assert [a.step for a in alerts] == [5]
-    assert rule.baselines[0].mean.item() < 1.2  # the spikes never entered the baseline
+    assert rule.baseline.mean[0] < 1.2  # the spikes never entered the baseline
 
 
 def test_rule_state_round_trip_keeps_streak_and_baseline():
     a, b = ZScore("m", 3.0, warmup=3, patience=2), ZScore("m", 3.0, warmup=3, patience=2)
+    book_a, book_b = RuleBook("t", [a]), RuleBook("t", [b])
     for step, v in enumerate([1.0, 2.0, 1.5, 30.0]):
-        a.update(torch.tensor(v), step)
-    b.load_state_dict(a.state_dict())
-    for rule in (a, b):
-        rule.update(torch.tensor(40.0), 4)
-    assert [x.step for x in a.take(a.pending().tolist(), "t")] == [4]
-    assert [x.step for x in b.take(b.pending().tolist(), "t")] == [4]
+        book_a.update(step, ["m"], np.array([v]))
+    book_b.load_state_dict(book_a.state_dict())
+    assert [x.step for x in book_a.update(4, ["m"], np.array([40.0]))] == [4]
+    assert [x.step for x in book_b.update(4, ["m"], np.array([40.0]))] == [4]
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
         (lambda: Above("", 1.0), "metric"),
+        (lambda: Above("m", float("nan")), "threshold"),
+        (lambda: Above("m", "1"), "threshold"),
         (lambda: Above("m", 1.0, patience=0), "patience"),
         (lambda: Below("m", 1.0, severity="fatal"), "severity"),
-        (lambda: validate_action("explode"), r"'log', 'warn', 'stop', 'raise'"),
+        (lambda: ZScore("m", -1.0), r"z-score must be > 0"),
+        (lambda: as_rules("Above"), "rules"),
+        (lambda: as_rules([Above("m", 1.0), "x"]), "rules"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_the_allowed_values(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_single_rule_is_accepted_where_a_list_is_expected():
+    rule = Above("m", 1.0)
+    assert as_rules(rule) == [rule] and as_rules(None) == []
 
 
 def test_divergence_error_carries_its_alerts():

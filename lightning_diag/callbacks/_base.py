@@ -1,189 +1,481 @@
-"""What every monitor shares, written once: cadence, the one host transfer per logging step,
-logging to every logger, alert rules, actions, and checkpoint state."""
+"""What every monitor shares, written once: the step loop, cadence, the host hand-off, rules,
+logging, actions and checkpoint state.
+
+A monitor **declares** its keys (:data:`DiagnosticCallback.KEYS`) and **measures** device tensors
+(:meth:`~DiagnosticCallback.measure`); the base does everything else:
+
+1. ``on_before_optimizer_step``: once per optimizer step that the monitor measures, the monitor
+   returns its :class:`Figures`. The *streams* among them (keys of rate ``step``, ``check`` or
+   ``eval``: a few floats) leave for the host at once, asynchronously (:class:`HostCopy`); the
+   rest stays on the device until the next logging step.
+2. As soon as a copy has arrived (at once on the CPU; by the next step on a GPU) the host derives
+   its own figures from the streams (:meth:`~DiagnosticCallback.derive`: z-scores, baselines),
+   runs every rule in one numpy pass per rule (:class:`~lightning_diag.alerts.RuleBook`), and acts
+   on new alerts: an action takes effect within one step of the rule firing, without a host sync.
+3. On logging steps the held figures are read in one transfer and logged with the host's figures
+   to every logger; ``<family>/alerts`` counts the alerts.
+
+Actions come from a registry: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` here, and a monitor
+adds its own with :func:`action` (``LossSpikeDetector`` adds ``"skip"``, ``"rollback"``,
+``"reduce_lr"``) instead of overriding the dispatch.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_diag._checks import check_int
-from lightning_diag.alerts import Action, Alert, DivergenceError, Rule, validate_action
+from lightning_diag.alerts import Alert, DivergenceError, Rule, RuleBook, as_rules
 from lightning_diag.callbacks._dashboard import custom_scalars_layout
-from lightning_diag.callbacks._trainer import log_metrics, log_text, show_alert_count, write_dashboard_once
+from lightning_diag.callbacks._trainer import (
+    HostCopy, log_metrics, log_text, show_alert_count, warn, write_alert_lines, write_dashboard_once,
+)  # fmt: skip
+from lightning_diag.keys import Key, keys_table
 
-__all__ = ["DiagnosticCallback", "diagnostic_callbacks", "total_alerts"]
+__all__ = ["Cadence", "DiagnosticCallback", "Figures", "HostFigures", "action", "diagnostic_callbacks", "total_alerts"]
 
 _WARNINGS_PER_KEY = 5  # "warn" action: at most this many warnings per metric, then log only
 _MAX_ALERTS = 10_000  # history kept in memory and in checkpoints
+STREAM_RATES = ("step", "check", "eval")
+
+
+@dataclass
+class Cadence:
+    """Every ``every`` optimizer steps: the one cadence helper (logging, checks, histograms, epochs).
+
+    :meth:`at` is Lightning's rule, ``(step + 1) % every == 0``, for a cadence visited every step.
+    :meth:`due` is for one visited only at some steps (histograms at logging steps): due at the
+    first visited step at or after each multiple, once; :meth:`start` aligns it with a resumed run.
+
+    Example:
+        >>> c = Cadence(3)
+        >>> [s for s in range(9) if c.at(s)], [s for s in (1, 4, 6, 7) if c.due(s)]
+        ([2, 5, 8], [4, 6])
+    """
+
+    every: int | None
+    last: int = -1
+
+    def at(self, step: int) -> bool:
+        return self.every is not None and (step + 1) % self.every == 0
+
+    def start(self, step: int) -> None:
+        self.last = step - 1
+
+    def due(self, step: int) -> bool:
+        if self.every is None or (step + 1) // self.every <= (self.last + 1) // self.every:
+            return False
+        self.last = step
+        return True
+
+
+@dataclass
+class Figures:
+    """Device tensors of one measurement.
+
+    ``values[name]`` (``name`` as in the monitor's :class:`~lightning_diag.keys.Key` declarations)
+    is 0-d for a model-level key and ``(len(layers),)`` for a per-layer key; ``layers`` names the
+    layers measured this time (a layer that was not measured is left out, never logged as NaN).
+    """
+
+    values: dict[str, Tensor]
+    layers: Sequence[str] = ()
+
+
+@dataclass
+class HostFigures:
+    """The streams of one measurement on the host: floats by name, per-layer arrays over ``layers``."""
+
+    step: int
+    scalars: dict[str, float]
+    layers: tuple[str, ...]
+    per_layer: dict[str, np.ndarray]
+
+
+def action(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a method ``handler(self, trainer, alerts)`` as the action ``name`` of a monitor class."""
+
+    def mark(handler: Callable[..., None]) -> Callable[..., None]:
+        handler._action_name = name  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+@dataclass
+class _Held:
+    """Figures waiting on the device for the next logging step."""
+
+    step: int
+    keys: tuple[str, ...]
+    values: Tensor
+    extra: list[tuple[tuple[str, ...], Tensor]] = field(default_factory=list)
 
 
 class DiagnosticCallback(Callback):
-    """Base of the lightning_diag monitors.
-
-    A subclass measures on device tensors, updates its built-in rules every time it measures,
-    and on logging steps calls :meth:`publish` with its figures as one 1-D device tensor.
-    :meth:`publish` reads that tensor and every rule's pending firings back in one transfer,
-    logs ``{key: value}`` plus ``alerts/<source>`` to every logger, and applies ``action`` to
-    the new alerts.
+    """Base of the lightning_diag monitors: declare keys, measure tensors; the base does the rest.
 
     Args:
         every_n_steps: logging cadence in optimizer steps; ``None`` follows
-            ``Trainer(log_every_n_steps=...)``. Alerts surface at the first logging step at or
-            after the step where a rule fired (``Alert.step`` is the step where it fired).
+            ``Trainer(log_every_n_steps=...)``. Rules see each figure as often as it is measured
+            (every step for most), whatever the logging cadence.
         action: what to do with a ``"warning"`` or ``"critical"`` alert (``"info"`` alerts are
-            recorded and logged, never acted on): ``"log"`` (only log it), ``"warn"`` (rank-zero warning,
-            at most 5 per metric), ``"stop"`` (``trainer.should_stop = True``, agreed across DDP
-            ranks, so checkpoint callbacks still run), ``"raise"`` (:class:`DivergenceError` on
-            every rank), or a callable ``action(alert, trainer)``. Every alert is logged in any case.
-        rules: extra rules (:class:`~lightning_diag.alerts.Above`, ``Below``, ``ZScore``,
-            ``NonFinite``) on this monitor's logged keys, evaluated on logging steps.
+            recorded and logged, never acted on): ``"log"`` (only log it), ``"warn"`` (a
+            :class:`~lightning_diag.alerts.DiagnosticWarning`, at most 5 per metric), ``"stop"``
+            (``trainer.should_stop = True``; checkpoint callbacks still run), ``"raise"``
+            (:class:`~lightning_diag.alerts.DivergenceError`), a monitor's own action, or a
+            callable ``action(alert, trainer)``. It takes effect within one step of the rule firing
+            (``alert.acted_step``). Figures are global (equal on every rank), so every rank takes
+            the same decision at the same step, without a collective.
+        rules: extra rules (``Above``, ``Below``, ``ZScore``, ``NonFinite``) on this monitor's keys.
     """
 
-    def __init__(
-        self, *, every_n_steps: int | None = None, action: Action = "warn", rules: Sequence[Rule] = ()
-    ) -> None:
+    family: ClassVar[str] = ""
+    KEYS: ClassVar[tuple[Key, ...]] = ()
+    _actions: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = {f._action_name: name for name, f in vars(cls).items() if hasattr(f, "_action_name")}
+        cls._actions = {**cls._actions, **own}
+        if cls.KEYS and cls.__doc__ and "Logged keys" not in cls.__doc__:  # generated, so it cannot drift
+            table = keys_table(cls.family, cls.KEYS, rst=True).replace("\n", "\n    ")
+            cls.__doc__ = cls.__doc__.rstrip() + f"\n\n    Logged keys:\n\n    {table}\n"
+
+    def __init__(self, *, every_n_steps: int | None = None, action: Any = "warn", rules: Any = ()) -> None:
         check_int("every_n_steps", every_n_steps, 1, optional=True)
-        validate_action(action)
-        for rule in rules:
-            if not isinstance(rule, Rule):
-                raise TypeError(f"`rules` must hold lightning_diag.alerts.Rule objects, got {rule!r}")
-        self.every_n_steps, self.action, self.rules = every_n_steps, action, list(rules)
+        if not (callable(action) or action in self._actions):
+            raise ValueError(
+                f"`action` must be one of {tuple(self._actions)} or a callable(alert, trainer), got {action!r}"
+            )
+        self.every_n_steps, self.action, self.rules = every_n_steps, action, as_rules(rules)
         self.alerts: list[Alert] = []
+        self.layers: list[str] = []
         self._builtin_rules: list[Rule] = []
-        self._rule_index: dict[tuple[str, ...], list[list[int]]] = {}
+        self._book_cache: RuleBook | None = None
         self._warned: Counter[str] = Counter()
         self._once: set[str] = set()
-        self.published_extra: list[float] = []  # host copy of publish(extra=...), read by _act
+        self._log_cadence = Cadence(every_n_steps)
+        self._measured_step = -1
+        self._in_flight: list[HostCopy] = []
+        self._held: _Held | None = None
+        self._host: tuple[int, tuple[str, ...], np.ndarray] | None = None  # last step the host processed
+        self._logged_step = -1
+        self._unacted: list[Alert] = []
+        self._keys: dict[tuple[Any, ...], tuple[tuple[str, ...], np.ndarray]] = {}
 
-    # -- identity and cadence -------------------------------------------------------------------
+    # -- identity, declarations -------------------------------------------------------------------
 
     @property
     def source(self) -> str:
         return type(self).__name__
 
-    def _cadence(self, trainer: pl.Trainer) -> int:
-        return self.every_n_steps or max(int(trainer.log_every_n_steps), 1)
+    @property
+    def book(self) -> RuleBook:
+        """The monitor's rules (built-in, then the user's), bound on first use."""
+        if self._book_cache is None:
+            self._book_cache = RuleBook(self.source, self._builtin_rules, self.rules)
+        return self._book_cache
 
-    def is_logging_step(self, trainer: pl.Trainer, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is one this monitor logs, as Lightning does."""
-        return (step + 1) % self._cadence(trainer) == 0
-
-    def warn_once(self, cause: str, message: str) -> None:
-        """A rank-zero warning shown once per monitor and cause, never per step."""
-        if cause not in self._once:
-            self._once.add(cause)
-            rank_zero_warn(f"{self.source}: {message}")
-
-    # -- the one host transfer ------------------------------------------------------------------
-
-    def publish(
-        self, trainer: pl.Trainer, step: int, keys: Sequence[str], values: Tensor, extra: Tensor | None = None
-    ) -> dict[str, float]:
-        """Log ``values`` (1-D device tensor, one per key) and act on every pending alert.
-
-        This is the monitor's only host sync: figures and all rules' pending firings travel in
-        one ``.tolist()``. ``extra`` (optional 1-D device tensor) travels in the same transfer
-        without being logged; its host copy is :attr:`published_extra` while :meth:`_act` runs,
-        for a subclass whose actions need more than the alerts. Returns the logged dict.
-        """
-        keys = tuple(keys)
-        for rule, index in zip(self.rules, self._bind_rules(keys)):
-            rule.update(values[index], step)
-        rules = [*self._builtin_rules, *self.rules]
-        # A rule's pending() is usually [steps..., values...]; a rule may append more (its own take reads it).
-        pendings = [r.pending() for r in rules]
-        tail = [] if extra is None else [extra.detach().to(device=values.device, dtype=torch.float64).reshape(-1)]
-        packed = torch.cat([values.detach().to(torch.float64).reshape(-1), *pendings, *tail])
-        host = packed.tolist()
-        metrics = dict(zip(keys, host[: len(keys)]))
-        offset, new_alerts = len(keys), []
-        for rule, pending in zip(rules, pendings):
-            size = pending.numel()
-            new_alerts += rule.take(host[offset : offset + size], self.source)
-            offset += size
-        new_alerts.sort(key=lambda a: a.step)
-        self.alerts = (self.alerts + new_alerts)[-_MAX_ALERTS:]
-        metrics[f"alerts/{self.source}"] = float(len(self.alerts))
-        write_dashboard_once(trainer, lambda: custom_scalars_layout(diagnostic_callbacks(trainer)))
-        show_alert_count(trainer, total_alerts)
-        log_metrics(trainer, metrics, step)
-        for alert in new_alerts:
-            log_text(trainer, f"alerts/{self.source}", alert.message, alert.step)
-        self.published_extra = host[offset:]
-        self._act(trainer, [a for a in new_alerts if a.severity != "info"])  # info: recorded, never acted on
-        return metrics
-
-    def _bind_rules(self, keys: tuple[str, ...]) -> list[list[int]]:
-        if keys not in self._rule_index:  # bound once per key set (rebinding resets a rule)
-            self._rule_index[keys] = [rule.bind(keys) for rule in self.rules]
-        return self._rule_index[keys]
-
-    # -- actions --------------------------------------------------------------------------------
-
-    def _act(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
-        action = self.action
-        if callable(action):
-            for alert in alerts:
-                action(alert, trainer)
-        elif action == "warn":
-            self._warn(alerts)
-        elif action in ("stop", "raise"):
-            # Every rank reaches this line at the same steps, so the collective is safe; a rank
-            # that saw nothing still stops (or raises) with the others instead of hanging.
-            decision = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
-            if not decision:
-                return
-            reason = alerts[0].message if alerts else f"{self.source}: alert on another rank"
-            if action == "raise":
-                raise DivergenceError(alerts or [])
-            trainer.should_stop = True
-            rank_zero_info(f"{reason} -> stopping the run (trainer.should_stop = True)")
-
-    def _warn(self, alerts: list[Alert]) -> None:
-        """The ``"warn"`` action: a rank-zero warning per alert, at most 5 per metric."""
-        for alert in alerts:
-            self._warned[alert.metric] += 1
-            if self._warned[alert.metric] <= _WARNINGS_PER_KEY:
-                suffix = " (further alerts on this metric are logged only)" if (
-                    self._warned[alert.metric] == _WARNINGS_PER_KEY) else ""
-                rank_zero_warn(alert.message + suffix)
+    def declared_keys(self) -> list[Key]:
+        """The keys this monitor logs with its settings (a key with ``requires`` needs that attribute true)."""
+        return [k for k in self.KEYS if k.requires is None or getattr(self, k.requires)]
 
     def dashboard_charts(self) -> dict[str, list[str]]:
-        """This monitor's charts on the TensorBoard dashboard: title -> tag regexes (override)."""
+        """Chart title -> tag regexes, from the declared keys (scalars with a ``chart``)."""
+        charts: dict[str, list[str]] = {}
+        for key in self.declared_keys():
+            if key.kind == "scalar" and key.chart:
+                charts.setdefault(key.chart, []).append(key.regex(self.family))
+        return charts
+
+    def warn_once(self, cause: str, message: str) -> None:
+        """A warning shown once per monitor and cause, never per step."""
+        if cause not in self._once:
+            self._once.add(cause)
+            warn(f"lightning_diag: {self.source}: {message}")
+
+    # -- what a monitor implements ----------------------------------------------------------------
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve what to watch (after ``configure_model`` and the strategy's wrapping); set ``layers``."""
+
+    def detach(self) -> None:
+        """Remove hooks and drop captured tensors (teardown, exception, re-attach)."""
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training begins (``on_train_start``), after the base's own set-up."""
+
+    def measures(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is one this monitor measures in ``on_before_optimizer_step``."""
+        return False
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
+    ) -> Figures | None:
+        """Device figures of this step (``on_before_optimizer_step``): the streams always, the rest when ``logging``."""
+        return None
+
+    def measure_after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures | None:
+        """Figures known only after ``optimizer.step()`` (logging steps only)."""
+        return None
+
+    def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
+        """Host figures from the streams of one measurement: name -> float, or an array over ``host.layers``."""
         return {}
 
-    # -- checkpoint state -----------------------------------------------------------------------
+    def after_rules(self, step: int) -> dict[str, float]:
+        """Host bookkeeping once the rules have seen a step (e.g. counters); returns figures to log."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
-        """Running state of the subclass (override); saved with the alerts and rules."""
+        """Running state of the monitor (saved with the alerts and rules)."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned (override)."""
+        """Restore what :meth:`extra_state` returned."""
+
+    # -- the step loop ----------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+        self.attach(trainer, pl_module)
+        self.book.check_patterns([k.key(self.family, layer) for k in self.declared_keys()
+                                  for layer in (self.layers if k.per_layer else [None])]
+                                 + [k.full(self.family) for k in self.declared_keys()])  # fmt: skip
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_cadence = Cadence(self.every_n_steps or max(int(trainer.log_every_n_steps), 1))
+        self._measured_step, self._logged_step = -1, trainer.global_step - 1
+        self.start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.drain(trainer, trainer.global_step, wait=True)  # the previous step's copy: due now at the latest
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        if step == self._measured_step or not self.measures(step):  # once per step (several optimizers)
+            return
+        self._measured_step = step
+        with torch.no_grad():
+            figures = self.measure(trainer, pl_module, optimizer, logging=self._is_logging_step(step))
+        if figures is not None:
+            self.record(step, figures)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1  # the optimizer step that just ran (if one did)
+        if self._held is not None and self._held.step == step and self._is_logging_step(step):
+            with torch.no_grad():
+                after = self.measure_after_step(trainer, pl_module)
+            if after is not None:
+                self._held.extra.append(self._pack(after))
+        self.drain(trainer, step, wait=self._is_logging_step(step))
+        if self._is_logging_step(step) and step > self._logged_step:
+            self.publish(trainer, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step - 1
+        self.drain(trainer, step, wait=True)  # nothing is lost after the last logging step
+        if self._host is not None and self._host[0] > self._logged_step:
+            self.publish(trainer, self._host[0])
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        try:  # record (and log) what fired before the failure; no action: the run is ending anyway
+            self.drain(trainer, trainer.global_step, wait=True, act=False)
+        except Exception as error:  # noqa: BLE001 - never mask the run's own exception
+            self.warn_once("exception", f"could not record the last alerts ({type(error).__name__}: {error})")
+        finally:
+            self._release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.detach()
+        self._in_flight, self._held = [], None
+
+    def _is_logging_step(self, step: int) -> bool:
+        return self._log_cadence.at(step)
+
+    # -- from device to host ----------------------------------------------------------------------
+
+    def _pack(self, figures: Figures) -> tuple[tuple[str, ...], Tensor]:
+        """All figures of a measurement as ``(keys, one 1-D device tensor)``: one stack, one cat."""
+        cache = (tuple(figures.values), tuple(figures.layers))
+        if cache not in self._keys:
+            declared = {k.name: k for k in self.KEYS}
+            keys = [declared[n].key(self.family, layer) for n in figures.values
+                    for layer in (figures.layers if declared[n].per_layer else [None])]  # fmt: skip
+            streams = np.array([i for i, k in enumerate(keys) if self._rate(k) in STREAM_RATES], dtype=np.int64)
+            self._keys[cache] = (tuple(keys), streams)
+        keys, _ = self._keys[cache]
+        scalars = [v for n, v in figures.values.items() if not n.endswith("{layer}")]
+        layered = [v for n, v in figures.values.items() if n.endswith("{layer}")]
+        if len(scalars) == 1 and not layered:
+            return keys, scalars[0]  # 0-d: no op at all
+        parts = ([torch.stack(scalars)] if scalars else []) + layered
+        return keys, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _rate(self, key: str) -> str:
+        return next(k.rate for k in self.KEYS if k.matches(key, self.family))
+
+    def record(self, step: int, figures: Figures) -> None:
+        """Hand one measurement to the base: its streams leave for the host now, the rest waits."""
+        keys, values = self._pack(figures)
+        _, streams = self._keys[(tuple(figures.values), tuple(figures.layers))]
+        if streams.size == len(keys):
+            self._in_flight.append(HostCopy(step, keys, values))
+        elif streams.size:
+            index = torch.as_tensor(streams, device=values.device)
+            self._in_flight.append(HostCopy(step, tuple(keys[i] for i in streams), values.index_select(0, index)))
+        if streams.size < len(keys):  # figures read at the next logging step (the latest measurement's)
+            self._held = _Held(step, keys, values)
+
+    def drain(self, trainer: pl.Trainer | None, now: int, *, wait: bool, act: bool = True) -> None:
+        """Process the copies that have reached the host (all of them with ``wait``), then act."""
+        while self._in_flight and (wait or self._in_flight[0].ready()):
+            copy = self._in_flight.pop(0)
+            self._process(copy.step, copy.keys, np.asarray(copy.values(), dtype=np.float64))
+        if trainer is not None and self._unacted:
+            alerts, self._unacted = self._unacted, []
+            self._raise(trainer, alerts, now, act)
+
+    def _process(self, step: int, keys: tuple[str, ...], values: np.ndarray) -> None:
+        derived = self.derive(_host_figures(step, keys, values))
+        if derived:
+            extra_keys, extra_values = self._flatten(derived, _host_layers(keys))
+            keys, values = keys + extra_keys, np.concatenate([values, extra_values])
+        self._unacted += self.book.update(step, keys, values)
+        counters = self.after_rules(step)
+        if counters:
+            extra_keys, extra_values = self._flatten(counters, ())
+            keys, values = keys + extra_keys, np.concatenate([values, extra_values])
+        self._host = (step, keys, values)
+
+    def _flatten(self, derived: dict[str, Any], layers: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+        keys: list[str] = []
+        values: list[Any] = []
+        for name, value in derived.items():
+            if name.endswith("/{layer}"):
+                keys += [f"{self.family}/{name[:-8]}/{layer}" for layer in layers]
+                values += list(np.asarray(value, dtype=np.float64).reshape(-1))
+            else:
+                keys.append(f"{self.family}/{name}")
+                values.append(float(value))
+        return tuple(keys), np.asarray(values, dtype=np.float64)
+
+    def publish(self, trainer: pl.Trainer, step: int) -> None:
+        """Log the held device figures (one transfer) with the host's figures of the same step."""
+        metrics: dict[str, float] = {}
+        held, self._held = self._held, None
+        if held is not None:
+            parts = [(held.keys, held.values), *held.extra]
+            flat = torch.cat([v.reshape(-1).to(torch.float64) for _, v in parts]).tolist()  # the one host read
+            metrics.update(zip([k for keys, _ in parts for k in keys], flat))
+            step = held.step
+        if self._host is not None and self._host[0] == step:
+            metrics.update(zip(self._host[1], self._host[2].tolist()))
+        if not metrics:
+            return
+        metrics[f"{self.family}/alerts"] = float(len(self.alerts))
+        self._logged_step = max(self._logged_step, step)
+        write_dashboard_once(trainer, lambda: custom_scalars_layout(diagnostic_callbacks(trainer)))
+        show_alert_count(trainer, total_alerts)
+        log_metrics(trainer, metrics, step)
+
+    # -- alerts and actions -----------------------------------------------------------------------
+
+    def _raise(self, trainer: pl.Trainer, alerts: list[Alert], now: int, act: bool) -> None:
+        if act:
+            alerts = [dataclasses.replace(a, acted_step=now) if a.severity != "info" else a for a in alerts]
+        self.alerts = (self.alerts + alerts)[-_MAX_ALERTS:]
+        for alert in alerts:
+            log_text(trainer, f"{self.family}/alerts", str(alert), alert.step)
+        log_metrics(trainer, {f"{self.family}/alerts": float(len(self.alerts))}, alerts[-1].step)
+        write_alert_lines(trainer, alerts)
+        actionable = [a for a in alerts if a.severity != "info"]
+        if act and actionable:
+            if callable(self.action):
+                for alert in actionable:
+                    self.action(alert, trainer)
+            else:
+                getattr(self, self._actions[self.action])(trainer, actionable)
+
+    @action("log")
+    def _log_only(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
+        """Alerts are logged (and kept in ``alerts``) in any case."""
+
+    @action("warn")
+    def _warn(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            self._warned[alert.metric] += 1
+            if self._warned[alert.metric] <= _WARNINGS_PER_KEY:
+                last = self._warned[alert.metric] == _WARNINGS_PER_KEY
+                warn(f"lightning_diag: {alert}" + (" (further alerts on this metric are logged only)" if last else ""))
+
+    @action("stop")
+    def _stop(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
+        trainer.should_stop = True
+        rank_zero_info(f"lightning_diag: {alerts[0]} -> stopping the run (trainer.should_stop = True)")
+
+    @action("raise")
+    def _raise_error(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
+        raise DivergenceError(alerts)
+
+    # -- checkpoint state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.drain(None, -1, wait=True)  # nothing in flight is left out of a checkpoint
         return {
             "alerts": [a.as_dict() for a in self.alerts],
-            "builtin_rules": [r.state_dict() for r in self._builtin_rules],
-            "rules": [r.state_dict() for r in self.rules],
+            "unacted": [a.as_dict() for a in self._unacted],
+            "rules": self.book.state_dict(),
             "warned": dict(self._warned),
             **self.extra_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        self._unacted = [Alert(**a) for a in state_dict.get("unacted", [])]
         self._warned = Counter(state_dict.get("warned", {}))
-        for rules, states in ((self._builtin_rules, "builtin_rules"), (self.rules, "rules")):
-            for rule, s in zip(rules, state_dict.get(states, [])):
-                rule.load_state_dict(s)
+        if "rules" in state_dict:
+            self.book.load_state_dict(state_dict["rules"])
         self.load_extra_state(state_dict)
+
+
+DiagnosticCallback._actions = {f._action_name: n for n, f in vars(DiagnosticCallback).items() if hasattr(f, "_action_name")}
+
+
+def _host_layers(keys: Sequence[str]) -> tuple[str, ...]:
+    """The layers of the per-layer keys, in order of first appearance."""
+    return tuple(dict.fromkeys(k.split("/")[2] for k in keys if k.count("/") == 2))
+
+
+def _host_figures(step: int, keys: Sequence[str], values: np.ndarray) -> HostFigures:
+    layers = _host_layers(keys)
+    position = {layer: i for i, layer in enumerate(layers)}
+    scalars: dict[str, float] = {}
+    per_layer: dict[str, np.ndarray] = {}
+    for key, value in zip(keys, values):
+        _, figure, *layer = key.split("/")
+        if layer:
+            per_layer.setdefault(figure + "/{layer}", np.full(len(layers), np.nan))[position[layer[0]]] = value
+        else:
+            scalars[figure] = float(value)
+    return HostFigures(step, scalars, layers, per_layer)
 
 
 def diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

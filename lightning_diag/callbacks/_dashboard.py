@@ -2,8 +2,10 @@
 
 TensorBoard's custom-scalars plugin reads the first layout of each run, so the layout is written
 once per run (per ``SummaryWriter``), at the first logging step of the first monitor, and lists
-every lightning_diag monitor of the trainer. Charts select tags by regular expression, so per-layer
-charts pick up every layer without knowing the names. Open TensorBoard's "Custom Scalars" tab.
+every lightning_diag monitor of the trainer. The charts come from the monitors' key declarations
+(``Key.chart``: keys with one title share a chart) and select tags by regular expression, so a
+per-layer chart picks up every layer without knowing the names, and a figure that is not enabled
+is not charted. Open TensorBoard's "Custom Scalars" tab.
 """
 
 from __future__ import annotations
@@ -12,27 +14,15 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["custom_scalars_layout", "layer_tags", "monitor_charts"]
+__all__ = ["custom_scalars_layout", "monitor_charts"]
 
 Charts = dict[str, list[str]]  # chart title -> tag regexes drawn together
 
 
-def layer_tags(family: str, totals: Iterable[str] = ()) -> str:
-    """Regex of ``family/<layer>`` tags, leaving out the family's totals.
-
-    Example:
-        >>> bool(re.match(layer_tags("grad_norm", ["total"]), "grad_norm/blocks.0")), bool(
-        ...     re.match(layer_tags("grad_norm", ["total"]), "grad_norm/total"))
-        (True, False)
-    """
-    skip = "|".join(re.escape(t) for t in totals)
-    return f"{re.escape(family)}/(?!(?:{skip})$)[^/]+$" if skip else f"{re.escape(family)}/[^/]+$"
-
-
 def monitor_charts(callback: Any) -> Charts:
-    """The charts of one monitor's category: its own (``dashboard_charts()``), then its alerts."""
+    """The charts of one monitor's category: its declared charts, then its alert count."""
     charts = dict(callback.dashboard_charts())
-    charts[f"alerts ({callback.source})"] = [rf"alerts/{re.escape(callback.source)}$"]
+    charts[f"alerts ({callback.source})"] = [rf"{re.escape(callback.family)}/alerts$"]
     return charts
 
 
@@ -45,6 +35,7 @@ def custom_scalars_layout(callbacks: Iterable[Any]) -> dict[str, dict[str, list[
         >>> sorted(layout)
         ['lightning_diag: GradNormWatcher', 'lightning_diag: alerts']
     """
+    callbacks = list(callbacks)
     layout: dict[str, dict[str, list[Any]]] = {}
     sources = []
     for callback in callbacks:
@@ -52,5 +43,6 @@ def custom_scalars_layout(callbacks: Iterable[Any]) -> dict[str, dict[str, list[
         layout[f"lightning_diag: {callback.source}"] = {
             title: ["Multiline", regexes] for title, regexes in monitor_charts(callback).items()}
     if sources:
-        layout["lightning_diag: alerts"] = {"alert counts of every monitor": ["Multiline", [r"alerts/.*"]]}
+        layout["lightning_diag: alerts"] = {"alert counts of every monitor": ["Multiline", [
+            rf"{re.escape(cb.family)}/alerts$" for cb in callbacks]]}
     return layout

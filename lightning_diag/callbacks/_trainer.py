@@ -3,19 +3,93 @@ change is a one-file fix."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from lightning_diag.alerts import Alert, DiagnosticWarning
+
 __all__ = [
-    "grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics", "log_text", "loss_scale",
-    "show_alert_count", "write_dashboard_once",
+    "ALERTS_FILE", "HostCopy", "grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics",
+    "log_text", "loss_scale", "show_alert_count", "warn", "write_alert_lines", "write_dashboard_once",
 ]
+
+ALERTS_FILE = "lightning_diag_alerts.jsonl"  # one JSON alert per line, in each logger's log_dir
+_OWN_PACKAGES = ("lightning_diag", "lightning", "pytorch_lightning", "lightning_fabric", "torch")
+
+
+class HostCopy:
+    """A small device vector on its way to the host, without a sync.
+
+    On a CUDA device the vector is copied with ``non_blocking=True`` into pinned host memory and a
+    CUDA event marks the copy; :meth:`ready` asks the event (never blocks) and :meth:`values`
+    waits for it only if it has not completed (by the next step it has, unless the host runs
+    ahead of the device by a whole step). On the CPU the vector is already on the host: ready at
+    once, and read with ``tolist()``, which dispatches no ATen op.
+    """
+
+    def __init__(self, step: int, keys: tuple[str, ...], values: Tensor) -> None:
+        self.step, self.keys = step, keys
+        self._event: Any = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            values = host
+        self._host = values
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def values(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.tolist()
+        return values if isinstance(values, list) else [values]
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside lightning_diag, Lightning and torch."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in _OWN_PACKAGES:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
+def warn(message: str) -> None:
+    """A :class:`~lightning_diag.alerts.DiagnosticWarning` from global rank zero, pointing at the user's code.
+
+    The warning is attributed to the first frame outside lightning_diag, Lightning and torch (the
+    user's ``trainer.fit(...)`` line, or their own hook), not to this package's internals.
+    """
+    if rank_zero_only.rank == 0:
+        warnings.warn(message, DiagnosticWarning, stacklevel=_user_stacklevel())
+
+
+def write_alert_lines(trainer: pl.Trainer, alerts: Iterable[Alert]) -> None:
+    """Append each alert as one JSON line to ``<log_dir>/lightning_diag_alerts.jsonl`` of every logger."""
+    lines = "".join(json.dumps(a.as_dict()) + "\n" for a in alerts)
+    if not lines or not trainer.is_global_zero:
+        return
+    for log_dir in {lg.log_dir for lg in trainer.loggers if isinstance(getattr(lg, "log_dir", None), (str, Path))}:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, ALERTS_FILE), "a", encoding="utf-8") as f:
+            f.write(lines)
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:

@@ -6,23 +6,24 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_diag._checks import check_int
-from lightning_diag.alerts import SEVERITIES, Above, Action, Rule
-from lightning_diag.callbacks._base import DiagnosticCallback
-from lightning_diag.callbacks._dashboard import layer_tags
+from lightning_diag.alerts import SEVERITIES, Above, Action, NonFinite, Rule
+from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
 from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler, log_histogram
+from lightning_diag.keys import Key
 from lightning_diag.layers import ParameterGroups, group_parameters, validate_patterns
-from lightning_diag.metrics.norms import grouped_norms, tensor_norms, total_norm
-from lightning_diag.metrics.stats import EmaZScore, zclip
+from lightning_diag.metrics.norms import grouped_norms, tensor_norms
+from lightning_diag.metrics.stats import EmaBaseline, zclip_coefficient
 
 __all__ = ["GradNormWatcher"]
 
 _EPS = 1e-12
-_SUMMARY_KEYS = ("total", "zscore", "baseline", "nonfinite", "clip_coef", "clipped_steps")  # grad_norm/<key>
 _FP16_NONFINITE_PATIENCE = 5  # the fp16 scaler overflows (and skips) a few steps in a row while calibrating
+_TOTAL, _NORMS, _RATIO = "total gradient norm and baseline", "gradient norm per layer", "||g|| / ||w|| per layer"
 
 
 class GradNormWatcher(DiagnosticCallback):
@@ -30,41 +31,23 @@ class GradNormWatcher(DiagnosticCallback):
 
     Runs in ``on_before_optimizer_step``: once per optimizer step (after gradient accumulation),
     after Lightning has unscaled fp16 gradients (for optimizers that unscale inside ``step``, the
-    norms are divided by the scaler's scale), and under DDP after the gradient all-reduce, so
-    every rank sees the same figures. Every step it computes all parameter norms with one
-    ``torch._foreach_norm``, the total norm ``sqrt(sum ||g_p||^2)``, and its z-score against an
-    EMA baseline (ZClip, Kumar et al. 2025, arXiv 2504.02507: warm-up ``warmup`` steps, decay
-    ``alpha``, spike when ``z > z_threshold``). Nothing reaches the host except on logging steps,
-    where per-layer figures are grouped on the device and read back in one transfer.
+    norms are divided by the scaler's scale), and under DDP after the gradient all-reduce. Every
+    step one ``torch._foreach_norm`` gives every parameter's norm and one more kernel the total
+    ``sqrt(sum ||g_p||^2)`` (in float64), which leaves for the host without a sync; there its
+    z-score against an EMA baseline is computed (ZClip, Kumar et al. 2025, arXiv 2504.02507:
+    warm-up ``warmup`` steps, decay ``alpha``, spike when ``z > z_threshold``). Per-layer figures
+    are grouped on the device on logging steps only.
 
     With ``clip="zclip"`` a spiking gradient is rescaled in place so its norm becomes
-    ``mean + z_threshold**2 / z * std`` (the bigger the outlier, the tighter the clip); the
-    baseline absorbs the clipped norm in both modes, so detection is the same with or without
-    clipping. The default, ``clip="none"``, never changes training.
+    ``mean + z_threshold**2 / z * std``, from the baseline of the steps before (host floats, so the
+    clip costs no sync); the baseline absorbs the clipped norm in both modes, so detection is the
+    same with or without clipping. The default, ``clip="none"``, never changes training.
 
-    Logged keys (``<layer>`` is the module that owns the parameters, e.g. ``blocks.0.attn.qkv``):
-
-    ============================  ========================================================
-    ``grad_norm/total``            L2 norm of all watched gradients (before any clip)
-    ``grad_norm/zscore``           ZClip z-score of the total norm (0 during warm-up)
-    ``grad_norm/baseline``         EMA mean of the total norm
-    ``grad_norm/nonfinite``        number of parameters whose gradient holds inf/NaN
-    ``grad_norm/clip_coef``        factor applied to the gradients (``clip="zclip"`` only)
-    ``grad_norm/<layer>``          L2 norm of the layer's gradients
-    ``weight_norm/<layer>``        L2 norm of the layer's weights
-    ``grad_weight_ratio/<layer>``  ``||g|| / ||w||`` of the layer
-    ``update_ratio/<layer>``       ``||w_t+1 - w_t|| / ||w_t||`` (``update_ratio=True`` only)
-    ``alerts/GradNormWatcher``     number of alerts so far
-    ============================  ========================================================
-
-    Alerts: ``grad_norm/nonfinite`` above 0 (critical; under fp16 with a loss scaler only after
-    5 overflow steps in a row, since the scaler skips isolated overflows by design) and
-    ``grad_norm/zscore`` above ``z_threshold`` (``spike_severity``, default ``"info"``: recorded
-    and logged but not acted on). Gradient-norm spikes are routine in healthy Adam training, which
-    is why ZClip clips them instead of stopping: on our tiny char-level GPT (``testbeds.CharLM``,
-    1,200 steps) stable runs at constant learning rates 1e-3, 3e-3 and 1e-2 reached z-scores of
-    6.6, 10.4 and 16.6, as high as runs heading for a loss explosion. Raise ``spike_severity`` to
-    act on spikes, or add a rule such as ``Above("grad_norm/total", 50.0, patience=10)``.
+    Alerts: ``grad_norm/total`` non-finite (critical; under an fp16 loss scaler only after 5
+    overflow steps in a row, since the scaler skips isolated overflows by design) and
+    ``grad_norm/zscore`` above ``z_threshold`` (``spike_severity``, default ``"info"``: recorded,
+    never acted on, because healthy Adam runs spike as high as exploding ones; figures in
+    ``docs/calibration.md``).
 
     Args:
         every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
@@ -72,27 +55,46 @@ class GradNormWatcher(DiagnosticCallback):
         exclude: glob patterns to leave out.
         group_depth: group layers by their first ``group_depth`` name parts (``2``: ``blocks.0``).
         per_layer: log per-layer figures (``False``: totals only).
-        update_ratio: also log ``update_ratio/<layer>``. Costs one copy of the watched weights,
-            held only from ``on_before_optimizer_step`` to ``on_train_batch_end`` of logging steps.
-        z_threshold: ZClip spike threshold on the z-score.
+        update_ratio: also log ``grad_norm/update_ratio/<layer>``; costs one copy of the watched
+            weights on logging steps, from ``on_before_optimizer_step`` to ``on_train_batch_end``.
+        z_threshold: ZClip spike threshold on the z-score (> 0).
         alpha: EMA decay of the baseline mean and variance.
         warmup: steps that initialise the baseline before z-scores are reported.
         clip: ``"none"`` (monitor only) or ``"zclip"`` (adaptive clipping, changes training).
-        nonfinite_patience: consecutive non-finite steps before alerting (``None``: 1, or 5 under
-            an fp16 loss scaler).
-        spike_severity: severity of the z-score spike alert; ``"info"`` alerts are never acted on.
-        histogram_every_n_steps: TensorBoard histograms of the per-layer gradient and weight norms
-            (``grad_norm_hist/layers``, ``weight_norm_hist/layers``) at the first logging step at or
-            after each multiple; one extra host transfer then, and only with a TensorBoard logger.
-            ``None`` disables them.
+        nonfinite_patience: non-finite steps in a row before alerting (``None``: 1, or 5 under an
+            fp16 loss scaler).
+        spike_severity: severity of the z-score alert; ``"info"`` alerts are never acted on.
+        histogram_every_n_steps: TensorBoard histograms of the per-layer norms, at the first
+            logging step at or after each multiple (``None``: none).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
-        rules: extra alert rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0)``.
+        rules: extra rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0, patience=10)``.
 
     Example:
-        >>> from lightning.pytorch import Trainer
         >>> watcher = GradNormWatcher(every_n_steps=10, exclude=["*.bias"], action="warn")
-        >>> trainer = Trainer(callbacks=[watcher], logger=False)  # doctest: +SKIP
+        >>> watcher.family, watcher.clipping
+        ('grad_norm', False)
     """
+
+    family = "grad_norm"
+    KEYS = (
+        Key("total", "L2 norm of all watched gradients, before any clip", _TOTAL, rate="step"),
+        Key("baseline", "EMA mean of the total norm (ZClip's baseline)", _TOTAL, rate="step"),
+        Key("zscore", "z-score of the total norm against the baseline (0 in warm-up)", "z-score of the total norm",
+            rate="step"),
+        Key("nonfinite", "parameters whose gradient holds inf or NaN", "non-finite gradients, clipping"),
+        Key("clip_coef", "factor the gradients were multiplied by", "non-finite gradients, clipping", rate="step",
+            requires="clipping", note="with clip='zclip'"),
+        Key("clipped_steps", "steps clipped so far", "non-finite gradients, clipping", rate="step",
+            requires="clipping", note="with clip='zclip'"),
+        Key("layer/{layer}", "L2 norm of the layer's gradients (the module owning the parameters)", _NORMS,
+            requires="per_layer"),
+        Key("weight_norm/{layer}", "L2 norm of the layer's weights", "weight norm per layer", requires="per_layer"),
+        Key("grad_weight_ratio/{layer}", "||g|| / ||w|| of the layer", _RATIO, requires="per_layer"),
+        Key("update_ratio/{layer}", "||w_t+1 - w_t|| / ||w_t|| of the layer", "update ratio per layer",
+            requires="update_ratio", note="with update_ratio=True"),
+        Key("layer_hist", "histogram of the per-layer gradient norms", kind="histogram", requires="histograms"),
+        Key("weight_norm_hist", "histogram of the per-layer weight norms", kind="histogram", requires="histograms"),
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -119,148 +121,81 @@ class GradNormWatcher(DiagnosticCallback):
         check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
         if clip not in ("none", "zclip"):
             raise ValueError(f"`clip` must be one of ('none', 'zclip'), got {clip!r}")
-        if not z_threshold > 0:
-            raise ValueError(f"`z_threshold` must be > 0, got {z_threshold!r}")
+        if isinstance(z_threshold, bool) or not isinstance(z_threshold, (int, float)) or not z_threshold > 0:
+            raise ValueError(f"`z_threshold` must be a number > 0, got {z_threshold!r}")
         check_int("group_depth", group_depth, 1, optional=True)
         check_int("nonfinite_patience", nonfinite_patience, 1, optional=True)
-        self.include = validate_patterns("include", include)
-        self.exclude = validate_patterns("exclude", exclude)
+        self.include, self.exclude = validate_patterns("include", include), validate_patterns("exclude", exclude)
         self.group_depth, self.per_layer, self.update_ratio = group_depth, per_layer, update_ratio
-        self.z_threshold, self.clip, self.nonfinite_patience = z_threshold, clip, nonfinite_patience
+        self.z_threshold, self.clip, self.nonfinite_patience = float(z_threshold), clip, nonfinite_patience
         self.histogram_every_n_steps = histogram_every_n_steps
-        self._histograms_logged = 0  # multiples of histogram_every_n_steps covered so far
-        self.baseline = EmaZScore(alpha=alpha, warmup=warmup)
-        self._nonfinite_rule = Above("grad_norm/nonfinite", 0.0, severity="critical")
-        self._spike_rule = Above("grad_norm/zscore", z_threshold, severity=spike_severity)
-        self._builtin_rules = [self._nonfinite_rule, self._spike_rule]
+        self.baseline = EmaBaseline(1, alpha=alpha, warmup=warmup)
+        self.clipped_steps = 0
+        self._nonfinite_rule = NonFinite("grad_norm/total", severity="critical")
+        self._builtin_rules = [self._nonfinite_rule, Above("grad_norm/zscore", z_threshold, severity=spike_severity)]
+        self._histograms = Cadence(histogram_every_n_steps)
         self._groups: ParameterGroups | None = None
         self._present: dict[tuple[bool, ...], tuple[list[int], Tensor, list[str]]] = {}
-        self._clipped_steps = torch.zeros(())
-        self._pending: tuple[int, list[str], Tensor, list[Tensor], list[Tensor], Tensor, Tensor] | None = None
+        self._before_step: tuple[list[Tensor], list[Tensor], Tensor, list[str]] | None = None
+
+    @property
+    def clipping(self) -> bool:
+        return self.clip == "zclip"
+
+    @property
+    def histograms(self) -> bool:
+        return self.per_layer and self.histogram_every_n_steps is not None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude, group_depth=self.group_depth)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         groups = group_parameters(pl_module, self.include, self.exclude, self.group_depth)
+        if not groups.params and self.include:
+            raise ValueError(
+                f"`include={list(self.include)}` matches no trainable parameter; parameters are: "
+                f"{[n for n, p in pl_module.named_parameters() if p.requires_grad][:50]}"
+            )
         if not groups.params:
-            if self.include:
-                raise ValueError(
-                    f"`include={list(self.include)}` matches no trainable parameter; parameters are: "
-                    f"{[n for n, p in pl_module.named_parameters() if p.requires_grad][:50]}"
-                )
             self.warn_once("no-params", "the model has no trainable parameter to watch; doing nothing")
-        self._groups = groups if groups.params else None
-        self._present.clear()
-        patience = self.nonfinite_patience or (_FP16_NONFINITE_PATIENCE if has_grad_scaler(trainer) else 1)
-        self._nonfinite_rule.patience = patience
+        self._groups, self.layers = (groups, list(groups.layers)) if groups.params else (None, [])
+        self._nonfinite_rule.patience = self.nonfinite_patience or (
+            _FP16_NONFINITE_PATIENCE if has_grad_scaler(trainer) else 1)
 
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self._groups is None:
-            return
-        step = trainer.global_step
+    def detach(self) -> None:
+        self._present.clear()
+        self._before_step = None
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._histograms.start(trainer.global_step)
+
+    def measures(self, step: int) -> bool:
+        return self._groups is not None
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
+    ) -> Figures | None:
         present, layer_index, layer_names = self._layout()
         if not present:
             self.warn_once("no-grads", "no watched parameter has a gradient (all None); nothing measured")
-            return
-        grads = [self._groups.params[i].grad for i in present]
+            return None
+        grads = [self._groups.params[i].grad for i in present]  # type: ignore[union-attr]
         norms = tensor_norms(grads)
         scale = grad_scale(trainer, optimizer)
         if scale is not None:
             norms = norms / scale
-        total = total_norm(norms)
-        zscore, clipped = zclip(total, self.baseline, self.z_threshold)
-        self.baseline.update(clipped)
-        coef = torch.where(torch.isfinite(total) & (total > 0), clipped / total.clamp_min(_EPS), 1.0)
-        if self.clip == "zclip":
-            self._scale_grads(grads, coef)
-            self._clipped_steps = self._clipped_steps.to(coef.device) + (coef < 1)
-        nonfinite = (~torch.isfinite(norms)).sum()
-        self._nonfinite_rule.update(nonfinite, step)
-        self._spike_rule.update(zscore, step)
-        if not self.is_logging_step(trainer, step):
-            return
-        keys, values = ["grad_norm/total", "grad_norm/zscore", "grad_norm/baseline", "grad_norm/nonfinite"], [
-            total, zscore, self.baseline.mean, nonfinite.float()]
-        if self.clip == "zclip":
-            keys += ["grad_norm/clip_coef", "grad_norm/clipped_steps"]
-            values += [coef, self._clipped_steps]
-        figures = torch.stack([v.float().to(total.device) for v in values])
-        if not self.per_layer:
-            self.publish(trainer, step, keys, figures)
-            return
-        # No per-parameter .detach(): the hooks run under no_grad, so the op count stays flat in depth.
-        weights = [self._groups.params[i] for i in present]
-        layer_grad = grouped_norms(norms, layer_index, len(layer_names))
-        layer_weight = grouped_norms(tensor_norms(weights), layer_index, len(layer_names))
-        keys += [f"{family}/{name}" for family in ("grad_norm", "weight_norm", "grad_weight_ratio")
-                 for name in layer_names]
-        figures = torch.cat([figures, layer_grad, layer_weight, layer_grad / layer_weight.clamp_min(_EPS)])
-        self._maybe_log_histograms(trainer, step, layer_grad, layer_weight)
-        if not self.update_ratio:
-            self.publish(trainer, step, keys, figures)
-            return
-        # The update is known only after optimizer.step(): hold a copy of the weights until then.
-        self._pending = (step, keys, figures, weights, torch._foreach_mul(weights, 1.0), layer_index, layer_weight)
+        total = torch.linalg.vector_norm(norms, dtype=torch.float64)  # float64: the squares cannot overflow
+        if self.clipping:
+            self._clip(grads, total)
+        values = {"total": total}
+        if logging:
+            values.update(self._per_layer(trainer, norms, present, layer_index, layer_names))
+        return Figures(values, layer_names)
 
-    @torch.no_grad()
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._pending is None:
-            return
-        step, keys, figures, weights, before, layer_index, layer_weight = self._pending
-        self._pending = None
-        updates = grouped_norms(tensor_norms(torch._foreach_sub(weights, before)), layer_index, len(layer_weight))
-        names = keys[len(keys) - len(layer_weight):]
-        keys = keys + [f"update_ratio/{name.partition('/')[2]}" for name in names]
-        self.publish(trainer, step, keys, torch.cat([figures, updates / layer_weight.clamp_min(_EPS)]))
-
-    def _maybe_log_histograms(self, trainer: pl.Trainer, step: int, layer_grad: Tensor, layer_weight: Tensor) -> None:
-        every = self.histogram_every_n_steps
-        if every is None or (step + 1) // every <= self._histograms_logged:
-            return
-        self._histograms_logged = (step + 1) // every
-        log_histogram(trainer, "grad_norm_hist/layers", layer_grad, step)
-        log_histogram(trainer, "weight_norm_hist/layers", layer_weight, step)
-
-    def dashboard_charts(self) -> dict[str, list[str]]:
-        return {
-            "total gradient norm and baseline": [r"grad_norm/(total|baseline)$"],
-            "z-score of the total norm": [r"grad_norm/zscore$"],
-            "non-finite gradients, clipping": [r"grad_norm/(nonfinite|clip_coef|clipped_steps)$"],
-            "gradient norm per layer": [layer_tags("grad_norm", _SUMMARY_KEYS)],
-            "||g|| / ||w|| per layer": [layer_tags("grad_weight_ratio")],
-            "update ratio ||dw|| / ||w|| per layer": [layer_tags("update_ratio")],
-            "weight norm per layer": [layer_tags("weight_norm")],
-        }
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._pending = None
-        self._present.clear()
-
-    def _layout(self) -> tuple[list[int], Tensor, list[str]]:
-        """Which watched parameters have a gradient now, their (compact) layer ids and layer names.
-
-        Cached per pattern of present gradients, so a steady model builds it once.
-        """
-        assert self._groups is not None
-        mask = tuple(p.grad is not None for p in self._groups.params)
-        if mask not in self._present:
-            present = [i for i, has in enumerate(mask) if has]
-            layers = sorted({self._groups.layer_of[i] for i in present})
-            compact = {layer: j for j, layer in enumerate(layers)}
-            device = self._groups.params[present[0]].device if present else "cpu"
-            index = torch.tensor([compact[self._groups.layer_of[i]] for i in present], dtype=torch.long, device=device)
-            self._present[mask] = (present, index, [self._groups.layers[j] for j in layers])
-        return self._present[mask]
-
-    @staticmethod
-    def _scale_grads(grads: list[Tensor], coef: Tensor) -> None:
+    def _clip(self, grads: list[Tensor], total: Tensor) -> None:
+        mean, std = float(self.baseline.mean[0]), float(self.baseline.std[0])
+        coef = zclip_coefficient(total, mean, std, self.z_threshold, ready=bool(self.baseline.ready[0]), eps=self.baseline.eps)
         dense = [g for g in grads if not g.is_sparse]
         if dense:
             torch._foreach_mul_(dense, coef.to(dense[0].dtype))
@@ -268,10 +203,66 @@ class GradNormWatcher(DiagnosticCallback):
             if g.is_sparse:
                 g.mul_(coef.to(g.dtype))
 
+    def _per_layer(
+        self, trainer: pl.Trainer, norms: Tensor, present: list[int], layer_index: Tensor, names: list[str]
+    ) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {"nonfinite": (~torch.isfinite(norms)).sum().to(torch.float64)}
+        if not self.per_layer:
+            return values
+        weights = [self._groups.params[i] for i in present]  # type: ignore[union-attr]
+        layer_grad = grouped_norms(norms, layer_index, len(names))
+        layer_weight = grouped_norms(tensor_norms(weights), layer_index, len(names))
+        values.update({"layer/{layer}": layer_grad, "weight_norm/{layer}": layer_weight,
+                       "grad_weight_ratio/{layer}": layer_grad / layer_weight.clamp_min(_EPS)})  # fmt: skip
+        if self._histograms.due(trainer.global_step):
+            log_histogram(trainer, f"{self.family}/layer_hist", layer_grad, trainer.global_step)
+            log_histogram(trainer, f"{self.family}/weight_norm_hist", layer_weight, trainer.global_step)
+        if self.update_ratio:  # the update is known after optimizer.step(): hold a copy of the weights until then
+            self._before_step = (weights, torch._foreach_mul(weights, 1.0), layer_index, names)
+        return values
+
+    def measure_after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures | None:
+        if self._before_step is None:
+            return None
+        weights, before, layer_index, names = self._before_step
+        self._before_step = None
+        updates = grouped_norms(tensor_norms(torch._foreach_sub(weights, before)), layer_index, len(names))
+        weight = grouped_norms(tensor_norms(before), layer_index, len(names))
+        return Figures({"update_ratio/{layer}": updates / weight.clamp_min(_EPS)}, names)
+
+    def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
+        total = host.scalars["total"]
+        z = float(self.baseline.score([total])[0])
+        clipped = float(self.baseline.winsorized([total], self.z_threshold)[0])
+        self.baseline.update([clipped])
+        derived: dict[str, float | np.ndarray] = {"zscore": z, "baseline": float(self.baseline.mean[0])}
+        if self.clipping:
+            coef = clipped / total if np.isfinite(total) and total > 0 else 1.0
+            self.clipped_steps += int(coef < 1.0)
+            derived.update(clip_coef=coef, clipped_steps=float(self.clipped_steps))
+        return derived
+
+    def _layout(self) -> tuple[list[int], Tensor, list[str]]:
+        """Which watched parameters have a gradient now, their (compact) layer ids and layer names.
+
+        Cached per pattern of present gradients, so a steady model builds it once.
+        """
+        groups = self._groups
+        assert groups is not None
+        mask = tuple(p.grad is not None for p in groups.params)
+        if mask not in self._present:
+            present = [i for i, has in enumerate(mask) if has]
+            layers = sorted({groups.layer_of[i] for i in present})
+            compact = {layer: j for j, layer in enumerate(layers)}
+            device = groups.params[present[0]].device if present else "cpu"
+            index = torch.tensor([compact[groups.layer_of[i]] for i in present], dtype=torch.long, device=device)
+            self._present[mask] = (present, index, [groups.layers[j] for j in layers])
+        return self._present[mask]
+
     def extra_state(self) -> dict[str, Any]:
-        return {"baseline": self.baseline.state_dict(), "clipped_steps": self._clipped_steps.cpu()}
+        return {"baseline": self.baseline.state_dict(), "clipped_steps": self.clipped_steps}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "baseline" in state:
             self.baseline.load_state_dict(state["baseline"])
-        self._clipped_steps = torch.as_tensor(state.get("clipped_steps", 0.0)).float()
+        self.clipped_steps = int(state.get("clipped_steps", 0))

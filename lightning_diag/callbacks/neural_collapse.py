@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -11,13 +10,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
-from torch.utils.hooks import RemovableHandle
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Rule
-from lightning_diag.callbacks._base import DiagnosticCallback
+from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures
 from lightning_diag.callbacks._trainer import has_tensorboard, log_image
+from lightning_diag.keys import Key
+from lightning_diag.layers import find_module, last_linear
 from lightning_diag.metrics.collapse import METRIC_KEYS, CollapseAccumulator, nearest_class_center
 
 __all__ = ["NCTracker"]
@@ -26,6 +26,8 @@ DATA_SOURCES = ("val", "train")
 NC4_MODES = ("lagged", "exact")
 _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 _IMAGE_SIZE = 256  # the cosine image is upscaled to about this many pixels a side
+_NC1, _NC2, _NC34, _OTHER = ("NC1 (within-class variability)", "NC2 (equinorm, equiangularity)",
+                             "NC3 (self-duality), NC4 (nearest class centre)", "CDNV, trace ratio")
 
 FeatureFn = Callable[[pl.LightningModule, Any], Tensor]
 
@@ -37,99 +39,85 @@ class NCTracker(DiagnosticCallback):
     settles into late in training: within-class variability of the features vanishes (NC1), the
     centred class means form a simplex equiangular tight frame (NC2), the classifier rows align
     with them (NC3) and the network decides like a nearest-class-centre rule (NC4). CDNV (Galanti
-    et al. 2022) is the class-distance-normalised variance that predicts transfer. Definitions,
-    tolerances and the NaN behaviour are those of :mod:`lightning_diag.metrics.collapse`; the
-    numbers equal :func:`~lightning_diag.metrics.neural_collapse_metrics` on the same features.
+    et al. 2022) is the class-distance-normalised variance that predicts transfer. Definitions and
+    NaN behaviour: :mod:`lightning_diag.metrics.collapse`; the numbers equal
+    :func:`~lightning_diag.metrics.neural_collapse_metrics` on the same features.
 
-    **Features.** By default the input of the classifier, which is the last ``nn.Linear`` in
-    ``named_modules()`` order (registration order; name it with ``classifier=`` when the head is
-    registered earlier). ``feature_layer="body.pool"`` takes the output of that module instead
-    (flattened to ``(N, d)``), and a callable ``feature_layer(pl_module, batch) -> (N, d)`` computes
-    them itself (one extra forward per batch). Either way ``d`` must be the classifier's
-    ``in_features``. The classifier's weight and bias (read at evaluation time) give NC2-NC4.
+    **Features.** By default the input of the classifier, the last ``nn.Linear`` registered (name
+    it with ``classifier=`` otherwise). ``feature_layer="body.pool"`` takes that module's output
+    (flattened to ``(N, d)``); a callable ``feature_layer(pl_module, batch) -> (N, d)`` computes them
+    (one extra forward per batch). ``d`` must be the classifier's ``in_features``.
 
     **Data.** Each evaluation accumulates per-class counts, means and scatter in ``dtype`` on the
-    model's device (one ``B x d x d`` GEMM per batch, no host sync), merges ranks with two SUM
-    all-reduces under DDP, computes the metrics once and logs them in one host transfer.
+    model's device (no host sync), merges ranks with two SUM all-reduces, computes once and logs.
 
-    - ``data="val"`` (default): the batches of the (first) validation loader, at the end of
-      every ``every_n_epochs``-th epoch's validation and in ``trainer.validate``; no extra forward.
-      Features are whatever the model computes there (eval mode; bf16 under ``bf16-mixed``, which
-      puts a floor under NC1). Under DDP, Lightning's ``DistributedSampler`` pads the set to a
-      multiple of the world size, so up to ``world_size - 1`` samples count twice.
-    - ``data="train"``: the training batches of the epoch, captured during the training forwards
-      at no extra cost. They come from train-mode layers (BatchNorm batch statistics, dropout) and
-      from weights that move during the epoch: a cheap trend, not Papyan's protocol. NC4 compares
-      each forward's own decision (the weights before that step) with the previous epoch's means.
-    - ``data=<DataLoader>``: a dedicated probe pass at the end of every ``every_n_epochs``-th
-      training epoch and, with ``every_n_steps``, every that many optimizer steps. The pass runs
-      the model in ``eval()`` under ``no_grad`` without autocast, restores every module's
-      train/eval mode afterwards, and forks the RNG, so training is bit-identical with and
-      without it (BatchNorm running statistics untouched). Batches are moved to the model's
-      device and fed as ``pl_module(input_fn(batch))``. Under DDP rank ``r`` of ``w`` takes the
-      batches ``r, r + w, ...`` (no padded duplicates), unless the loader already has a
-      ``DistributedSampler``. A probe on the training set is Papyan's protocol.
+    - ``data="val"`` (default): the batches of the first validation loader, every
+      ``every_n_epochs`` epochs and in ``trainer.validate``; no extra forward (eval mode, the
+      precision of the run). Under DDP the ``DistributedSampler`` pads to a multiple of the world
+      size: up to ``world_size - 1`` samples count twice.
+    - ``data="train"``: the training batches of the epoch, from the training forwards (train-mode
+      layers and moving weights: a cheap trend, not Papyan's protocol).
+    - ``data=<DataLoader>``: a probe pass at the end of every ``every_n_epochs``-th epoch and, with
+      ``probe_every_n_steps``, every that many optimizer steps, in ``eval()`` under ``no_grad``
+      without autocast, with modes restored and the RNG forked, so training is bit-identical with
+      and without it. Rank ``r`` of ``w`` takes batches ``r, r + w, ...`` (unless the loader has a
+      ``DistributedSampler``). A probe on the training set is Papyan's protocol.
 
-    **NC4.** The nearest-class-centre rule needs the final class means, which a single pass does
-    not have. ``nc4="lagged"`` (default) compares against the class means of the *previous*
-    evaluation (NaN at the first one; kept in checkpoints, so a resumed run continues the series);
-    ``nc4="exact"`` (probe loaders only) runs a second pass over the probe with the final means.
+    **NC4** needs the final class means. ``nc4="lagged"`` (default) compares against the previous
+    evaluation's means (not logged at the first evaluation; the means are checkpointed);
+    ``nc4="exact"`` (probe loaders only) runs a second probe pass with the final means.
 
-    Logged keys (at ``trainer.global_step``; ``nc`` is ``prefix``):
-
-    ===============================  ==========================================================
-    ``nc/nc1``                        Tr(Sigma_W Sigma_B^+) / K (trace approximation when the
-                                      ``d x d`` scatter is not kept, see ``full_covariance``)
-    ``nc/nc2_equinorm_means``         std/mean of the centred class-mean norms
-    ``nc/nc2_equinorm_weights``       std/mean of the classifier-row norms
-    ``nc/nc2_equiangular``            std of the pairwise cosines of the centred class means
-    ``nc/nc2_maxangle``               mean ``|cos + 1/(K-1)|`` of the centred class means
-    ``nc/nc2_equiangular_weights``    the same two for the classifier rows
-    ``nc/nc2_maxangle_weights``
-    ``nc/nc3``                        ``||W/||W||_F - M/||M||_F||_F^2`` (self-duality)
-    ``nc/nc4``                        fraction where ``argmax(W h + b)`` != nearest class mean
-    ``nc/cdnv``                       class-distance-normalised variance, mean over pairs
-    ``nc/trace_ratio``                Tr Sigma_W / Tr Sigma_B
-    ``nc/bias_collapse``              ``||W mu_G + b||``
-    ``nc/num_classes_present``        K: classes that occurred (absent ones are left out)
-    ``nc/num_samples``                samples in the evaluation (all ranks)
-    ``nc/nonfinite_classes``          classes whose features held inf/NaN
-    ``alerts/NCTracker``              number of alerts so far (``alerts/NCTracker[<prefix>]``
-                                      with another ``prefix``)
-    ===============================  ==========================================================
-
-    With a TensorBoard logger, ``nc/class_mean_cosine`` is an image of the ``K x K`` cosines of
-    the centred class means (blue -1, white 0, red +1; a simplex ETF is a red diagonal on an
-    even light blue). Alerts: ``nc/nonfinite_classes`` above 0 (critical), plus ``rules``.
+    With a TensorBoard logger, ``nc/class_mean_cosine`` is an image of the cosines of the centred
+    class means (blue -1, white 0, red +1; a simplex ETF is a red diagonal on an even light blue).
+    Alerts: ``nc/nonfinite_classes`` above 0 (critical), plus ``rules``.
 
     Args:
-        data: ``"val"``, ``"train"`` or a probe ``DataLoader`` (any re-iterable of batches).
+        data: ``"val"``, ``"train"`` or a probe ``DataLoader`` (or a list of ``(input, label)`` batches).
         feature_layer: ``None`` (input of the classifier), a module name whose output are the
             features, or ``callable(pl_module, batch) -> (N, d) tensor`` (not with ``"train"``).
-        classifier: name of the linear head (a module with a ``(K, d)`` ``weight``); default the
-            last ``nn.Linear``.
-        num_classes: ``K``, checked against the classifier's ``out_features`` (inferred if None).
-        label_fn: ``callable(batch) -> (N,)`` integer labels; default ``batch[1]`` or, for a
-            mapping, its ``"labels"``/``"label"``/``"targets"``/``"target"``/``"y"`` entry.
+        classifier: name of the linear head (a module with a ``(K, d)`` ``weight``); default the last ``nn.Linear``.
+        num_classes: ``K``, checked against the classifier's outputs (inferred if None).
+        label_fn: ``callable(batch) -> (N,)`` labels; default ``batch[1]`` or a mapping's ``"labels"``/``"label"``/
+            ``"targets"``/``"target"``/``"y"``.
         input_fn: ``callable(batch) -> model input`` for probe passes; default ``batch[0]``.
-        every_n_epochs: evaluate at the end of every this many epochs (``None``: never, only
-            with a probe loader and ``every_n_steps``).
-        every_n_steps: probe loaders only: also evaluate every this many optimizer steps.
-        nc4: ``"lagged"`` or ``"exact"`` (probe loaders only); see above.
+        every_n_epochs: evaluate at the end of every this many epochs (``None``: only with ``probe_every_n_steps``).
+        probe_every_n_steps: probe loaders only: also evaluate every this many optimizer steps.
+        nc4: ``"lagged"`` or ``"exact"`` (probe loaders only).
         global_mean: ``"class"`` (mean of the class means, Papyan) or ``"sample"``.
-        full_covariance: keep the ``d x d`` within-class scatter for exact NC1 (``None``: when
-            ``d <= 4096``); otherwise NC1 is the documented trace approximation.
+        full_covariance: keep the ``d x d`` scatter for exact NC1 (``None``: when ``d <= 4096``).
         dtype: accumulator dtype; float64 unless the device is slow at it.
         cosine_image: log the class-mean cosine image to TensorBoard.
-        prefix: namespace of the logged keys (two trackers need two prefixes).
+        prefix: the family of the logged keys (two trackers need two prefixes).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
-        rules: extra alert rules on the logged keys, e.g. ``Above("nc/nc1", 1.0, patience=3)``.
+        rules: extra rules on the logged keys, e.g. ``Above("nc/nc1", 1.0, patience=3)``.
 
     Example:
-        >>> from lightning.pytorch import Trainer
         >>> tracker = NCTracker(data="val", rules=[Above("nc/nc4", 0.05)], action="log")
-        >>> trainer = Trainer(callbacks=[tracker], max_epochs=20)  # doctest: +SKIP
+        >>> tracker.family, tracker.source
+        ('nc', 'NCTracker')
     """
+
+    family = "nc"
+    KEYS = (
+        Key("nc1", "Tr(Sigma_W Sigma_B^+) / K (the trace approximation without the d x d scatter)", _NC1, rate="eval"),
+        Key("nc2_equinorm_means", "std / mean of the centred class-mean norms", _NC2, rate="eval"),
+        Key("nc2_equinorm_weights", "std / mean of the classifier-row norms", _NC2, rate="eval"),
+        Key("nc2_equiangular", "std of the pairwise cosines of the centred class means", _NC2, rate="eval"),
+        Key("nc2_maxangle", "mean |cos + 1/(K-1)| of the centred class means", _NC2, rate="eval"),
+        Key("nc2_equiangular_weights", "nc2_equiangular of the classifier rows", _NC2, rate="eval"),
+        Key("nc2_maxangle_weights", "nc2_maxangle of the classifier rows", _NC2, rate="eval"),
+        Key("nc3", "||W/||W||_F - M/||M||_F||_F^2 (self-duality)", _NC34, rate="eval"),
+        Key("nc4", "share where argmax(W h + b) != nearest class mean", _NC34, rate="eval",
+            note="from the second evaluation with nc4='lagged'"),
+        Key("cdnv", "class-distance-normalised variance, mean over pairs", _OTHER, rate="eval"),
+        Key("trace_ratio", "Tr Sigma_W / Tr Sigma_B", _OTHER, rate="eval"),
+        Key("bias_collapse", "||W mu_G + b||", rate="eval"),
+        Key("num_classes_present", "K: classes that occurred (absent ones are left out)", rate="eval"),
+        Key("num_samples", "samples in the evaluation (all ranks)", rate="eval"),
+        Key("nonfinite_classes", "classes whose features held inf or NaN", rate="eval"),
+        Key("class_mean_cosine", "image of the K x K cosines of the centred class means", kind="image",
+            requires="cosine_image"),
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -141,7 +129,7 @@ class NCTracker(DiagnosticCallback):
         label_fn: Callable[[Any], Tensor] | None = None,
         input_fn: Callable[[Any], Any] | None = None,
         every_n_epochs: int | None = 1,
-        every_n_steps: int | None = None,
+        probe_every_n_steps: int | None = None,
         nc4: Literal["lagged", "exact"] = "lagged",
         global_mean: Literal["class", "sample"] = "class",
         full_covariance: bool | None = None,
@@ -151,12 +139,9 @@ class NCTracker(DiagnosticCallback):
         action: Action = "warn",
         rules: Sequence[Rule] = (),
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(action=action, rules=rules)
         probe = not isinstance(data, str)
-        if isinstance(data, str) and data not in DATA_SOURCES:
-            raise ValueError(f"`data` must be one of {DATA_SOURCES} or a DataLoader, got {data!r}")
-        if probe and (not isinstance(data, Iterable) or isinstance(data, Iterator)):  # iter() would draw RNG
-            raise ValueError(f"`data` must be one of {DATA_SOURCES} or a re-iterable DataLoader, got {data!r}")
+        _check_data(data)
         if nc4 not in NC4_MODES:
             raise ValueError(f"`nc4` must be one of {NC4_MODES}, got {nc4!r}")
         if nc4 == "exact" and not probe:
@@ -164,10 +149,11 @@ class NCTracker(DiagnosticCallback):
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be one of ('class', 'sample'), got {global_mean!r}")
         check_int("every_n_epochs", every_n_epochs, 1, optional=True)
-        if every_n_steps is not None and not probe:
-            raise ValueError(f"`every_n_steps` needs a probe DataLoader as `data`, got data={data!r}")
-        if every_n_epochs is None and every_n_steps is None:
-            raise ValueError("`every_n_epochs` and `every_n_steps` are both None: the tracker would never run")
+        check_int("probe_every_n_steps", probe_every_n_steps, 1, optional=True)
+        if probe_every_n_steps is not None and not probe:
+            raise ValueError(f"`probe_every_n_steps` needs a probe DataLoader as `data`, got data={data!r}")
+        if every_n_epochs is None and probe_every_n_steps is None:
+            raise ValueError("`every_n_epochs` and `probe_every_n_steps` are both None: the tracker would never run")
         if feature_layer is not None and not (isinstance(feature_layer, str) or callable(feature_layer)):
             raise ValueError(f"`feature_layer` must be None, a module name or a callable, got {feature_layer!r}")
         if callable(feature_layer) and data == "train":
@@ -179,85 +165,64 @@ class NCTracker(DiagnosticCallback):
             raise ValueError(f"`prefix` must be a non-empty string without '/', got {prefix!r}")
         self.data, self.feature_layer, self.classifier, self.num_classes = data, feature_layer, classifier, num_classes
         self.label_fn, self.input_fn, self.every_n_epochs = label_fn, input_fn, every_n_epochs
-        self.nc4, self.global_mean, self.full_covariance, self.dtype = nc4, global_mean, full_covariance, dtype
-        self.cosine_image, self.prefix = cosine_image, prefix
-        self.keys = [f"{prefix}/{k}" for k in (*METRIC_KEYS, "num_samples", "nonfinite_classes")]
+        self.probe_every_n_steps, self.nc4, self.global_mean = probe_every_n_steps, nc4, global_mean
+        self.full_covariance, self.dtype, self.cosine_image, self.family = full_covariance, dtype, cosine_image, prefix
         self._builtin_rules = [Above(f"{prefix}/nonfinite_classes", 0.0, severity="critical")]
-        self._builtin_index = self.keys.index(f"{prefix}/nonfinite_classes")
+        self._epochs, self._probes = Cadence(every_n_epochs), Cadence(probe_every_n_steps)
         self._head: nn.Module | None = None
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Any] = []
         self._acc: CollapseAccumulator | None = None
         self._reference: tuple[Tensor, Tensor] | None = None  # class means and present mask for lagged NC4
         self._armed = self._capturing = False
         self._captured: list[Tensor] = []
         self._decision: tuple[Tensor, Tensor | None] | None = None  # (W, b) of the forward being captured
         self._measured = False
-        self._last_probe_step = -1
 
     @property
     def source(self) -> str:
-        return type(self).__name__ if self.prefix == "nc" else f"{type(self).__name__}[{self.prefix}]"
+        return type(self).__name__ if self.family == "nc" else f"{type(self).__name__}[{self.family}]"
 
     @property
     def state_key(self) -> str:
         data = self.data if isinstance(self.data, str) else "probe"
         layer = getattr(self.feature_layer, "__qualname__", self.feature_layer)
-        return self._generate_state_key(data=data, prefix=self.prefix, feature_layer=layer, classifier=self.classifier)
+        return self._generate_state_key(data=data, prefix=self.family, feature_layer=layer, classifier=self.classifier)
 
     # -- wiring: resolve the modules once, hook the features -----------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-        self._head, self._measured = None, False
-        if stage != "fit" and not (stage == "validate" and self.data == "val"):
-            return
-        head = self._find_classifier(pl_module)
+        if stage == "validate" and self.data == "val":  # trainer.validate() has no on_fit_start
+            self._release()
+            self.attach(trainer, pl_module)
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measured = False
+        named = ("classifier", self.classifier) if self.classifier is not None else None
+        head = find_module(pl_module, self.classifier, "classifier") if named else (last_linear(pl_module) or (None, None))[1]
         if head is None:
             self.warn_once("no-classifier", "the model has no nn.Linear to take as the classifier; doing nothing "
-                                            "(name the head with `classifier=`)")
+                                            "(name the head with `classifier=`)")  # fmt: skip
             return
         weight = getattr(head, "weight", None)
         if not isinstance(weight, Tensor) or weight.ndim != 2:
             raise ValueError(f"`classifier={self.classifier!r}` must have a 2-D (K, d) `weight`, got "
-                             f"{type(head).__name__} with weight {getattr(weight, 'shape', weight)!r}")
+                             f"{type(head).__name__} with weight {getattr(weight, 'shape', weight)!r}")  # fmt: skip
         if self.num_classes is not None and self.num_classes != weight.shape[0]:
             raise ValueError(f"`num_classes={self.num_classes}` but the classifier has {weight.shape[0]} outputs")
         self._head = head
         if isinstance(self.feature_layer, str):
-            modules = dict(pl_module.named_modules())
-            if self.feature_layer not in modules:
-                raise ValueError(f"`feature_layer={self.feature_layer!r}` is not a module of the model; modules are: "
-                                 f"{[n for n in modules if n][:50]}")
-            self._handles.append(modules[self.feature_layer].register_forward_hook(self._capture_output))
+            module = find_module(pl_module, self.feature_layer, "feature_layer")
+            self._handles.append(module.register_forward_hook(self._capture_output))
         elif self.feature_layer is None:
             self._handles.append(head.register_forward_pre_hook(self._capture_input))
 
-    def dashboard_charts(self) -> dict[str, list[str]]:
-        p = re.escape(self.prefix)
-        return {
-            "NC1 (within-class variability)": [rf"{p}/nc1$"],
-            "NC2 (equinorm, equiangularity)": [rf"{p}/nc2_.*"],
-            "NC3 (self-duality), NC4 (nearest class centre)": [rf"{p}/nc[34]$"],
-            "CDNV, trace ratio": [rf"{p}/(cdnv|trace_ratio)$"],
-        }
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._head = [], None
         self._armed = self._capturing = False
         self._captured.clear()
         self._decision = self._acc = None  # the reference means for lagged NC4 live on in self._reference
-
-    def _find_classifier(self, pl_module: pl.LightningModule) -> nn.Module | None:
-        if self.classifier is None:
-            linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
-            return linears[-1] if linears else None
-        modules = dict(pl_module.named_modules())
-        if self.classifier not in modules:
-            heads = [n for n, m in modules.items() if isinstance(getattr(m, "weight", None), Tensor)
-                     and m.weight.ndim == 2]
-            raise ValueError(f"`classifier={self.classifier!r}` is not a module of the model; modules with a 2-D "
-                             f"weight are: {heads[:50]}")
-        return modules[self.classifier]
 
     def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._capturing and args:
@@ -267,16 +232,11 @@ class NCTracker(DiagnosticCallback):
         if self._capturing:
             self._captured.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
 
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     # -- data="val" ----------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         validating = trainer.state.fn == "validate"
-        if self.data == "val" and not trainer.sanity_checking and (validating or self._epoch_due(trainer)):
+        if self.data == "val" and not trainer.sanity_checking and (validating or self._epochs.at(trainer.current_epoch)):
             self._begin()
 
     def on_validation_batch_start(
@@ -295,15 +255,14 @@ class NCTracker(DiagnosticCallback):
         if self.data == "val" and self._armed:
             self._finish(trainer)
 
-    # -- data="train" --------------------------------------------------------------------------
+    # -- data="train" and probes ---------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.data == "train" and self._epoch_due(trainer):
+        if self.data == "train" and self._epochs.at(trainer.current_epoch):
             self._begin()
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._start_batch(self.data == "train")
         if self._capturing and self._acc is not None and self._acc.reference_means is not None:
             # NC4 compares with the decision of *this* forward, made before the optimizer step moves W.
@@ -313,31 +272,29 @@ class NCTracker(DiagnosticCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.data == "train":
             self._end_batch(pl_module, batch)
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_probe_step:
+        if self.probe_every_n_steps is not None and self._probes.at(trainer.global_step - 1):
             self._probe(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data == "train" and self._armed:
             self._finish(trainer)
-        elif not isinstance(self.data, str) and self._epoch_due(trainer):
-            if trainer.global_step != self._last_probe_step:  # not twice at one step (every_n_steps)
+        elif not isinstance(self.data, str) and self._epochs.at(trainer.current_epoch):
+            if not self._probes.at(trainer.global_step - 1):  # not twice at one step
                 self._probe(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if self._head is not None and not self._measured and self.data == "val":
             self.warn_once("no-val", "data='val' but no validation epoch was measured (no validation loop, or "
                                      "fewer epochs than `every_n_epochs`); pass data='train' or a probe DataLoader")
-
-    # -- data=<DataLoader> ---------------------------------------------------------------------
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One evaluation on the probe loader (two passes with ``nc4="exact"``); training unchanged."""
         if self._head is None:
             return
-        self._last_probe_step = trainer.global_step
         self._begin()
         with _probe_mode(pl_module):
             for batch in self._probe_batches(trainer, pl_module):
@@ -378,9 +335,6 @@ class NCTracker(DiagnosticCallback):
         return counts[0] / counts[1]  # NaN when the probe is empty
 
     # -- one evaluation: begin, absorb batches, finish ------------------------------------------
-
-    def _epoch_due(self, trainer: pl.Trainer) -> bool:
-        return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _begin(self) -> None:
         if self._head is None:
@@ -474,7 +428,7 @@ class NCTracker(DiagnosticCallback):
             self._acc.sync(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # the default reduce is a mean
 
     def _finish(self, trainer: pl.Trainer, exact_nc4: Tensor | None = None) -> None:
-        """Merge ranks, compute, publish (one host transfer), then keep the means for lagged NC4."""
+        """Merge ranks, compute, hand the figures to the base (one host transfer), keep the means for NC4."""
         acc, head = self._acc, self._head
         assert acc is not None and head is not None
         self._armed = self._capturing = False
@@ -484,18 +438,22 @@ class NCTracker(DiagnosticCallback):
             metrics = acc.compute(head.weight, getattr(head, "bias", None))
             if exact_nc4 is not None:
                 metrics["nc4"] = exact_nc4
+            elif self._reference is None:
+                del metrics["nc4"]  # lagged NC4 has no previous means at the first evaluation: log nothing
             finite = torch.isfinite(acc.means).all(1) & torch.isfinite(acc.class_scatter)
             nonfinite = ((acc.counts > 0) & ~finite).sum().to(acc.dtype)
-            values = torch.stack([*(metrics[k] for k in METRIC_KEYS), acc.counts.sum(), nonfinite])
-            self._builtin_rules[0].update(values[self._builtin_index], trainer.global_step)
-            logged = self.publish(trainer, trainer.global_step, self.keys, values)
-            if self.cosine_image and has_tensorboard(trainer):
-                image = cosine_image(class_mean_cosines(acc.means, acc.counts, self.global_mean))
-                log_image(trainer, f"{self.prefix}/class_mean_cosine", image, trainer.global_step)
+            self.record(trainer.global_step, Figures({**metrics, "num_samples": acc.counts.sum(),
+                                                      "nonfinite_classes": nonfinite}))  # fmt: skip
+            self.drain(trainer, trainer.global_step, wait=True)
+            self.publish(trainer, trainer.global_step)
+            cosines = class_mean_cosines(acc.means, acc.counts, self.global_mean)
+            if self.cosine_image and cosines.numel() and has_tensorboard(trainer):
+                log_image(trainer, f"{self.family}/class_mean_cosine", cosine_image(cosines), trainer.global_step)
             self._reference = (acc.means.clone(), (acc.counts > 0) & finite)
             acc.reset()
         self._measured = True
-        present, samples = int(logged[f"{self.prefix}/num_classes_present"]), logged[f"{self.prefix}/num_samples"]
+        host = dict(zip(self._host[1], self._host[2].tolist())) if self._host is not None else {}
+        present, samples = int(host.get(f"{self.family}/num_classes_present", 0)), host.get(f"{self.family}/num_samples", 0)
         if samples == 0:
             self.warn_once("empty", f"no features were captured for data={self._data_name!r}: does the step run "
                                     "the classifier (or `feature_layer`)?")
@@ -517,6 +475,23 @@ class NCTracker(DiagnosticCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         means, present = state.get("reference_means"), state.get("reference_present")
         self._reference = None if means is None else (means.clone(), present.clone())
+
+
+def _check_data(data: Any) -> None:
+    """``data``: "val", "train", a DataLoader, or a re-iterable of ``(input, label)``-like batches."""
+    if isinstance(data, str):
+        if data not in DATA_SOURCES:
+            raise ValueError(f"`data` must be one of {DATA_SOURCES} or a DataLoader, got {data!r}")
+        return
+    if isinstance(data, DataLoader):
+        return
+    if not isinstance(data, Iterable) or isinstance(data, Iterator):  # iter() of an iterator would consume it
+        raise ValueError(f"`data` must be one of {DATA_SOURCES} or a re-iterable DataLoader, got {data!r}")
+    first = next(iter(data), None) if isinstance(data, Sequence) else None
+    if isinstance(data, Sequence) and not (isinstance(first, (Mapping, Tensor)) or (
+            isinstance(first, (tuple, list)) and len(first) >= 2)):  # fmt: skip
+        raise ValueError(f"`data` must be one of {DATA_SOURCES} or a DataLoader of (input, label) batches, got a "
+                         f"{type(data).__name__} whose first batch is {first!r}")  # fmt: skip
 
 
 # -- helpers ------------------------------------------------------------------------------------------

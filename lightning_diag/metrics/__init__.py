@@ -1,5 +1,7 @@
-"""Pure tensor math: no Lightning import, no logging, no host syncs (except where a docstring
-says so, e.g. ``CollapseAccumulator.compute``). Tested against float64 references."""
+"""Pure math: no Lightning import, no logging, no I/O. Device measurements are tensor functions
+with no host sync (except where a docstring says so, e.g. ``CollapseAccumulator.compute``); the
+decisions (baselines, windows, rules' statistics) are small stateful objects on the host in
+float64 numpy (:mod:`~lightning_diag.metrics.state`). Tested against float64 references."""
 
 from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
 from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
@@ -11,14 +13,16 @@ from lightning_diag.metrics.spectral import (
     spectral_alignment,
     stable_rank,
 )
-from lightning_diag.metrics.stats import EmaZScore, zclip
+from lightning_diag.metrics.state import Stateful
+from lightning_diag.metrics.stats import EmaBaseline, zclip_coefficient
 from lightning_diag.metrics.windows import RollingWindow, linear_fit
 
 __all__ = [
     "AlignmentSummary",
     "CollapseAccumulator",
-    "EmaZScore",
+    "EmaBaseline",
     "RollingWindow",
+    "Stateful",
     "alignment_histogram",
     "alignment_summary",
     "count_nonfinite",
@@ -30,5 +34,5 @@ __all__ = [
     "stable_rank",
     "tensor_norms",
     "total_norm",
-    "zclip",
+    "zclip_coefficient",
 ]

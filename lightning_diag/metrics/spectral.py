@@ -20,16 +20,23 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_diag.metrics.stats import EmaBaseline
+
 __all__ = [
+    "MOMENTS",
     "AlignmentSummary",
+    "CollapseBaseline",
+    "alignment_moments",
     "alignment_histogram",
     "alignment_summary",
     "power_iteration",
     "spectral_alignment",
     "stable_rank",
+    "summary_from_moments",
 ]
 
 # Iterations used when there is no warm start: a random start is far from v_1, and the error
@@ -193,6 +200,37 @@ class AlignmentSummary(NamedTuple):
     std: Tensor
 
 
+#: Rows of :func:`alignment_moments`: sufficient statistics that add up across ranks.
+MOMENTS = ("n_pos", "n_neg", "n", "sum", "sum_abs", "sum_sq")
+
+
+def alignment_moments(alignment: Tensor) -> Tensor:
+    """Sufficient statistics of SA values, ``(6, ...)``: the rows of :data:`MOMENTS`.
+
+    They add up across shards of the rows (DDP ranks each sampling their own inputs): reduce them
+    with one SUM all-reduce and call :func:`summary_from_moments`. Non-finite values are counted
+    in ``n`` and propagate NaN into the sums, as in :func:`alignment_summary`.
+
+    Example:
+        >>> summary_from_moments(alignment_moments(torch.tensor([0.5, 0.25, -0.5, 0.0]))).sign_diversity
+        tensor(0.6667)
+    """
+    a = alignment.detach().to(_compute_dtype(alignment))
+    n = torch.full(a.shape[:-1], a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.stack([(a > 0).sum(-1).to(a.dtype), (a < 0).sum(-1).to(a.dtype), n, a.sum(-1), a.abs().sum(-1),
+                        a.square().sum(-1)])  # fmt: skip
+
+
+def summary_from_moments(moments: Tensor) -> AlignmentSummary:
+    """:class:`AlignmentSummary` from (summed) :func:`alignment_moments`; equals :func:`alignment_summary`."""
+    n_pos, n_neg, n, total, total_abs, total_sq = moments.unbind(0)
+    mean = total / n
+    collapse = (n_pos - n_neg).abs() / (n_pos + n_neg)
+    return AlignmentSummary(frac_positive=n_pos / (n_pos + n_neg), sign_diversity=1 - collapse, collapse=collapse,
+                            mean_abs=total_abs / n, abs_mean=mean.abs(),
+                            std=(total_sq / n - mean.square()).clamp_min(0).sqrt())  # fmt: skip
+
+
 def alignment_summary(alignment: Tensor) -> AlignmentSummary:
     """Sign-diversity statistics of SA values, reduced over the last dim (Qiu et al. 2025).
 
@@ -243,7 +281,8 @@ def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
         sigma1: ``()`` or ``(B,)`` top singular values.
 
     Returns:
-        ``()`` or ``(B,)``, float32 at least; 0 for a zero matrix (``sigma1 == 0``).
+        ``()`` or ``(B,)``, float32 at least; 0 for a zero matrix (``sigma1 == 0``), NaN for a
+        non-finite ``sigma1`` (a broken weight never gets a healthy-looking rank).
 
     Example:
         >>> w = torch.diag(torch.tensor([2.0, 1.0]))
@@ -258,7 +297,8 @@ def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
     dtype = _compute_dtype(weights, sigma1)
     frob_sq = weights.detach().to(dtype).square().sum((-2, -1))
     s_sq = sigma1.detach().to(dtype).square()
-    return torch.where(s_sq > 0, frob_sq / s_sq.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    ratio = torch.where(s_sq > 0, frob_sq / s_sq.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    return torch.where(torch.isfinite(s_sq) & torch.isfinite(frob_sq), ratio, float("nan"))
 
 
 def alignment_histogram(alignment: Tensor, bins: int = 20) -> Tensor:
@@ -288,3 +328,51 @@ def alignment_histogram(alignment: Tensor, bins: int = 20) -> Tensor:
     idx = torch.where(finite, idx, 0).long()  # NaN -> bin 0, but with weight 0 below
     counts = torch.zeros(*a.shape[:-1], bins, dtype=torch.long, device=a.device)
     return counts.scatter_add_(-1, idx, finite.long())
+
+
+class CollapseBaseline:
+    """Per-layer baselines of the collapse ``c = 1 - D`` and the layers past them (host, float64).
+
+    A layer is *flagged* at a check when ``c >= threshold`` and, with ``rise``, ``c >= baseline +
+    rise``, its baseline being an :class:`~lightning_diag.metrics.stats.EmaBaseline` of its own
+    finite checks that were not flagged (exact mean over the first ``warmup`` of them, then EMA
+    ``alpha``). Layers whose inputs are one-sided by construction (after a LayerNorm or a ReLU,
+    ``c ~ 1`` in healthy runs) therefore never flag; ``rise=None`` is the absolute rule alone. NaN
+    never flags and is never absorbed. Layers are tracked by name, so a layer missing from a check
+    keeps its baseline.
+
+    Example:
+        >>> cb = CollapseBaseline(threshold=0.9, rise=0.4, warmup=2)
+        >>> [cb.update(["fc"], np.array([c])).tolist() for c in (0.1, 0.2, 0.95)]
+        [[False], [False], [True]]
+    """
+
+    def __init__(self, threshold: float = 0.9, rise: float | None = 0.4, *, alpha: float = 0.95, warmup: int = 5) -> None:
+        self.threshold, self.rise = threshold, rise
+        self.baseline = EmaBaseline(0, alpha=alpha, warmup=warmup)
+        self.layers: list[str] = []
+
+    def update(self, layers: list[str] | tuple[str, ...], collapse: np.ndarray, absorb: bool = True) -> np.ndarray:
+        """Flags of ``layers`` for this check's ``collapse``; absorbs the unflagged finite ones if ``absorb``."""
+        self.layers += [name for name in layers if name not in self.layers]
+        self.baseline.grow(len(self.layers))
+        index = np.array([self.layers.index(name) for name in layers], dtype=np.int64)
+        c = np.asarray(collapse, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            flagged = c >= self.threshold
+            if self.rise is not None:
+                base = self.baseline
+                flagged &= base.ready[index] & (c >= base.mean[index] + self.rise)
+        if absorb:
+            full = np.full(len(self.layers), np.nan)
+            full[index] = np.where(flagged, np.nan, c)
+            self.baseline.update(full)
+        return flagged
+
+    def state_dict(self) -> dict[str, object]:
+        return {"layers": list(self.layers), "baseline": self.baseline.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.layers = list(state["layers"])  # type: ignore[call-overload]
+        self.baseline.grow(len(self.layers))
+        self.baseline.load_state_dict(state["baseline"])  # type: ignore[arg-type]
