@@ -2,6 +2,7 @@
 says so, e.g. ``CollapseAccumulator.compute``). Tested against float64 references."""
 
 from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
+from lightning_diag.metrics.neural_collapse import NeuralCollapse
 from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
 from lightning_diag.metrics.spectral import (
     AlignmentSummary,
@@ -18,6 +19,7 @@ __all__ = [
     "AlignmentSummary",
     "CollapseAccumulator",
     "EmaZScore",
+    "NeuralCollapse",
     "RollingWindow",
     "alignment_histogram",
     "alignment_summary",

@@ -306,7 +306,8 @@ class CollapseAccumulator:
             raise RuntimeError("merge() after sync(): the state is already global; call reset() first")
         for key in ("num_classes", "dim", "full_covariance"):
             if getattr(other, key) != getattr(self, key):
-                raise ValueError(f"cannot merge: other has {key}={getattr(other, key)!r}, this one {getattr(self, key)!r}")
+                mine, theirs = getattr(self, key), getattr(other, key)
+                raise ValueError(f"cannot merge: other has {key}={theirs!r}, this one {mine!r}")
         kw = {"device": self.device, "dtype": self.dtype}
         n_other, means_other = other.counts.to(**kw), other.means.to(**kw)
         n_total = self.counts + n_other
