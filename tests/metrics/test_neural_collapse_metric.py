@@ -233,6 +233,26 @@ def test_module_casts_keep_float64_and_set_dtype_changes_it():
     assert moved.means.device.type == "meta" and moved.means.dtype == torch.float64
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_states_and_reference_move_with_the_module_and_match_the_cpu():
+    h, y, w, b = random_problem(13)
+    ht, yt = as_torch(h, y)
+    expected = reference_metrics(h, y, w, b)
+    model = nn.Module()
+    model.head = linear(w, b)
+    model.nc = NeuralCollapse(5, model.head)
+    feed(model.nc, ht, yt).compute()
+    model.nc.reset()  # the reference is set on the CPU ...
+    model.cuda()  # ... and moves with the module
+    model.nc.to(torch.bfloat16)  # a cast leaves the states alone
+    assert model.nc.means.is_cuda and model.nc.reference_means.is_cuda and model.nc.reference_present.is_cuda
+    assert model.nc.means.dtype == torch.float64
+    result = feed(model.nc, ht.cuda(), yt.cuda()).compute()
+    assert all(v.is_cuda for v in result.values())
+    assert_metrics_close({k: v.cpu() for k, v in result.items()}, expected, rtol=1e-9)
+
+
 def test_state_dict_is_empty_by_default_and_persistent_states_resume_with_the_reference():
     h, y, w, b = random_problem(11)
     ht, yt = as_torch(h, y)
