@@ -8,6 +8,7 @@ Example:
 
 from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, ZScore
 from lightning_diag.callbacks import GradNormWatcher, LossSpikeDetector, NCTracker, SpectralAlignmentMonitor
+from lightning_diag.metrics.neural_collapse import NeuralCollapse
 
 __all__ = [
     "Above",
@@ -17,6 +18,7 @@ __all__ = [
     "GradNormWatcher",
     "LossSpikeDetector",
     "NCTracker",
+    "NeuralCollapse",
     "NonFinite",
     "SpectralAlignmentMonitor",
     "ZScore",

@@ -4,6 +4,7 @@ decisions (baselines, windows, rules' statistics) are small stateful objects on 
 float64 numpy (:mod:`~lightning_diag.metrics.state`). Tested against float64 references."""
 
 from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
+from lightning_diag.metrics.neural_collapse import NeuralCollapse
 from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
 from lightning_diag.metrics.spectral import (
     AlignmentSummary,
@@ -21,6 +22,7 @@ __all__ = [
     "AlignmentSummary",
     "CollapseAccumulator",
     "EmaBaseline",
+    "NeuralCollapse",
     "RollingWindow",
     "Stateful",
     "alignment_histogram",

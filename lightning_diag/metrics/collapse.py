@@ -101,6 +101,7 @@ class CollapseAccumulator:
     ``n_a n_b / (n_a + n_b) delta delta^T``. Every product is of centred numbers, so there is no
     ``sum(h h^T) - n mu mu^T`` cancellation (that textbook form was off by 18% in float32 near
     collapse). Memory ``O(K d + d^2)``; cost per batch one ``B x d x d`` GEMM whatever ``K``.
+    :meth:`merge` combines two accumulators of one process with the same correction.
 
     **Large d.** With ``full_covariance=False`` (the default when ``d > 4096``) ``S`` is not kept
     and ``nc1`` is the trace approximation ``(K - 1) / K * Tr Sigma_W / Tr Sigma_B``. It is exact
@@ -292,6 +293,35 @@ class CollapseAccumulator:
             network = logits.detach().to(self.device).argmax(dim=1)
             self.ncc_mismatches += (ncc != network).sum()
             self.ncc_seen += x.shape[0]
+
+    def merge(self, other: CollapseAccumulator) -> None:
+        """Absorb another accumulator's statistics in this process, with Chan's pairwise merge.
+
+        The result is that of passing ``other``'s batches to :meth:`update` here (up to rounding):
+        ``mu_c`` is the count-weighted mean, and ``t_c`` and ``S`` gain ``other``'s scatters plus
+        ``n_a n_b / (n_a + n_b) delta_c delta_c^T`` (``delta_c`` the difference of the two means).
+        The NC4 counters add; the reference means stay this accumulator's. No host sync.
+        """
+        if self.synced:
+            raise RuntimeError("merge() after sync(): the state is already global; call reset() first")
+        for key in ("num_classes", "dim", "full_covariance"):
+            if getattr(other, key) != getattr(self, key):
+                mine, theirs = getattr(self, key), getattr(other, key)
+                raise ValueError(f"cannot merge: other has {key}={theirs!r}, this one {mine!r}")
+        kw = {"device": self.device, "dtype": self.dtype}
+        n_other, means_other = other.counts.to(**kw), other.means.to(**kw)
+        n_total = self.counts + n_other
+        delta = means_other - self.means
+        share = n_other / n_total.clamp_min(1)  # 0 for classes absent from other: they stay put
+        chan = self.counts * share  # n_a n_b / (n_a + n_b)
+        self.class_scatter = self.class_scatter + other.class_scatter.to(**kw) + chan * delta.square().sum(1)
+        if self.within_class_scatter is not None:
+            scatter = other.within_class_scatter.to(**kw) + (delta * chan[:, None]).T @ delta
+            self.within_class_scatter = self.within_class_scatter + scatter
+        self.means = self.means + delta * share[:, None]
+        self.counts = n_total
+        self.ncc_mismatches = self.ncc_mismatches + other.ncc_mismatches.to(**kw)
+        self.ncc_seen = self.ncc_seen + other.ncc_seen.to(**kw)
 
     def sync(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> None:
         """Merge the states of all ranks exactly, with two SUM all-reduces (every rank must call).

@@ -356,6 +356,38 @@ def test_sync_of_simulated_ddp_shards_equals_the_whole(full_covariance):
     assert 0 < float(expected["nc4"]) < 1
 
 
+@pytest.mark.parametrize("full_covariance", [True, False])
+def test_merge_of_two_accumulators_equals_one_over_all_batches(full_covariance):
+    h, y, w, b = random_problem(15, num_classes=5, dim=6, n=240, offset=30.0)
+    order = np.argsort(y, kind="stable")
+    ht, yt, wt, bt = as_torch(h[order], y[order], w, b)  # sorted: the two parts see different classes
+    reference = torch.as_tensor(h[:5])
+
+    def run(sl):
+        acc = CollapseAccumulator(5, 6, full_covariance=full_covariance)
+        acc.set_reference_means(reference)
+        for start in range(sl.start, sl.stop, 16):
+            part = slice(start, min(start + 16, sl.stop))
+            acc.update(ht[part], yt[part], logits=ht[part] @ wt.T)
+        return acc
+
+    whole, first, second, empty = run(slice(0, 240)), run(slice(0, 150)), run(slice(150, 240)), run(slice(0, 0))
+    assert second.counts[0] == 0 and first.counts[4] == 0
+    first.merge(second)
+    first.merge(empty)  # nothing seen: changes nothing
+    empty.merge(first)  # into an empty one: a copy
+    for acc in (first, empty):
+        torch.testing.assert_close(acc.counts, whole.counts, rtol=0, atol=0)
+        torch.testing.assert_close(acc.means, whole.means, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(acc.class_scatter, whole.class_scatter, rtol=1e-10, atol=0)
+        if full_covariance:
+            torch.testing.assert_close(acc.within_class_scatter, whole.within_class_scatter, rtol=1e-10, atol=1e-10)
+        assert_metrics_close(acc.compute(wt, bt), whole.compute(wt, bt), rtol=1e-9)
+    assert float(first.ncc_seen) == 240 and 0 < float(first.ncc_mismatches) < 240
+    with pytest.raises(ValueError, match="full_covariance"):
+        first.merge(CollapseAccumulator(5, 6, full_covariance=not full_covariance))
+
+
 def test_sync_twice_or_update_after_sync_is_an_error():
     acc = CollapseAccumulator(3, 2)
     acc.update(torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2]))
