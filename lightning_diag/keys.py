@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["LAYER", "Key", "Kind", "Rate", "keys_table", "layer_keys", "split_key"]
+__all__ = ["LAYER", "Key", "Kind", "Rate", "keys_section", "keys_table", "layer_keys", "split_key"]
 
 LAYER = "{layer}"
 
@@ -36,6 +36,7 @@ Kind = Literal["scalar", "histogram", "image"]
 #   "log"   logging steps only (a figure: read in the one host transfer of a logging step)
 Rate = Literal["step", "check", "eval", "log"]
 _RATE_TEXT = {"step": "every step", "check": "every check", "eval": "every evaluation", "log": "logging steps"}
+_HEAD = ("key", "meaning", "known (rules see it)")
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,30 @@ def keys_table(family: str, keys: Iterable[Key], *, rst: bool = False) -> str:
     rows = [(f"``{k.key(family, '<layer>')}``" if rst else f"`{k.key(family, '<layer>')}`", k.meaning,
              k.describe()) for k in keys]  # fmt: skip
     if not rst:
-        lines = ["| key | meaning | logged |", "|---|---|---|"]
-        return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
-    widths = [max(len(r[i]) for r in [("key", "meaning", "logged"), *rows]) for i in range(3)]
+        lines = ["| " + " | ".join(_HEAD) + " |", "|---|---|---|"]
+        return "\n".join(lines + [f"| {a} | {b.replace('|', chr(92) + '|')} | {c} |" for a, b, c in rows])
+    widths = [max(len(r[i]) for r in [_HEAD, *rows]) for i in range(3)]
     rule = "  ".join("=" * w for w in widths)
     body = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    head = "  ".join(cell.ljust(w) for cell, w in zip(("key", "meaning", "logged"), widths)).rstrip()
+    head = "  ".join(cell.ljust(w) for cell, w in zip(_HEAD, widths)).rstrip()
     return "\n".join([rule, head, rule, *body, rule])
 
 
 def layer_keys(family: str, keys: Sequence[Key], layers: Sequence[str]) -> list[str]:
     """Every logged key of ``keys`` for ``layers``, in declaration order (model-level keys once)."""
     return [k.key(family, layer) for k in keys for layer in (layers if k.per_layer else [None])]
+
+
+def keys_section(monitors: Iterable[type]) -> str:
+    """The README's key tables: one per monitor class (its ``family`` and ``KEYS``), plus the alert count.
+
+    A test checks that the README holds exactly this text for every exported monitor between its
+    ``<!-- keys:begin -->`` and ``<!-- keys:end -->`` markers (and prints it when it does not).
+    """
+    parts = []
+    for cls in monitors:
+        rows = keys_table(cls.family, [*cls.KEYS, Key("alerts", "number of alerts so far (TensorBoard also gets "
+                                                             "each alert's text under this tag)", rate="step")])
+        parts.append(f"**{cls.__name__}** (`{cls.family}/`)\n\n{rows}")
+    return "\n\n".join(parts)
+

@@ -1,0 +1,256 @@
+"""The contract every exported monitor keeps, checked on each of them (a new monitor inherits it).
+
+``CASES`` says, per exported callback, the arguments of a small fast run and a table of bad
+arguments; a monitor exported without an entry fails ``test_every_exported_monitor_has_a_case``.
+The runs use ``Poisoned``: a classifier whose loss turns NaN from a given step (so its gradients,
+weights and features follow), which every monitor must report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import MemoryLogger, MixtureClassifier, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import lightning_diag.callbacks
+from lightning_diag import DivergenceError
+from lightning_diag.alerts import Above
+from lightning_diag.callbacks._base import DiagnosticCallback
+
+# name -> (fast arguments, [(bad arguments, the value's repr in the message, a word of what is allowed)])
+COMMON_BAD = [({"every_n_steps": 0}, "0", ">= 1"), ({"action": "explode"}, "'explode'", "'stop'"),
+              ({"rules": "grad"}, "'grad'", "Above")]  # fmt: skip
+CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str, str]]]] = {
+    "GradNormWatcher": ({}, [({"z_threshold": -1.0}, "-1.0", "> 0"), ({"clip": "norm"}, "'norm'", "'zclip'"),
+                             ({"spike_severity": "fatal"}, "'fatal'", "'info'"), ({"group_depth": 0}, "0", ">= 1")]),
+    "LossSpikeDetector": ({"warmup": 5}, [({"factor": 0.5}, "0.5", "> 1"), ({"mode": "up"}, "'up'", "'min'"),
+                                          ({"lr_factor": 2.0}, "2.0", "(0, 1)"), ({"trend_window": 2}, "2", ">= 3")]),
+    "SpectralAlignmentMonitor": ({"check_every_n_steps": 2, "warmup_steps": 0},
+                                 [({"seed": "x"}, "'x'", ">= 0"), ({"layer_rule": "max"}, "'max'", "'baseline'"),
+                                  ({"collapse_threshold": 1.5}, "1.5", "(0, 1]"), ({"max_rows": 0}, "0", ">= 1")]),
+    "NCTracker": ({}, [({"data": [1, 2, 3]}, "1", "DataLoader"), ({"nc4": "soon"}, "'soon'", "'lagged'"),
+                       ({"prefix": "a/b"}, "'a/b'", "without '/'"), ({"probe_every_n_steps": 5}, "'val'", "probe")]),
+}  # fmt: skip
+EXPORTED = list(lightning_diag.callbacks.__all__)
+ACTIONS = ["stop", "raise", "callable"]
+
+
+class Poisoned(MixtureClassifier):
+    """A classifier whose loss is multiplied by NaN from optimizer step ``poison_at`` on (then its
+    gradients, weights after the SGD step, and features are NaN too); ``fail`` raises in a step."""
+
+    def __init__(self, poison_at: int | None = None, fail: str | None = None, fail_at: int = 3) -> None:
+        super().__init__(n_per_class=16, batch_size=16)  # 4 batches per epoch
+        self.poison_at, self.fail, self.fail_at = poison_at, fail, fail_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.fail == "train" and self.global_step == self.fail_at:
+            raise RuntimeError("boom in training_step")
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.poison_at is not None and self.global_step >= self.poison_at else loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.fail == "val":
+            raise RuntimeError("boom in validation_step")
+        return super().validation_step(batch, batch_idx)
+
+
+def make(name: str, **overrides: Any) -> DiagnosticCallback:
+    return getattr(lightning_diag.callbacks, name)(**{**CASES[name][0], **overrides})
+
+
+def fit(callback: DiagnosticCallback, model: pl.LightningModule, **trainer_kwargs: Any) -> pl.Trainer:
+    trainer = make_trainer(callbacks=[callback], **{"max_steps": 12, "log_every_n_steps": 50, **trainer_kwargs})
+    trainer.fit(model)
+    return trainer
+
+
+def test_every_exported_monitor_has_a_case() -> None:
+    assert sorted(EXPORTED) == sorted(CASES), "add the new monitor to CASES: the contract covers every monitor"
+    for name in EXPORTED:
+        assert issubclass(getattr(lightning_diag.callbacks, name), DiagnosticCallback)
+
+
+# -- keys: every logged key is declared, and the docs are generated from the declarations ---------------------
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_every_logged_key_matches_a_declared_key(name: str, tmp_path: Path) -> None:
+    callback = make(name, action="log")
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = make_trainer(callbacks=[callback], logger=[MemoryLogger(), logger], max_steps=12, log_every_n_steps=4)
+    torch.manual_seed(0)
+    trainer.fit(Poisoned(poison_at=9))
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0,
+                                                             "tensors": 0}).Reload()  # fmt: skip
+    tags = {t for kind in ("scalars", "histograms", "images") for t in events.Tags()[kind]}
+    tags |= {t for t in events.Tags()["tensors"] if not t.startswith("custom_scalars")}  # alert texts
+    logged = set(trainer.loggers[0].history) | {t.removesuffix("/text_summary") for t in tags}
+    assert logged, "nothing was logged"
+    allowed = [*callback.declared_keys(), *[k for k in callback.KEYS if k.kind != "scalar"]]
+    undeclared = sorted(k for k in logged if k != f"{callback.family}/alerts"
+                        and not any(d.matches(k, callback.family) for d in allowed))  # fmt: skip
+    assert not undeclared
+    assert f"{callback.family}/alerts" in logged
+    assert "Logged keys" in type(callback).__doc__ and "``" + callback.KEYS[0].key(callback.family) in type(callback).__doc__
+
+
+# -- nothing is left behind -----------------------------------------------------------------------------------
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(getattr(m, attr)) for m in model.modules() for attr in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _tensors(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through containers and lightning_diag objects' attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for value in obj:
+            yield from _tensors(value, seen)
+    elif type(obj).__module__.startswith("lightning_diag") and hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            yield from _tensors(value, seen)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name), seen)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+@pytest.mark.parametrize("fail", [None, "train", "val"])
+def test_nothing_is_left_behind_after_fit_or_an_exception(name: str, fail: str | None) -> None:
+    callback = make(name, action="skip" if name == "LossSpikeDetector" else "log")  # "skip" wraps optimizer.step
+    model = Poisoned(fail=fail)
+    trainer = make_trainer(callbacks=[callback], max_steps=8, log_every_n_steps=2)
+    if fail is None:
+        trainer.fit(model)
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.fit(model)
+    assert _hooks(model) == 0
+    assert all("step" not in vars(opt) for opt in trainer.optimizers)  # no wrapped optimizer.step
+    assert not torch.overrides._get_current_function_mode_stack()
+    held = len(list(_tensors(callback)))
+    x = torch.randn(16, 8)
+    for _ in range(100):
+        model(x)
+    assert len(list(_tensors(callback))) == held  # forwards after the run capture nothing
+
+
+# -- alerts: none lost at the end, acted on within one step ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_alerts_after_the_last_logging_step_are_flushed_and_logged(name: str) -> None:
+    callback = make(name, action="log")
+    trainer = fit(callback, Poisoned(poison_at=9), max_steps=12, log_every_n_steps=50)  # no logging step at all
+    critical = [a for a in callback.alerts if a.severity == "critical"]
+    assert critical, f"{name} raised no critical alert on a NaN run"
+    assert trainer.logger.history[f"{callback.family}/alerts"][-1][1] == pytest.approx(len(callback.alerts))
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+@pytest.mark.parametrize("action", ACTIONS)
+def test_every_action_takes_effect_within_one_step_at_the_default_cadence(name: str, action: str) -> None:
+    calls: list[tuple[int, int]] = []
+    chosen = (lambda alert, trainer: calls.append((alert.step, trainer.global_step))) if action == "callable" else action
+    callback = make(name, action=chosen)
+    model = Poisoned(poison_at=5)
+    trainer = make_trainer(callbacks=[callback], max_steps=40)  # Lightning's default log_every_n_steps=50
+    if action == "raise":
+        with pytest.raises(DivergenceError):
+            trainer.fit(model)
+    else:
+        trainer.fit(model)
+    acted = [a for a in callback.alerts if a.severity != "info"]
+    assert acted, f"{name} raised no alert"
+    first = acted[0]
+    assert first.acted_step is not None and 0 <= first.acted_step - first.step <= 1
+    if action == "stop":
+        assert trainer.global_step <= first.step + 2  # stopped after the step it acted at
+    if action == "callable":
+        assert calls and calls[0][0] == first.step and calls[0][1] - first.step <= 2
+
+
+# -- state: a resumed run equals an uninterrupted one ---------------------------------------------------------
+
+
+def _close(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True, msg=path)
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-7), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_checkpoint_resume_equals_an_uninterrupted_run(name: str, tmp_path: Path) -> None:
+    kwargs = {"max_epochs": 4, "max_steps": -1, "log_every_n_steps": 3}
+    torch.manual_seed(0)
+    whole = make(name, action="log")
+    fit(whole, Poisoned(poison_at=13), **kwargs)
+    torch.manual_seed(0)
+    first = make(name, action="log")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(callbacks=[first, checkpoint], max_epochs=2, log_every_n_steps=3, enable_checkpointing=True)
+    trainer.fit(Poisoned(poison_at=13))  # 2 epochs of 4 steps: the checkpoint is at an epoch boundary
+    resumed = make(name, action="log")
+    trainer = make_trainer(callbacks=[resumed], **kwargs)
+    trainer.fit(Poisoned(poison_at=13), ckpt_path=str(tmp_path / "last.ckpt"))
+    _close([a.as_dict() for a in resumed.alerts], [a.as_dict() for a in whole.alerts])
+    _close(resumed.state_dict(), whole.state_dict())
+
+
+# -- arguments ------------------------------------------------------------------------------------------------
+
+
+def _accepts(name: str, bad: dict[str, Any]) -> bool:
+    return all(k in inspect.signature(getattr(lightning_diag.callbacks, name)).parameters for k in bad)
+
+
+@pytest.mark.parametrize(("name", "bad", "value", "allowed"), [
+    (name, bad, value, allowed) for name in EXPORTED for bad, value, allowed in [*COMMON_BAD, *CASES[name][1]]
+    if _accepts(name, bad)])
+def test_bad_arguments_give_a_value_error_naming_the_value_and_what_is_allowed(
+    name: str, bad: dict[str, Any], value: str, allowed: str
+) -> None:
+    with pytest.raises(ValueError) as error:
+        make(name, **bad)
+    message = str(error.value)
+    assert value in message and allowed in message and any(f"`{k}`" in message or k in message for k in bad)
+
+
+def test_a_rule_on_a_key_the_monitor_does_not_log_is_refused_listing_the_keys() -> None:
+    callback = make("GradNormWatcher", rules=[Above("grad_norm/totl", 1.0)])
+    with pytest.raises(ValueError, match=r"grad_norm/total.*did you mean"):
+        fit(callback, Poisoned(), max_steps=2)
