@@ -116,8 +116,8 @@ def default_monitors(
             left_out[name] = "not applicable: needs a classifier (class labels and a linear head)"
             continue
         # NCTracker measures at validation epochs (its every_n_steps is for probe loaders only).
-        cadence = None if name == "NCTracker" else every_n_steps
-        monitors.append(cls(every_n_steps=cadence, action=action))
+        cadence = {} if name == "NCTracker" else {"every_n_steps": every_n_steps}  # NCTracker logs every evaluation
+        monitors.append(cls(action=action, **cadence))
     return monitors, left_out
 
 

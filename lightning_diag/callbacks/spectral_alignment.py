@@ -177,6 +177,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._head: tuple[str, nn.Module] | None = None
         self._call_order: list[str] | None = None
+        self._armed, self._rank = False, 0
 
     histograms = property(lambda self: self.per_layer and self.histogram_every_n_steps is not None)
 
@@ -261,7 +262,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._check_calls(captured)
         called = sorted(captured)
         sigma, rank = self._measure_weights(called)
-        moments = torch.cat([self._moments(captured, group) for group in _buckets(captured)], dim=1)
+        histograms = self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
+        moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)], dim=1)
         order = [i for group in _buckets(captured) for i in group]
         moments = moments[:, torch.as_tensor(np.argsort(order), device=moments.device)]
         if trainer.world_size > 1:  # the sums add up across ranks: every rank gets the global figures
@@ -296,14 +298,13 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._refine.clear()
         return sigma, rank
 
-    def _moments(self, captured: dict[int, Tensor], group: list[int]) -> Tensor:
+    def _moments(self, trainer: pl.Trainer, captured: dict[int, Tensor], group: list[int], histograms: bool) -> Tensor:
         """SA sufficient statistics of maps whose sampled inputs have equal shape: one batched pass."""
         inputs = torch.stack([captured[i] for i in group])
         vectors = torch.stack([self._v1[self._maps[i].name] for i in group]).to(inputs.device)
         alignment = spectral_alignment(inputs, vectors)
-        if self._histograms.due(self._armed_step) and has_tensorboard(self._trainer):
-            for i, values in zip(group, alignment):
-                log_histogram(self._trainer, f"{self.family}/hist/{self._maps[i].name}", values, self._armed_step)
+        for i, values in zip(group, alignment) if histograms else ():
+            log_histogram(trainer, f"{self.family}/hist/{self._maps[i].name}", values, trainer.global_step)
         return alignment_moments(alignment)
 
     def _check_calls(self, captured: dict[int, Tensor]) -> None:
