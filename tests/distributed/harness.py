@@ -15,6 +15,10 @@ Strategies (all on CPU, gloo):
   processes; ``configure_model`` applies ``fully_shard`` to every ``nn.Linear`` and to the root
   on the ``data_parallel`` mesh: parameters and gradients are ``DTensor`` with ``Shard(0)``,
   split unevenly (7 rows: 4 + 3; 1 row: 1 + 0).
+- ``"fsdp1"`` (CUDA only, as Lightning's ``FSDPStrategy`` demands): ``FSDPStrategy`` wrapping
+  every ``nn.Linear`` (flat parameters, ``use_orig_params=True``), on ``min(2, GPUs)``
+  processes with NCCL. On one GPU the world size is 1 and FSDP1 falls back to ``NO_SHARD``: it
+  then checks only names, parameter resolution and the CUDA path.
 - ``"hsdp"``: the same with ``fully_shard`` on the whole 2-D mesh ``(data_parallel=2,
   tensor_parallel=1)``, i.e. HSDP: placements ``(Replicate(), Shard(0))``, each rank holding a
   full replica. A figure that counts replicas twice is ``sqrt(2)`` too high here.
@@ -56,11 +60,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-STRATEGIES = ("single", "ddp", "fsdp2", "hsdp")
+STRATEGIES = ("single", "ddp", "fsdp2", "hsdp", "fsdp1")
 History = dict[str, list[tuple[int, float]]]
 
 
 # -- the worker side (imports torch and Lightning lazily, so that the launcher stays light) ------
+
+
+def _fsdp1_world() -> int:
+    import torch
+
+    return max(1, min(2, torch.cuda.device_count()))
 
 
 def _build(strategy: str, callbacks: list[Any], steps: int, global_batch: int, seed: int, trainer_kwargs: dict) -> Any:
@@ -128,6 +138,10 @@ def _build(strategy: str, callbacks: list[Any], steps: int, global_batch: int, s
 
     if strategy == "single":
         dist_kwargs: dict[str, Any] = dict(devices=1)
+    elif strategy == "fsdp1":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        dist_kwargs = dict(accelerator="cuda", devices=_fsdp1_world(), strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}))
     elif strategy == "ddp":
         dist_kwargs = dict(devices=2, strategy="ddp")
     else:
@@ -135,11 +149,12 @@ def _build(strategy: str, callbacks: list[Any], steps: int, global_batch: int, s
 
         dist_kwargs = dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     logger = RecordingLogger()
-    kwargs: dict[str, Any] = dict(
-        accelerator="cpu", max_steps=steps, logger=logger, callbacks=callbacks, log_every_n_steps=1,
+    kwargs: dict[str, Any] = dict(accelerator="cpu")
+    kwargs.update(
+        max_steps=steps, logger=logger, callbacks=callbacks, log_every_n_steps=1,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **dist_kwargs,
     )
-    kwargs.update(trainer_kwargs)
+    kwargs.update(trainer_kwargs)  # e.g. accelerator="cuda" for the single-process reference on a GPU
     return pl.Trainer(**kwargs), ShardedMLP(), logger
 
 
@@ -207,11 +222,10 @@ def run_fit(
     out = Path(tmp_path) / f"{strategy}-{time.monotonic_ns()}"
     options = dict(steps=steps, global_batch=global_batch, seed=seed, callback_kwargs=callback_kwargs,
                    trainer_kwargs=trainer_kwargs)
-    if strategy == "single":
+    world = 1 if strategy == "single" else _fsdp1_world() if strategy == "fsdp1" else 2
+    if world == 1:
         fit_and_record(strategy, callbacks, out, **options)  # type: ignore[arg-type]
-        world = 1
     else:
-        world = 2
         _launch(strategy, callbacks, out, world, options, timeout)
     histories = []
     for rank in range(world):

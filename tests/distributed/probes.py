@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diag.callbacks._sharding import (
+    clean_name,
     is_row_sharded,
     local_grads,
     local_tensors,
@@ -56,7 +57,7 @@ class ShardedProbe(pl.Callback):
         # Hooks may be registered before configure_model: FSDP2 keeps the module objects.
         for name, module in pl_module.named_modules():
             if isinstance(module, nn.Linear):
-                self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+                self.handles.append(module.register_forward_pre_hook(self._hook(clean_name(name))))
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -69,7 +70,7 @@ class ShardedProbe(pl.Callback):
         self.groups = resolve_parameters(trainer, pl_module)
         self.sharding = sharding_of(trainer, self.groups.params, self.groups.names)
         self.layer_index = torch.tensor(self.groups.layer_of)
-        self.linears = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
+        self.linears = [(clean_name(n), m) for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)]
         self.v1: dict[tuple[int, ...], Tensor] = {}
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
