@@ -66,7 +66,7 @@ from lightning_diag.metrics.norms import grouped_squares
 __all__ = [
     "Sharding", "clean_name", "deepspeed_global_grad_norm", "deepspeed_limitation", "deepspeed_local_grads",
     "deepspeed_zero_stage", "is_row_sharded", "local_grads", "local_tensor", "local_tensors", "mean_over_ranks",
-    "resolve_parameters", "sharding_of", "sum_over_ranks", "weight_rows",
+    "resolve_parameters", "sharding_of", "sum_over_ranks", "weight_rows", "whole_tensor",
 ]
 
 try:  # torch >= 2.5 exports DTensor publicly; 2.4 under _tensor
@@ -144,6 +144,21 @@ def local_tensor(t: Tensor) -> Tensor:
         torch.Size([2])
     """
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_tensor(t: Tensor) -> Tensor:
+    """The whole of ``t`` on every rank: ``t.full_tensor()`` for a ``DTensor``, else ``t`` itself.
+
+    An all-gather, so a collective (every rank must call it at the same point) that moves the
+    whole tensor: only for small tensors read rarely, such as a ``(K, d)`` classifier head at
+    evaluation time (NCTracker reads ``head.weight`` outside the forward pass, where under FSDP2
+    it is a sharded ``DTensor``). Norms and power iterations never need it.
+
+    Example:
+        >>> whole_tensor(torch.ones(2)).shape
+        torch.Size([2])
+    """
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:

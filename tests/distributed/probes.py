@@ -9,7 +9,8 @@ helpers give single-process figures under DDP, FSDP2 and HSDP):
   (the same coefficient on every rank, or the runs drift apart within a step);
 - spectral figures: row-sharded power iteration on the weights of equal global shape, inputs
   sampled in forward pre-hooks (rank-local rows), SA moments summed over ranks;
-- the loss: the mean of the ranks' mean losses.
+- the loss: the mean of the ranks' mean losses;
+- a classifier-like head read whole between steps (``whole_tensor``, as NCTracker needs).
 
 It logs from *every* rank (to check that all ranks agree), straight to the loggers. With
 ``naive=True`` it also logs ``naive/local_total`` (this rank's shards only) and
@@ -35,6 +36,7 @@ from lightning_diag.callbacks._sharding import (
     sharding_of,
     sum_over_ranks,
     weight_rows,
+    whole_tensor,
 )
 from lightning_diag.metrics.norms import grouped_squares, squared_norms
 from lightning_diag.metrics.spectral import (
@@ -101,6 +103,8 @@ class ShardedProbe(pl.Callback):
             figures["probe/clip_coef"] = coef
         if self.spectral:
             figures.update(self._spectral())
+            head = self.linears[-1][1].weight  # as NCTracker reads a classifier head between steps
+            figures["probe/head_weight_sum"] = whole_tensor(head).sum()
         step = trainer.global_step
         host = {k: float(v) for k, v in figures.items()}
         for logger in trainer.loggers:
