@@ -3,6 +3,12 @@
 Every function here launches a fixed number of kernels whatever the number of tensors
 (``torch._foreach_norm`` for all dense tensors of a device and dtype at once, then one
 ``stack``/``index_add_``), returns device tensors and never synchronises with the host.
+
+Sharded tensors (FSDP, DeepSpeed ZeRO-3) are normed through their local shards: a global norm is
+the square root of the sum over ranks of the local *squared* norms, so :func:`squared_norms` and
+:func:`grouped_squares` give the figures to sum with one all-reduce before the square root. The
+reduction itself is not done here (no ``torch.distributed``): see
+``lightning_diag.callbacks._sharding``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["count_nonfinite", "grouped_norms", "tensor_norms", "total_norm"]
+__all__ = ["count_nonfinite", "grouped_norms", "grouped_squares", "squared_norms", "tensor_norms", "total_norm"]
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
@@ -41,6 +47,46 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
         if t.is_sparse:
             out[i] = t.coalesce().values().float().norm()
     return torch.stack(out).float()  # stack promotes to float64 if any was; back to float32
+
+
+def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """Squared L2 norm of each tensor, in float32: ``tensor_norms(tensors).square()``.
+
+    What a rank contributes for its local shards: squared norms add over the disjoint pieces of a
+    tensor (``||g||^2 = sum_i ||g_i||^2``) where norms do not. Same fused kernels as
+    :func:`tensor_norms`, plus one ``square``; an empty tensor (a rank that holds no piece of a
+    parameter) gives 0, a non-finite one inf/NaN. float32 squares overflow above norms of about
+    ``1.8e19``, far beyond any weight or gradient that is still finite in bf16/fp16.
+
+    Example:
+        >>> squared_norms([torch.tensor([3.0, 4.0]), torch.ones(0)])
+        tensor([25.,  0.])
+    """
+    return tensor_norms(tensors).square()
+
+
+def grouped_squares(squares: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Sum of squared norms per group: the per-layer figure to all-reduce before ``sqrt``.
+
+    ``grouped_squares(norms.square(), index, n).sqrt()`` equals :func:`grouped_norms`; keeping the
+    squares lets sharded callers add the per-layer sums of every rank (one SUM all-reduce of a
+    ``num_groups`` vector) and take the square root afterwards.
+
+    Args:
+        squares: 1-D tensor of per-tensor squared norms (e.g. from :func:`squared_norms`).
+        group_index: 1-D long tensor, same length, the group of each tensor in ``[0, num_groups)``.
+        num_groups: number of groups (a group with no tensor gets 0).
+
+    Example:
+        >>> grouped_squares(torch.tensor([9.0, 16.0, 1.0]), torch.tensor([0, 0, 1]), 2)
+        tensor([25.,  1.])
+    """
+    if squares.shape != group_index.shape:
+        raise ValueError(
+            f"`squares` and `group_index` must have the same shape, got {tuple(squares.shape)} "
+            f"and {tuple(group_index.shape)}"
+        )
+    return squares.new_zeros(num_groups).index_add_(0, group_index, squares)
 
 
 def grouped_norms(norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor:

@@ -14,10 +14,18 @@ sign-invariant summaries.
 
 Everything here takes tensors and returns tensors on the same device, never reads a value back to
 the host, and computes in float32 at least (bf16/fp16 are upcast; float64 stays float64).
+
+**Sharded weights and rank-local inputs.** :func:`row_sharded_power_iteration` runs the power
+iteration on a weight split by rows across ranks (FSDP2 shards dim 0 of ``(d_out, d_in)``) with
+one all-reduce per iteration and never gathers the matrix; :func:`alignment_moments` turns each
+rank's SA values into sums that add across ranks, and :func:`summary_from_moments` gives the
+summary of all ranks' values from their sum. Neither imports ``torch.distributed``: the caller
+passes the reduction (``lightning_diag.callbacks._sharding``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -32,8 +40,10 @@ __all__ = [
     "CollapseBaseline",
     "alignment_moments",
     "alignment_histogram",
+    "alignment_moments",
     "alignment_summary",
     "power_iteration",
+    "row_sharded_power_iteration",
     "spectral_alignment",
     "stable_rank",
     "summary_from_moments",
@@ -115,20 +125,7 @@ def power_iteration(
     w = weights.detach().to(_compute_dtype(weights))
     if single:
         w = w.unsqueeze(0)
-    batch, _, d_in = w.shape
-
-    if v0 is None:
-        # A fixed generator on the weights' device: deterministic and no global RNG side effect.
-        # (A data-derived start such as the row sum can be 0 or orthogonal to v_1.)
-        gen = torch.Generator(device=w.device).manual_seed(0)
-        v = torch.randn(batch, d_in, generator=gen, device=w.device, dtype=w.dtype)
-        iters = max(iters, _COLD_START_ITERS)
-    else:
-        expected = (d_in,) if single else (batch, d_in)
-        if tuple(v0.shape) != expected:
-            raise ValueError(f"`v0` must have shape {expected}, got {tuple(v0.shape)}")
-        v = v0.detach().to(device=w.device, dtype=w.dtype).reshape(batch, d_in)
-    v = _normalize(v, v)
+    v, iters = _start_vector(w, v0, iters, single)
 
     for _ in range(iters):
         u = _normalize(torch.bmm(w, v.unsqueeze(-1)).squeeze(-1), 0.0)
@@ -141,6 +138,97 @@ def power_iteration(
     if single:
         return sigma[0], u[0], v[0]
     return sigma, u, v
+
+
+def row_sharded_power_iteration(
+    local_rows: Tensor,
+    v0: Tensor | None = None,
+    *,
+    iters: int = 2,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`power_iteration` on a weight whose rows are split across ranks, without gathering it.
+
+    With ``W = [W_1; ...; W_r]`` (each rank ``i`` holds the rows ``W_i``, in any order), every
+    iteration computes ``u_i = W_i v`` locally and ``v <- normalise(sum_i W_i^T u_i)``, which is
+    ``normalise(W^T W v)``: the same iterate as :func:`power_iteration` (whose normalisation of
+    ``u`` in between is a positive scalar that the normalisation of ``v`` absorbs). One
+    all-reduce of a ``(B, d_in)`` tensor per iteration, then one of ``(B,)`` for
+    ``sigma_1 = sqrt(sum_i ||W_i v||^2)``: ``iters + 1`` in all, each a few floats per layer.
+    Every rank returns the same ``sigma_1`` and ``v_1`` and its own rows of ``u_1``.
+
+    Every rank must call it with the same ``B``, ``d_in``, ``iters``, dtype and warm start (the
+    cold start is a fixed-seed vector, the same on every rank), since each call is a collective.
+    A rank that holds no row passes ``(B, 0, d_in)``; a rank whose rows are replicas of rows held
+    elsewhere (HSDP) must pass no row either, or the replicas are counted twice. Without the
+    normalisation of ``u``, ``W^T W v`` overflows float32 once ``sigma_1 > ~1.8e19``.
+
+    Args:
+        local_rows: this rank's rows, ``(d_out_i, d_in)`` or ``(B, d_out_i, d_in)`` (``d_out_i``
+            may be 0); float32 at least in the computation.
+        v0: start vector ``(d_in,)`` or ``(B, d_in)``, identical on every rank (e.g. the previous
+            check's ``v_1``); ``None``: the fixed-seed cold start of :func:`power_iteration` and
+            at least 20 iterations.
+        iters: number of iterations (>= 0).
+        all_reduce_sum: ``f(t) -> sum of t over ranks`` (may reduce in place and return ``t``),
+            e.g. ``torch.distributed.all_reduce`` wrapped to return its input. ``None``: one rank,
+            the result equals :func:`power_iteration`.
+
+    Returns:
+        ``(sigma_1, u_1_local, v_1)``: shapes ``()``, ``(d_out_i,)``, ``(d_in,)``, or with a
+        leading ``B``. ``u_1_local`` holds this rank's rows of ``u_1 = W v_1 / sigma_1``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
+        >>> sigma, u, v = row_sharded_power_iteration(w, iters=20)  # one rank holding every row
+        >>> round(float(sigma), 4), v.abs().round(decimals=4).tolist()
+        (3.0, [1.0, 0.0, 0.0])
+        >>> # under torch.distributed, each rank passes its rows and, e.g.,
+        >>> # all_reduce_sum=lambda t: (torch.distributed.all_reduce(t), t)[1]
+    """
+    if local_rows.ndim not in (2, 3):
+        raise ValueError(
+            "`local_rows` must be (d_out_i, d_in) or (B, d_out_i, d_in), got shape "
+            f"{tuple(local_rows.shape)}"
+        )
+    if iters < 0:
+        raise ValueError(f"`iters` must be >= 0, got {iters}")
+    reduce = all_reduce_sum if all_reduce_sum is not None else (lambda t: t)
+    single = local_rows.ndim == 2
+    w = local_rows.detach().to(_compute_dtype(local_rows))
+    if single:
+        w = w.unsqueeze(0)
+    v, iters = _start_vector(w, v0, iters, single)
+
+    for _ in range(iters):
+        u = torch.bmm(w, v.unsqueeze(-1))  # (B, d_out_i, 1): local rows of W v, kept unnormalised
+        # W^T W v == 0 only for a zero matrix (or v in its null space): keep v rather than divide.
+        v = _normalize(reduce(torch.bmm(w.mT, u).squeeze(-1)), v)
+
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    sigma = reduce(wv.square().sum(-1)).sqrt()
+    u = torch.where(sigma.unsqueeze(-1) > 0, wv / sigma.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1), 0.0)
+    if single:
+        return sigma[0], u[0], v[0]
+    return sigma, u, v
+
+
+def _start_vector(w: Tensor, v0: Tensor | None, iters: int, single: bool) -> tuple[Tensor, int]:
+    """The normalised start vector ``(B, d_in)`` and the iteration count (>= 20 on a cold start)."""
+    batch, _, d_in = w.shape
+    if v0 is None:
+        # A fixed generator on the weights' device: deterministic (the same on every rank) and
+        # no global RNG side effect. (A data-derived start such as the row sum can be 0 or
+        # orthogonal to v_1.)
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        v = torch.randn(batch, d_in, generator=gen, device=w.device, dtype=w.dtype)
+        iters = max(iters, _COLD_START_ITERS)
+    else:
+        expected = (d_in,) if single else (batch, d_in)
+        if tuple(v0.shape) != expected:
+            raise ValueError(f"`v0` must have shape {expected}, got {tuple(v0.shape)}")
+        v = v0.detach().to(device=w.device, dtype=w.dtype).reshape(batch, d_in)
+    return _normalize(v, v), iters
 
 
 def spectral_alignment(inputs: Tensor, v1: Tensor, eps: float = 0.0) -> Tensor:
@@ -266,6 +354,68 @@ def alignment_summary(alignment: Tensor) -> AlignmentSummary:
         # The mean of SA flips sign with v_1; its absolute value does not.
         abs_mean=a.mean(-1).abs(),
         std=a.std(-1, correction=0),
+    )
+
+
+def alignment_moments(alignment: Tensor) -> Tensor:
+    """Sums of SA values that add across ranks: ``(n_pos, n_neg, n, sum, sum_abs, sum_sq)``.
+
+    Under data parallelism each rank samples its own input rows; the summary of all ranks' rows
+    is :func:`summary_from_moments` of the *sum* of every rank's moments (one SUM all-reduce of
+    ``6 * B`` numbers), equal to :func:`alignment_summary` of the concatenated values. Computed
+    in float64, so that the variance ``sum_sq / n - mean^2`` keeps its digits.
+
+    Args:
+        alignment: ``(N,)`` or ``(B, N)`` SA values (``N`` may be 0).
+
+    Returns:
+        ``(6,)`` or ``(B, 6)`` float64: counts of positive, negative and all values, then the sums
+        of the values, of their absolute values and of their squares. A non-finite value makes
+        the last three non-finite (it counts in ``n`` and in no sign).
+
+    Example:
+        >>> a = torch.tensor([0.5, 0.25, -0.5, 0.0])
+        >>> parts = alignment_moments(a[:1]) + alignment_moments(a[1:])  # two ranks
+        >>> torch.equal(parts, alignment_moments(a))
+        True
+        >>> round(float(summary_from_moments(parts).sign_diversity), 4)
+        0.6667
+    """
+    a = alignment.detach().to(torch.float64)
+    n = torch.full(a.shape[:-1], a.shape[-1], dtype=torch.float64, device=a.device)
+    return torch.stack(
+        [(a > 0).sum(-1).double(), (a < 0).sum(-1).double(), n, a.sum(-1), a.abs().sum(-1), a.square().sum(-1)],
+        dim=-1,
+    )
+
+
+def summary_from_moments(moments: Tensor) -> AlignmentSummary:
+    """:class:`AlignmentSummary` from (summed) :func:`alignment_moments`, same conventions.
+
+    ``frac_positive``, ``sign_diversity`` and ``collapse`` are NaN without any nonzero value;
+    the magnitude figures are NaN when ``n == 0``. Fields are float64.
+
+    Args:
+        moments: ``(6,)`` or ``(B, 6)``, e.g. the sum over ranks of :func:`alignment_moments`.
+
+    Example:
+        >>> s = summary_from_moments(alignment_moments(torch.tensor([1.0, -1.0, 1.0, -1.0])))
+        >>> float(s.collapse), float(s.std)
+        (0.0, 1.0)
+    """
+    if moments.shape[-1:] != (6,) or moments.ndim not in (1, 2):
+        raise ValueError(f"`moments` must be (6,) or (B, 6), got shape {tuple(moments.shape)}")
+    n_pos, n_neg, n, total, total_abs, total_sq = moments.to(torch.float64).unbind(-1)
+    collapse = (n_pos - n_neg).abs() / (n_pos + n_neg)  # 0 / 0 = NaN when there is no sign at all
+    mean = total / n
+    return AlignmentSummary(
+        frac_positive=n_pos / (n_pos + n_neg),
+        sign_diversity=1 - collapse,
+        collapse=collapse,
+        mean_abs=total_abs / n,
+        abs_mean=mean.abs(),
+        # Rounding can take E[x^2] - E[x]^2 a hair below 0 when all values are equal.
+        std=(total_sq / n - mean.square()).clamp_min(0).sqrt(),
     )
 
 
