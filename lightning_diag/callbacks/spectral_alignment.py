@@ -263,9 +263,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         called = sorted(captured)
         sigma, rank = self._measure_weights(called)
         histograms = self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
-        moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)], dim=1)
+        moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)])
         order = [i for group in _buckets(captured) for i in group]
-        moments = moments[:, torch.as_tensor(np.argsort(order), device=moments.device)]
+        moments = moments[torch.as_tensor(np.argsort(order), device=moments.device)]
         if trainer.world_size > 1:  # the sums add up across ranks: every rank gets the global figures
             moments = trainer.strategy.reduce(moments, reduce_op="sum")
         summary = summary_from_moments(moments)

@@ -35,10 +35,8 @@ from torch import Tensor
 from lightning_diag.metrics.stats import EmaBaseline
 
 __all__ = [
-    "MOMENTS",
     "AlignmentSummary",
     "CollapseBaseline",
-    "alignment_moments",
     "alignment_histogram",
     "alignment_moments",
     "alignment_summary",
@@ -286,37 +284,6 @@ class AlignmentSummary(NamedTuple):
     mean_abs: Tensor
     abs_mean: Tensor
     std: Tensor
-
-
-#: Rows of :func:`alignment_moments`: sufficient statistics that add up across ranks.
-MOMENTS = ("n_pos", "n_neg", "n", "sum", "sum_abs", "sum_sq")
-
-
-def alignment_moments(alignment: Tensor) -> Tensor:
-    """Sufficient statistics of SA values, ``(6, ...)``: the rows of :data:`MOMENTS`.
-
-    They add up across shards of the rows (DDP ranks each sampling their own inputs): reduce them
-    with one SUM all-reduce and call :func:`summary_from_moments`. Non-finite values are counted
-    in ``n`` and propagate NaN into the sums, as in :func:`alignment_summary`.
-
-    Example:
-        >>> summary_from_moments(alignment_moments(torch.tensor([0.5, 0.25, -0.5, 0.0]))).sign_diversity
-        tensor(0.6667)
-    """
-    a = alignment.detach().to(_compute_dtype(alignment))
-    n = torch.full(a.shape[:-1], a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.stack([(a > 0).sum(-1).to(a.dtype), (a < 0).sum(-1).to(a.dtype), n, a.sum(-1), a.abs().sum(-1),
-                        a.square().sum(-1)])  # fmt: skip
-
-
-def summary_from_moments(moments: Tensor) -> AlignmentSummary:
-    """:class:`AlignmentSummary` from (summed) :func:`alignment_moments`; equals :func:`alignment_summary`."""
-    n_pos, n_neg, n, total, total_abs, total_sq = moments.unbind(0)
-    mean = total / n
-    collapse = (n_pos - n_neg).abs() / (n_pos + n_neg)
-    return AlignmentSummary(frac_positive=n_pos / (n_pos + n_neg), sign_diversity=1 - collapse, collapse=collapse,
-                            mean_abs=total_abs / n, abs_mean=mean.abs(),
-                            std=(total_sq / n - mean.square()).clamp_min(0).sqrt())  # fmt: skip
 
 
 def alignment_summary(alignment: Tensor) -> AlignmentSummary:
