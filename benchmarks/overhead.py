@@ -7,14 +7,16 @@ One command, one markdown table::
     python benchmarks/overhead.py --device cuda --n-layer 12 --n-embd 768 --seq-len 256  # GPT-2 small-ish
 
 Rows (``CONFIGS``, a dict of name -> factory of callbacks; a new monitor is one more entry, e.g.
-``"LossSpikeDetector": lambda: [LossSpikeDetector()]``; its ``on_before_optimizer_step`` and
-``on_train_batch_end`` hooks are timed and counted, add others to ``HOOKS``):
+``"LossSpikeDetector": lambda: [LossSpikeDetector()]``; its work hooks (``HOOKS``) are timed):
 
 - ``no callback``: the baseline.
 - ``GradNormWatcher``: default cadence (the trainer's ``log_every_n_steps=50``).
 - ``Lightning grad_norm``: the recipe from Lightning's docs, ``self.log_dict(grad_norm(module,
   norm_type=2))`` in ``on_before_optimizer_step``, every step. ``grad_norm`` launches one norm per
   parameter and builds the total from a Python list of 0-d tensors (one host read per parameter).
+- ``zclip ZClipLightningCallback``: the zclip package's own callback (``pip install zclip==1.0.0``;
+  the row is left out without it), against ``GradNormWatcher(clip="zclip")``.
+- ``all three monitors``: GradNormWatcher + LossSpikeDetector + SpectralAlignmentMonitor at defaults.
 
 Columns: median and mean step time over the timed steps (warm-up excluded; repetitions
 interleaved row by row, the order rotating, so that drifts in machine load hit every row alike);
@@ -57,6 +59,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import GradNormWatcher, LossSpikeDetector, SpectralAlignmentMonitor
+
+try:  # the peer of GradNormWatcher(clip="zclip"); optional
+    from zclip.zclip_lightning_callback import ZClipLightningCallback
+except ImportError:
+    ZClipLightningCallback = None
 
 LOG_EVERY_N_STEPS = 50  # Lightning's default cadence, used by every row
 
@@ -134,6 +141,11 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
     # Sampling happens in forward pre-hooks on check steps: it shows in step time, not hook time.
     "SpectralAlignmentMonitor (check every 10 steps)": lambda: [SpectralAlignmentMonitor(action="log")],
+    "all three monitors": lambda: [GradNormWatcher(action="log"), LossSpikeDetector(action="log"),
+                                   SpectralAlignmentMonitor(action="log")],
+    'GradNormWatcher(clip="zclip")': lambda: [GradNormWatcher(clip="zclip", action="log")],
+    **({'zclip ZClipLightningCallback(mode="zscore")': lambda: [ZClipLightningCallback(mode="zscore")]}
+       if ZClipLightningCallback is not None else {}),
 }
 BASELINE = "no callback"
 # Where monitors do their work. LossSpikeDetector reads the loss in on_before_backward; with
@@ -241,10 +253,17 @@ def fit(args: argparse.Namespace, callbacks: list[Callback], max_steps: int, log
     model = GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, max_steps)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=max_steps,
-        logger=NullLogger(), log_every_n_steps=log_every_n_steps, callbacks=callbacks,
+        logger=NullLogger(), log_every_n_steps=log_every_n_steps, callbacks=callbacks, precision=args.precision,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     trainer.fit(model)
+
+
+def fit_ops(args: argparse.Namespace, callbacks: list[Callback]) -> int:
+    """Top-level ATen ops of a whole fit of ``--count-steps`` steps at the default logging cadence."""
+    with OpCounter() as counter:
+        fit(args, callbacks, args.count_steps, LOG_EVERY_N_STEPS)
+    return sum(counter.ops.values())
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -263,13 +282,14 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             results[name]["hook"] += [hook_times.get(s, 0.0) for s in range(args.warmup, args.warmup + args.steps)]
             print(f"  rep {rep + 1}/{args.repeats} {name}: median {1e3 * statistics.median(timed):.2f} ms",
                   file=sys.stderr, flush=True)
+    baseline_ops = fit_ops(args, [])
     for name, factory in CONFIGS.items():
-        # Cadence 2 here: step 2 does not log, step 3 does.
-        callbacks, counts = factory(), {2: defaultdict(int), 3: defaultdict(int)}
-        wrap_hooks(callbacks, op_counter(counts, cuda=args.device == "cuda"))
-        fit(args, callbacks, 4, log_every_n_steps=2)
-        results[name]["syncs"] = {s: c.pop("syncs", 0) for s, c in counts.items()}
-        results[name]["ops"] = {s: sum(c.values()) for s, c in counts.items()}
+        results[name]["ops"] = (fit_ops(args, factory()) - baseline_ops) / args.count_steps
+        if args.device == "cuda":  # cadence 2 here: step 2 does not log, step 3 does
+            callbacks, counts = factory(), {2: defaultdict(int), 3: defaultdict(int)}
+            wrap_hooks(callbacks, op_counter(counts, cuda=True))
+            fit(args, callbacks, 4, log_every_n_steps=2)
+            results[name]["syncs"] = {s: c.pop("syncs", 0) for s, c in counts.items()}
     return results
 
 
@@ -282,7 +302,7 @@ def table(results: dict[str, dict[str, Any]], cuda: bool) -> str:
     base_median = statistics.median(base["times"])
     rows = [
         "| config | median step ms | x no-callback | mean step ms | x no-callback (mean) | hook ms/step "
-        "| hook % of step | hook ATen ops/step |" + (" hook host syncs/step |" if cuda else ""),
+        "| hook % of step | ATen ops/step (fit, amortized) |" + (" hook host syncs/step (quiet/logging) |" if cuda else ""),
         "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
     for name, r in results.items():
@@ -293,7 +313,7 @@ def table(results: dict[str, dict[str, Any]], cuda: bool) -> str:
         hook = statistics.fmean(r["hook"])
         rows.append(
             f"| {name} | {1e3 * median:.2f} | {ratio:.3f} | {1e3 * mean:.2f} | {ratio_mean:.3f} | {1e3 * hook:.3f} "
-            f"| {100 * hook / base_median:.2f}% | {_pair(r['ops'])} |" + (f" {_pair(r['syncs'])} |" if cuda else "")
+            f"| {100 * hook / base_median:.2f}% | {r['ops']:.1f} |" + (f" {_pair(r['syncs'])} |" if cuda else "")
         )
     return "\n".join(rows)
 
@@ -311,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--count-steps", type=int, default=100, help="steps of the fit whose ops are counted")
+    parser.add_argument("--only", nargs="*", default=None, help="rows to run (substrings of their names)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -318,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)  # no-op on CPUs without the switch; avoids slow denormal math
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no per-fit banners
 
+    if args.only:
+        for name in [n for n in CONFIGS if n != BASELINE and not any(o in n for o in args.only)]:
+            del CONFIGS[name]
     results = measure(args)
     model = GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, 1)
     n_params, n_tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
@@ -328,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     timed = range(args.warmup, args.warmup + args.steps)
     logging_steps = sum((s + 1) % LOG_EVERY_N_STEPS == 0 for s in timed)
     print(f"\nGPT: {args.n_layer} layers, d={args.n_embd}, {n_params / 1e6:.2f}M parameters in {n_tensors} tensors, "
-          f"batch {args.batch_size}x{args.seq_len}; {args.device} ({device}); torch {torch.__version__}, "
+          f"batch {args.batch_size}x{args.seq_len}, {args.precision}; {args.device} ({device}); torch {torch.__version__}, "
           f"lightning {pl.__version__}; {args.repeats} x {args.steps} timed steps per row, of which "
           f"{logging_steps} per repetition are logging steps at cadence {LOG_EVERY_N_STEPS}\n")
     print(table(results, cuda=args.device == "cuda"))
