@@ -193,6 +193,19 @@ def test_the_loggers_own_loss_key_is_used_and_sparse_steps_map_back(tmp_path: Pa
     assert count_phrase(summary) == "no alerts"
 
 
+def test_a_run_without_a_loss_starts_with_its_alerts_not_an_empty_panel(tmp_path: Path) -> None:
+    figures = {s: {"nc/nc1": 1.0 / (s + 1), "nc/cdnv": 0.5, "nc/alerts": 0.0} for s in range(5)}
+    summary = _summary(write_csv(tmp_path, "nc_only", figures, []))
+    assert summary.loss is None and summary.families == ["nc"] and count_phrase(summary) == "no alerts"
+    plt = render.require_pyplot("PNG")
+    figure = render.run_figure(plt, summary, {})
+    try:
+        titles = [ax.get_title(loc="left") for ax in figure.axes]
+        assert titles == ["Alerts by monitor: no alerts", "nc: nc1, cdnv"]
+    finally:
+        plt.close(figure)
+
+
 # ------------------------------------------------------------------------------------- output
 
 

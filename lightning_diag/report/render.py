@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning_diag.report.reading import ReportError
 from lightning_diag.report.summary import (
-    LOWER_IS_WORSE, MODEL_PANELS, NC_FIGURES, SUMMARY_COLUMNS, SUMMARY_NOTE, Series, Summary, count_phrase,
+    LOWER_IS_WORSE, MODEL_PANELS, NC_FIGURES, SUMMARY_COLUMNS, SUMMARY_NOTE, LossSummary, Series, Summary, count_phrase,
     is_nc_family, summary_table, worst_first,
 )
 
@@ -153,13 +153,9 @@ def _mark_break(ax: Any, summary: Summary, label: bool = False) -> None:
         ax.axvspan(loss.nonfinite_step, max(end, loss.nonfinite_step), color="tab:red", alpha=0.06, lw=0)
 
 
-def _draw_loss(ax: Any, summary: Summary, colors: dict[str, Any]) -> None:
+def _draw_loss(ax: Any, summary: Summary, loss: LossSummary, colors: dict[str, Any]) -> None:
     scalars = summary.run.scalars
-    if summary.loss is None:
-        ax.text(0.5, 0.5, "no training loss logged", ha="center", va="center", transform=ax.transAxes)
-        _style(ax, "Loss")
-        return
-    key = summary.loss.key
+    key = loss.key
     drawn = [scalars[key]]
     _draw_series(ax, key, scalars[key], color="black")
     if key == "loss_spike/loss" and scalars.get("loss_spike/ema"):
@@ -221,6 +217,8 @@ def _subtitle(summary: Summary) -> str:
     if summary.steps:
         parts.append(f"steps {summary.steps[0]}-{summary.steps[1]}")
     loss = summary.loss
+    if loss is None:
+        parts.append("no training loss logged")
     if loss and loss.explosion_step is not None:
         parts.append(f"loss exploded at step {loss.explosion_step}")
     if loss and loss.nonfinite_step is not None:
@@ -233,18 +231,23 @@ def run_figure(plt: Any, summary: Summary, colors: dict[str, Any], show_info: bo
     grid = model_panels(summary) + layer_panels(summary)
     rows = math.ceil(len(grid) / 2)
     strip = 0.7 + 0.3 * max(1, len({a.source for a in summary.alerts}))
-    heights = [3.4, strip] + [2.4] * rows
+    heights = ([3.4] if summary.loss else []) + [strip] + [2.4] * rows  # no loss: no empty loss panel
     figure = plt.figure(figsize=(_WIDTH, sum(heights) + 1.0), layout="constrained")
     spec = figure.add_gridspec(len(heights), 2, height_ratios=heights)
-    loss_ax = figure.add_subplot(spec[0, :])
-    _draw_loss(loss_ax, summary, colors)
-    _draw_alerts(figure.add_subplot(spec[1, :], sharex=loss_ax), summary, colors, show_info)
+    top = len(heights) - rows  # the full-width rows: loss (if any) and alerts
+
+    def axes(cell: Any) -> Any:  # every panel on the first one's step axis
+        return figure.add_subplot(cell, sharex=figure.axes[0] if figure.axes else None)
+
+    if summary.loss:
+        _draw_loss(axes(spec[0, :]), summary, summary.loss, colors)
+    _draw_alerts(axes(spec[top - 1, :]), summary, colors, show_info)
     for i, panel in enumerate(grid):
-        _draw_panel(figure.add_subplot(spec[2 + i // 2, i % 2], sharex=loss_ax), panel, summary)
+        _draw_panel(axes(spec[top + i // 2, i % 2]), panel, summary)
     if summary.steps:
         first, last = summary.steps
         pad = max(1.0, 0.01 * (last - first))
-        loss_ax.set_xlim(first - pad, last + pad)
+        figure.axes[0].set_xlim(first - pad, last + pad)
     figure.axes[-1].set_xlabel("step", fontsize=8)
     figure.suptitle(f"{summary.run.name}\n{_subtitle(summary)}", fontsize=13, x=0.01, ha="left", linespacing=1.5)
     return figure
