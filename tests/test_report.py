@@ -93,6 +93,19 @@ def test_a_non_finite_last_value_is_the_worst_layer() -> None:
     assert [r.layer for r in worst_first("spectral_alignment/stable_rank", layers)] == ["b", "c", "a"]
 
 
+def test_model_level_panels_of_a_family_the_report_does_not_know() -> None:
+    from lightning_diag.report.summary import monitor_families, panel_groups
+
+    series = [(0, 0.5), (1, 0.7)]
+    scalars = {"my_monitor/score": series, "my_monitor/margin": series, "my_monitor/events": [(0, 0.0), (1, 2.0)],
+               "my_monitor/alerts": [(0, 0.0)], "my_monitor/score/fc1": series, "train/acc": series,
+               "grad_norm/total": series, "nc7/nc1": series}
+    assert monitor_families(scalars) == ["grad_norm", "my_monitor", "nc7"]  # train/ logs no alerts count
+    assert panel_groups(scalars, "my_monitor") == (("margin", "score"),)  # counts and per-layer keys left out
+    assert panel_groups(scalars, "nc7") == (("nc1", "nc3", "nc4", "cdnv"),)  # NCTracker under any prefix
+    assert panel_groups(scalars, "grad_norm") == (("total", "baseline"),)
+
+
 # ------------------------------------------------------------------------------------- alerts
 
 

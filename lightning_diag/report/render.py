@@ -20,14 +20,13 @@ from typing import Any
 
 from lightning_diag.report.reading import ReportError
 from lightning_diag.report.summary import (
-    LOWER_IS_WORSE, MODEL_PANELS, NC_FIGURES, SUMMARY_COLUMNS, SUMMARY_NOTE, LossSummary, Series, Summary, count_phrase,
-    is_nc_family, summary_table, worst_first,
+    LOWER_IS_WORSE, SUMMARY_COLUMNS, SUMMARY_NOTE, LossSummary, Series, Summary, count_phrase, panel_groups,
+    summary_table, worst_first,
 )
 
 __all__ = ["import_pyplot", "page_png", "require_pyplot", "write_pdf", "write_png"]
 
 PLOT_LAYERS = 5  # layers drawn per per-layer figure
-_FALLBACK_FIGURES = 6  # model-level figures drawn for a family the report does not know
 _LOG_RANGE = 100.0  # positive data spanning more than this factor gets a log scale (the loss always does)
 _WIDTH, _DPI = 13.0, 100
 # Shape per severity; info faded. Drawn least severe first, so the severe ones sit on top.
@@ -70,27 +69,11 @@ def require_pyplot(what: str) -> Any:
 # ------------------------------------------------------------------------------------ panels
 
 
-def _is_count(series: Series) -> bool:
-    values = [v for _, v in series if math.isfinite(v)]
-    return bool(values) and all(v >= 0 and v == int(v) for v in values)
-
-
-def _family_groups(summary: Summary, family: str) -> tuple[tuple[str, ...], ...]:
-    scalars = summary.run.scalars
-    if is_nc_family(scalars, family):
-        return (NC_FIGURES,)
-    if family in MODEL_PANELS:
-        return MODEL_PANELS[family]
-    figures = [k.split("/")[1] for k, ser in scalars.items() if k.count("/") == 1 and k.startswith(family + "/")
-               and not k.endswith("/alerts") and ser and not _is_count(ser)]
-    return (tuple(sorted(figures)[:_FALLBACK_FIGURES]),) if figures else ()
-
-
 def model_panels(summary: Summary) -> list[Panel]:
     """One panel per group of model-level figures of each monitor family."""
     scalars, panels = summary.run.scalars, []
     for family in summary.families:
-        for figures in _family_groups(summary, family):
+        for figures in panel_groups(scalars, family):
             series = [(f, scalars[f"{family}/{f}"]) for f in figures if scalars.get(f"{family}/{f}")]
             if series:
                 panels.append(Panel(f"{family}: {', '.join(f for f, _ in series)}", series))

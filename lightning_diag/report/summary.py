@@ -38,6 +38,7 @@ MODEL_PANELS: dict[str, tuple[tuple[str, ...], ...]] = {
     "logits": (("attention_max", "output_max", "log_z_max", "log_z_mean"),),
 }
 NC_FIGURES = ("nc1", "nc3", "nc4", "cdnv")
+FALLBACK_FIGURES = 6  # model-level figures drawn, at most, for a family not listed above
 OLD_ALERTS_FAMILY = "alerts"  # runs older than the key scheme: alerts/<Source> counts
 
 Series = list[tuple[int, float]]
@@ -118,6 +119,25 @@ def monitor_families(scalars: dict[str, Series]) -> list[str]:
     families.discard(OLD_ALERTS_FAMILY)
     order = list(MODEL_PANELS)
     return sorted(families, key=lambda f: (order.index(f) if f in order else len(order), f))
+
+
+def _is_count(series: Series) -> bool:
+    values = [v for _, v in series if math.isfinite(v)]
+    return bool(values) and all(v >= 0 and v == int(v) for v in values)
+
+
+def panel_groups(scalars: dict[str, Series], family: str) -> tuple[tuple[str, ...], ...]:
+    """The model-level figures of ``family`` to draw, one tuple per panel (see :data:`MODEL_PANELS`)."""
+    if is_nc_family(scalars, family):
+        return (NC_FIGURES,)
+    if family in MODEL_PANELS:
+        return MODEL_PANELS[family]
+    figures = []
+    for key, series in scalars.items():
+        parts = _split(key)
+        if parts and parts[0] == family and parts[2] is None and parts[1] != "alerts" and not _is_count(series):
+            figures.append(parts[1])
+    return (tuple(sorted(figures)[:FALLBACK_FIGURES]),) if figures else ()
 
 
 def layer_figures(scalars: dict[str, Series], families: list[str]) -> dict[str, dict[str, Series]]:
@@ -274,8 +294,15 @@ def _first_alerts(summary: Summary) -> list[str]:
         lead = ""
         if broke is not None:
             lead = f" ({abs(broke - alert.step)} steps {'before' if alert.step <= broke else 'after'})"
-        lines.append(f"  {source:<{width}}  step {alert.step}{lead}: {alert.message.removeprefix(source + ': ')}")
+        message = alert.message.removeprefix(f"{source}: ")
+        lines.append(f"  {source:<{width}}  step {alert.step} {alert.severity}{lead}: {message}")
     return lines
+
+
+def _layer_cell(row: LayerRow) -> str:
+    """``"blocks.0.fc 4.2 (x3.1)"``: the last value, and how many times the first it is."""
+    ratio = row.first and math.isfinite(row.first) and math.isfinite(row.last)
+    return f"{row.layer} {row.last:.3g}" + (f" (x{row.last / row.first:.3g})" if ratio else "")
 
 
 def _worst_lines(summary: Summary) -> list[str]:
@@ -285,9 +312,7 @@ def _worst_lines(summary: Summary) -> list[str]:
     lines = [f"Worst layers at the last step (higher is worse, except {lower}):"]
     width = max(map(len, summary.worst_layers))
     for figure, rows in summary.worst_layers.items():
-        cells = ", ".join(f"{r.layer} {r.last:.3g}" + (f" (x{r.last / r.first:.3g})" if r.first and math.isfinite(
-            r.first) and math.isfinite(r.last) else "") for r in rows)
-        lines.append(f"  {figure:<{width}}  {cells}")
+        lines.append(f"  {figure:<{width}}  {', '.join(map(_layer_cell, rows))}")
     return lines
 
 
