@@ -159,7 +159,10 @@ def test_a_csv_run_without_the_alerts_file_says_its_alerts_were_only_counted(run
 def test_alert_texts_are_parsed_with_their_severity(text: str, tag: str, expected: tuple) -> None:
     parsed = parse_alert_text(text, tag, 3)
     assert (parsed.severity, parsed.source, parsed.metric) == expected[:3]
-    assert parsed.value == expected[3] if expected[3] is None else parsed.value == pytest.approx(expected[3])
+    if expected[3] is None:
+        assert parsed.value is None
+    else:
+        assert parsed.value == pytest.approx(expected[3])
 
 
 def test_a_truncated_last_line_of_the_alerts_file_is_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,6 +207,22 @@ def test_the_loggers_own_loss_key_is_used_and_sparse_steps_map_back(tmp_path: Pa
     assert summary.loss.key == "train_loss" and summary.loss.nonfinite_step is None
     assert summary.loss.explosion_step == 5 * divergence_step(values, 3.0, 10) == 30
     assert count_phrase(summary) == "no alerts"
+
+
+def test_info_records_are_hidden_from_the_picture_unless_shown(tmp_path: Path) -> None:
+    alerts = [alert(3, "GradNormWatcher", "grad_norm/zscore", 2.7, "info"),
+              alert(9, "GradNormWatcher", "grad_norm/total", 5.0, "warning"),
+              alert(20, "LossSpikeDetector", "loss_spike/loss", 9.0, "critical")]
+    summary = _summary(write_csv(tmp_path, "a", small_run(), alerts))
+    plt = render.require_pyplot("PNG")
+    drawn = {}
+    for show_info in (False, True):
+        figure = render.run_figure(plt, summary, render.monitor_colors([summary]), show_info=show_info)
+        strip = figure.axes[1]
+        drawn[show_info] = sorted(round(x) for c in strip.collections for x, _ in c.get_offsets())
+        assert strip.get_title(loc="left").startswith("Alerts by monitor: 2 warning and critical alerts")
+        plt.close(figure)
+    assert drawn == {False: [9, 20], True: [3, 9, 20]}
 
 
 def test_a_run_without_a_loss_starts_with_its_alerts_not_an_empty_panel(tmp_path: Path) -> None:
