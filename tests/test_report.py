@@ -54,6 +54,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def test_csv_and_tensorboard_logs_of_the_same_figures_give_the_same_report(runs: dict[str, Path]) -> None:
     tb, csv = _summary(runs["tb"]), _summary(runs["csv"])
     assert csv.run.format == "CSV" and tb.run.format == "TensorBoard"
+    assert (tb.run.name, csv.run.name) == ("tb/version_0", "csv/version_0")  # a run given alone: two folders
     assert set(csv.run.scalars) - {"epoch"} == set(tb.run.scalars) - {"epoch"}
     for key, series in tb.run.scalars.items():
         if key == "epoch":

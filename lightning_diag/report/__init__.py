@@ -18,10 +18,12 @@ What a run's page and summary hold:
 
 - Alerts with their severity, from ``<run>/lightning_diag_alerts.jsonl`` when present, else from the
   TensorBoard texts under ``<family>/alerts`` (``"[<severity>] <Source>: ..."``), or ``alerts/<Source>``
-  for runs older than severities (severity ``unknown``). Counts say what they count: warning and
-  critical alerts apart from info records (which the monitors record but never act on).
-  Info records are faded out of the pictures and the printed timeline unless ``--show-info``;
-  the HTML table lists every record.
+  for runs older than severities (severity ``unknown``); a CSV run without the file has only the
+  monitors' ``<family>/alerts`` counts, and says so. Counts say what they count: warning and
+  critical alerts apart from info records (which the monitors record but never act on), e.g.
+  ``"25 warning and critical alerts (20 warning, 5 critical), 33 info records"``. Info records are
+  left out of the pictures and the printed timeline unless ``--show-info`` (then drawn faded); the
+  printed timeline stops at 20 alerts and says how many it leaves out; the HTML lists every record.
 - The training loss (``loss_spike/loss``, else the logger's ``train_loss``/``loss``) on a log scale,
   with the explosion step (:func:`~lightning_diag.testbeds.divergence_step` of the logged values:
   above 3x the running minimum for 10 values, or non-finite) and the first non-finite loss marked,
@@ -91,15 +93,21 @@ def _write(summaries: list[Summary], output: Path, kind: str, title: str, show_i
         raise ReportError(f"{output}: cannot write the report ({err.strerror or err})") from None
 
 
+def _run_name(path: Path, base: Path) -> str:
+    """The run's folders below ``base``, at least two (lightning's ``<name>/version_<n>``)."""
+    parts = path.relative_to(base).parts
+    if len(parts) < 2:  # a bare "version_0" names nothing: add the folders above it
+        parts = base.resolve().parts[len(parts) - 2 :] + parts
+    return "/".join(parts)
+
+
 def read_summaries(logdir: str | Path, top: int = 3) -> list[Summary]:
     """The summary of every run under ``logdir``, named by their path relative to it."""
     logdir = Path(logdir)
     base = logdir if logdir.is_dir() else logdir.parent
     summaries = []
     for path, files in find_runs(logdir).items():
-        # a run given itself is named by its last two folders (lightning's <name>/version_<n>)
-        name = str(path.relative_to(base)) if path != base else "/".join(path.resolve().parts[-2:])
-        summaries.append(summarize(load_run(path, files, name=name), top=top))
+        summaries.append(summarize(load_run(path, files, name=_run_name(path, base)), top=top))
     return summaries
 
 

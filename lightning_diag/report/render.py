@@ -231,7 +231,8 @@ def run_figure(plt: Any, summary: Summary, colors: dict[str, Any], show_info: bo
         first, last = summary.steps
         pad = max(1.0, 0.01 * (last - first))
         figure.axes[0].set_xlim(first - pad, last + pad)
-    figure.axes[-1].set_xlabel("step", fontsize=8)
+    for ax in figure.axes[-(2 - len(grid) % 2):] if len(grid) > 1 else figure.axes[-1:]:  # the bottom row
+        ax.set_xlabel("step", fontsize=8)
     figure.suptitle(f"{summary.run.name}\n{_subtitle(summary)}", fontsize=13, x=0.01, ha="left", linespacing=1.5)
     return figure
 
