@@ -1,8 +1,8 @@
 """The ``lightning-diag`` console script.
 
 Commands:
-    report LOGDIR   health summary of a run's TensorBoard event files, plus an HTML or PNG report
-                    (see :mod:`lightning_diag.report`).
+    report LOGDIR   health summary of a run (TensorBoard event files or CSVLogger's metrics.csv),
+                    plus an HTML, PDF or PNG report (see :mod:`lightning_diag.report`).
 
 Example:
     >>> from lightning_diag.cli import main
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-diag", description="lightning_diag command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     report_parser = commands.add_parser(
-        "report", help="health summary and HTML/PNG report of a run's TensorBoard event files",
+        "report", help="health summary and HTML/PDF/PNG report of a run's TensorBoard or CSV logs",
         description=report.__doc__.split("\n\n")[0] if report.__doc__ else None,
     )
     report.add_arguments(report_parser)

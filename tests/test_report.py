@@ -1,100 +1,352 @@
-"""`lightning-diag report`: health summary and HTML/PNG report from real TensorBoard event files."""
+"""`lightning-diag report`: TensorBoard and CSV runs, severities, PDF/PNG/HTML output and refusals.
+
+The runs are synthetic (tests/report_runs.py): figures of the key scheme written by Lightning's own
+TensorBoardLogger and CSVLogger, and the alerts file the monitors append to; no training.
+"""
 
 from __future__ import annotations
 
-import csv
-import sys
+import json
+import math
+import re
+import struct
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from report_runs import alert, exploding_run, small_run, write_csv, write_tensorboard
 
-from conftest import MixtureClassifier, TinyModule, make_trainer
-from lightning_diag import Above, GradNormWatcher, LossSpikeDetector, NCTracker
 from lightning_diag.cli import main as cli_main
-from lightning_diag.report import main, report
+from lightning_diag.report import count_phrase, format_summary, main, render, report
+from lightning_diag.report.reading import parse_alert_text
+from lightning_diag.testbeds import divergence_step
+
+ERROR = "lightning-diag report: error: "
 
 
 @pytest.fixture(scope="module")
-def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two runs: a regressor with a forced grad-norm alert, and a classifier under NCTracker."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same exploding run (NaN loss from step 50) as TensorBoard and CSV logs, plus variants."""
     root = tmp_path_factory.mktemp("logs")
-    watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/total", 0.0)])
-    detector = LossSpikeDetector(action="log", warmup=3, trend_window=None)
-    make_trainer(logger=TensorBoardLogger(root, name="regressor"), callbacks=[watcher, detector],
-                 max_steps=8, log_every_n_steps=2).fit(TinyModule())
-    make_trainer(logger=TensorBoardLogger(root, name="classifier"), callbacks=[NCTracker(action="log")],
-                 max_epochs=3, max_steps=-1, num_sanity_val_steps=0).fit(MixtureClassifier())
-    return root
+    figures, alerts = exploding_run(steps=60, explode_at=40, nonfinite_at=50)
+    return {
+        "root": root,
+        "tb": write_tensorboard(root / "both", "tb", figures, alerts),
+        "csv": write_csv(root / "both", "csv", figures, alerts),
+        "tb_texts": write_tensorboard(root, "texts", figures, alerts, jsonl=False, texts="new"),
+        "tb_old": write_tensorboard(root, "old", figures, alerts, jsonl=False, texts="old"),
+        "csv_bare": write_csv(root, "bare", figures, alerts, jsonl=False),
+    }
 
 
-def _event_file(run: Path) -> Path:
-    (path,) = run.glob("events.out.tfevents.*")
-    return path
+def _summary(path: Path):  # noqa: ANN202
+    _, (summary,) = report(path)
+    return summary
 
 
-def test_summary_lists_alerts_first_warnings_worst_layers_and_nc_trend(
-    logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main([str(logdir), "-o", str(tmp_path / "r.html")]) == 0
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])  # the IHDR chunk: width, height
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def test_csv_and_tensorboard_logs_of_the_same_figures_give_the_same_report(runs: dict[str, Path]) -> None:
+    tb, csv = _summary(runs["tb"]), _summary(runs["csv"])
+    assert csv.run.format == "CSV" and tb.run.format == "TensorBoard"
+    assert (tb.run.name, csv.run.name) == ("tb/version_0", "csv/version_0")  # a run given alone: two folders
+    assert set(csv.run.scalars) - {"epoch"} == set(tb.run.scalars) - {"epoch"}
+    for key, series in tb.run.scalars.items():
+        if key == "epoch":
+            continue
+        other = csv.run.scalars[key]  # two CSV rows per step (two log_metrics calls): still one value each
+        assert [s for s, _ in other] == [s for s, _ in series], key
+        for (_, a), (_, b) in zip(series, other):
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-6), key
+    assert format_summary(tb).splitlines()[1:] == format_summary(csv).splitlines()[1:]  # all but the header
+    for loss in (tb.loss, csv.loss):
+        assert (loss.explosion_step, loss.nonfinite_step) == (40, 50) and math.isnan(loss.last)
+    assert tb.loss.best == pytest.approx(csv.loss.best, rel=1e-6)
+    for figure, rows in tb.worst_layers.items():
+        assert [r.layer for r in rows] == [r.layer for r in csv.worst_layers[figure]]
+        assert [r.last for r in rows] == pytest.approx([r.last for r in csv.worst_layers[figure]], rel=1e-6, abs=1e-9)
+
+
+def test_layer_and_model_level_figures_come_from_the_key_depth(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["tb"])
+    assert list(summary.layer_figures) == [
+        "grad_norm/layer", "grad_norm/weight_norm", "spectral_alignment/sign_diversity",
+        "spectral_alignment/stable_rank"]
+    assert summary.families == ["loss_spike", "grad_norm", "spectral_alignment"]
+    assert len(summary.layer_figures["grad_norm/layer"]) == 5
+    # higher is worse: the head's gradient is the largest; sign diversity: lower is worse
+    assert summary.worst_layers["grad_norm/layer"][0].layer == "head"
+    diversity = summary.worst_layers["spectral_alignment/sign_diversity"]
+    assert diversity[0].last == pytest.approx(0.0, abs=1e-6) and diversity[-1].last >= diversity[0].last
+    assert summary.worst_layers["spectral_alignment/stable_rank"][0].layer == "head"  # the lowest
+
+
+def test_a_non_finite_last_value_is_the_worst_layer() -> None:
+    from lightning_diag.report.summary import worst_first
+
+    layers = {"a": [(0, 1.0), (1, 5.0)], "b": [(0, 1.0), (1, math.nan)], "c": [(0, 1.0), (1, 0.5)]}
+    assert [r.layer for r in worst_first("grad_norm/layer", layers)] == ["b", "a", "c"]
+    assert [r.layer for r in worst_first("spectral_alignment/stable_rank", layers)] == ["b", "c", "a"]
+
+
+def test_model_level_panels_of_a_family_the_report_does_not_know() -> None:
+    from lightning_diag.report.summary import monitor_families, panel_groups
+
+    series = [(0, 0.5), (1, 0.7)]
+    scalars = {"my_monitor/score": series, "my_monitor/margin": series, "my_monitor/events": [(0, 0.0), (1, 2.0)],
+               "my_monitor/alerts": [(0, 0.0)], "my_monitor/score/fc1": series, "train/acc": series,
+               "grad_norm/total": series, "nc7/nc1": series}
+    assert monitor_families(scalars) == ["grad_norm", "my_monitor", "nc7"]  # train/ logs no alerts count
+    assert panel_groups(scalars, "my_monitor") == (("margin", "score"),)  # counts and per-layer keys left out
+    assert panel_groups(scalars, "nc7") == (("nc1", "nc3", "nc4", "cdnv"),)  # NCTracker under any prefix
+    assert panel_groups(scalars, "grad_norm") == (("total", "baseline"),)
+
+
+# ------------------------------------------------------------------------------------- alerts
+
+
+def test_alerts_file_gives_severities_and_counts_say_what_they_count(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["tb"])
+    assert summary.run.alerts_from == "lightning_diag_alerts.jsonl"
+    assert [a.severity for a in summary.alerts] == ["info", "info", "warning", "warning", "critical"]
+    assert summary.alerts[-1].acted_step == summary.alerts[-1].step + 1
+    assert count_phrase(summary) == "3 warning and critical alerts (2 warning, 1 critical), 2 info records"
+    text = format_summary(summary)
+    assert "GradNormWatcher           1 warning, 2 info" in text
+    assert "grad_norm/zscore = 2.7" not in text  # info records are left out of the printed timeline...
+    assert "grad_norm/zscore = 2.7" in format_summary(summary, show_info=True)  # ...unless asked for
+
+
+def test_tensorboard_texts_give_the_same_alerts_when_the_file_is_missing(runs: dict[str, Path]) -> None:
+    from_file, from_texts = _summary(runs["tb"]), _summary(runs["tb_texts"])
+    assert from_texts.run.alerts_from == "TensorBoard texts"
+    key = lambda a: (a.step, a.source, a.severity, a.metric, a.message)  # noqa: E731
+    assert [key(a) for a in from_texts.alerts] == [key(a) for a in from_file.alerts]
+    for a, b in zip(from_texts.alerts, from_file.alerts):
+        assert a.value == pytest.approx(b.value, rel=1e-3)
+
+
+def test_old_runs_alert_texts_have_unknown_severity(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["tb_old"])
+    assert {a.severity for a in summary.alerts} == {"unknown"} and len(summary.alerts) == 5
+    assert count_phrase(summary) == "5 alerts of unknown severity (texts of a run older than severities)"
+    assert len(summary.serious) == 5  # not info: listed, drawn and counted by --fail-on-alert
+
+
+def test_a_csv_run_without_the_alerts_file_says_its_alerts_were_only_counted(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["csv_bare"])
+    assert summary.run.alerts_from is None and summary.alerts == []
+    assert count_phrase(summary).startswith("5 alerts counted by the monitors' alerts figures")
+
+
+@pytest.mark.parametrize(
+    ("text", "tag", "expected"),
+    [
+        ("[warning] GradNormWatcher: grad_norm/zscore = 3.1 (above 2.5) at step 12", "grad_norm/alerts",
+         ("warning", "GradNormWatcher", "grad_norm/zscore", 3.1)),
+        ("[info] NCTracker: nc/nc1 = 0.5 (below 1) at step 3", "nc/alerts", ("info", "NCTracker", "nc/nc1", 0.5)),
+        ("[critical] LossSpikeDetector: loss_spike/loss = inf (non-finite) at step 7", "loss_spike/alerts",
+         ("critical", "LossSpikeDetector", "loss_spike/loss", math.inf)),
+        ("GradNormWatcher: grad_norm/total = 9 (above 1) at step 3", "alerts/GradNormWatcher",
+         ("unknown", "GradNormWatcher", "grad_norm/total", 9.0)),
+        ("[loud] something odd", "alerts/Custom", ("unknown", "Custom", None, None)),
+    ],
+)
+def test_alert_texts_are_parsed_with_their_severity(text: str, tag: str, expected: tuple) -> None:
+    parsed = parse_alert_text(text, tag, 3)
+    assert (parsed.severity, parsed.source, parsed.metric) == expected[:3]
+    if expected[3] is None:
+        assert parsed.value is None
+    else:
+        assert parsed.value == pytest.approx(expected[3])
+
+
+def test_a_truncated_last_line_of_the_alerts_file_is_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    figures, alerts = exploding_run(steps=20, explode_at=30)
+    run = write_csv(tmp_path, "live", figures, alerts[:2])
+    with open(run / "lightning_diag_alerts.jsonl", "a") as handle:
+        handle.write('{"source": "GradNormWatcher", "ste')
+    assert main([str(run), "--no-output"]) == 0
     out = capsys.readouterr().out
-    assert "== regressor/version_0" in out and "== classifier/version_0" in out
-    assert "GradNormWatcher: grad_norm/total = " in out and "(above 0) at step 1" in out  # the alert text
-    classifier, regressor = out.split("== regressor/version_0")  # runs in path order
-    assert "Health: no alerts" in classifier and "NCTracker  none" in classifier
-    first = regressor.split("First alert per monitor (any severity, info included):")[1]
-    assert "GradNormWatcher    step 1:" in first and "LossSpikeDetector  none" in first
-    worst = regressor.split("Worst layers at the last step")[1]
-    for family in ("grad_norm ", "weight_norm ", "grad_weight_ratio "):
-        assert family in worst
-    assert "net.0" in worst and "grad_norm/total" not in worst
-    assert "Neural collapse (nc): " in classifier and "nc1 " in classifier and "cdnv " in classifier
-    assert "Loss (loss_spike/loss): first" in regressor
+    assert "last line incomplete" in out and "2 info records" in out
 
 
-def test_html_report_is_self_contained_with_inline_plots(logdir: Path, tmp_path: Path) -> None:
-    output = tmp_path / "report.html"
-    assert main([str(logdir / "regressor"), "-o", str(output), "--no-output"]) == 0
-    assert not output.exists()  # --no-output wins
-    assert main([str(logdir / "regressor"), "-o", str(output)]) == 0
-    page = output.read_text()
-    assert page.count("src='data:image/png;base64,") >= 4  # loss, total norm, per-layer, alert counts
-    assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert "grad_norm/total = " in page  # the alerts table
+# ----------------------------------------------------------------------------------- the loss
 
 
-def test_default_output_is_in_the_log_folder_and_png_works(logdir: Path, tmp_path: Path) -> None:
-    run = logdir / "classifier" / "version_0"
-    assert main([str(run)]) == 0
-    assert (run / "health_report.html").exists()
-    assert main([str(run), "-o", str(tmp_path / "r.png")]) == 0
-    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_non_finite_loss_run_is_marked_where_it_broke(runs: dict[str, Path]) -> None:
+    summary = _summary(runs["csv"])
+    losses = [v for _, v in summary.run.scalars["loss_spike/loss"]]
+    assert summary.loss.nonfinite_step == 50
+    assert summary.loss.explosion_step == divergence_step(losses, 3.0, 10) == 40  # one value per step here
+    text = format_summary(summary)
+    assert "explosion at step 40" in text and "first non-finite loss at step 50" in text
+    plt = render.require_pyplot("PNG")
+    figure = render.run_figure(plt, summary, render.monitor_colors([summary]))
+    try:
+        loss_ax = figure.axes[0]
+        marks = {line.get_xdata()[0] for line in loss_ax.get_lines() if list(line.get_xdata()) in ([40, 40], [50, 50])}
+        assert marks == {40, 50}
+        assert loss_ax.get_yscale() == "log"
+        for ax in figure.axes:  # NaN never blanks an axis, and every panel shares the step range
+            assert all(math.isfinite(v) for v in (*ax.get_ylim(), *ax.get_xlim()))
+            assert ax.get_xlim() == pytest.approx(loss_ax.get_xlim())
+        assert loss_ax.get_xlim()[0] <= 0 and loss_ax.get_xlim()[1] >= 59
+    finally:
+        plt.close(figure)
 
 
-def test_html_without_matplotlib_has_no_plots(
-    logdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_loggers_own_loss_key_is_used_and_sparse_steps_map_back(tmp_path: Path) -> None:
+    values = [2.0, 1.5, 1.0, 1.0, 1.1, 1.0, *[9.0] * 12]
+    figures = {5 * i: {"train_loss": v, "grad_norm/total": 1.0, "grad_norm/alerts": 0.0} for i, v in enumerate(values)}
+    summary = _summary(write_csv(tmp_path, "sparse", figures, []))
+    assert summary.loss.key == "train_loss" and summary.loss.nonfinite_step is None
+    assert summary.loss.explosion_step == 5 * divergence_step(values, 3.0, 10) == 30
+    assert count_phrase(summary) == "no alerts"
+
+
+def test_info_records_are_hidden_from_the_picture_unless_shown(tmp_path: Path) -> None:
+    alerts = [alert(3, "GradNormWatcher", "grad_norm/zscore", 2.7, "info"),
+              alert(9, "GradNormWatcher", "grad_norm/total", 5.0, "warning"),
+              alert(20, "LossSpikeDetector", "loss_spike/loss", 9.0, "critical")]
+    summary = _summary(write_csv(tmp_path, "a", small_run(), alerts))
+    plt = render.require_pyplot("PNG")
+    drawn = {}
+    for show_info in (False, True):
+        figure = render.run_figure(plt, summary, render.monitor_colors([summary]), show_info=show_info)
+        strip = figure.axes[1]
+        drawn[show_info] = sorted(round(x) for c in strip.collections for x, _ in c.get_offsets())
+        assert strip.get_title(loc="left").startswith("Alerts by monitor: 2 warning and critical alerts")
+        plt.close(figure)
+    assert drawn == {False: [9, 20], True: [3, 9, 20]}
+
+
+def test_a_run_without_a_loss_starts_with_its_alerts_not_an_empty_panel(tmp_path: Path) -> None:
+    figures = {s: {"nc/nc1": 1.0 / (s + 1), "nc/cdnv": 0.5, "nc/alerts": 0.0} for s in range(5)}
+    summary = _summary(write_csv(tmp_path, "nc_only", figures, []))
+    assert summary.loss is None and summary.families == ["nc"] and count_phrase(summary) == "no alerts"
+    plt = render.require_pyplot("PNG")
+    figure = render.run_figure(plt, summary, {})
+    try:
+        titles = [ax.get_title(loc="left") for ax in figure.axes]
+        assert titles == ["Alerts by monitor: no alerts", "nc: nc1, cdnv"]
+    finally:
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def test_pdf_is_a_real_pdf_with_one_page_per_run_and_a_summary_page(tmp_path: Path) -> None:
+    pages = re.compile(rb"/Type\s*/Page\b")
+    one_run, two_runs = write_csv(tmp_path / "logs", "a", small_run(), []).parent, tmp_path / "logs"
+    write_tensorboard(two_runs, "b", small_run(), [])
+    assert main([str(one_run), "-o", str(tmp_path / "one.pdf")]) == 0
+    assert main([str(two_runs), "-o", str(tmp_path / "two.pdf")]) == 0
+    one, two = (tmp_path / "one.pdf").read_bytes(), (tmp_path / "two.pdf").read_bytes()
+    assert one[:5] == b"%PDF-" and two[:5] == b"%PDF-"
+    assert len(pages.findall(one)) == 1 and len(pages.findall(two)) == 3  # summary + 2 runs
+
+
+def test_png_of_several_runs_is_a_summary_and_one_png_per_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    output = tmp_path / "r.html"
-    assert main([str(logdir / "regressor"), "-o", str(output)]) == 0
-    page = output.read_text()
-    assert "matplotlib is not installed" in page and "data:image/png" not in page
+    write_csv(tmp_path / "logs", "csv", small_run(), [])
+    write_tensorboard(tmp_path / "logs", "tb", small_run(), [])
+    output = tmp_path / "out" / "r.png"
+    output.parent.mkdir()
+    assert main([str(tmp_path / "logs"), "-o", str(output)]) == 0
+    written = sorted(p.name for p in output.parent.iterdir())
+    assert written == ["r-csv_version_0.png", "r-tb_version_0.png", "r.png"]
+    assert "r-tb_version_0.png" in capsys.readouterr().out
+    for path in output.parent.iterdir():
+        width, height = _png_size(path.read_bytes())
+        assert width < 2000 and height < 4000, (path.name, width, height)  # never one giant image
 
 
-def test_fail_on_alert_exits_1_and_console_entry_dispatches(logdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["report", str(logdir / "regressor"), "--no-output", "--fail-on-alert"]) == 1
-    assert cli_main(["report", str(logdir / "classifier"), "--no-output", "--fail-on-alert"]) == 0
-    assert "Health: no alerts" in capsys.readouterr().out
+def test_html_lists_every_alert_and_links_one_section_per_run(tmp_path: Path) -> None:
+    figures = small_run(60)
+    many = [alert(s, "GradNormWatcher", "grad_norm/zscore", 2.0 + s / 100, "info" if s % 3 else "warning")
+            for s in range(60)]
+    write_csv(tmp_path / "logs", "a", figures, many)
+    write_tensorboard(tmp_path / "logs", "b", figures, many[:3])
+    text, _ = report(tmp_path / "logs", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    for a in many:
+        assert json.dumps(a["message"])[1:-1] in page
+    assert page.count("<tr class='info'>") == 40 + 2 and "more not listed" not in page
+    assert "href='#run-0'" in page and "id='run-1'" in page and page.count("data:image/png;base64,") == 2
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert text.count("  warning   GradNormWatcher") == 20 + 1 and "more not listed" not in text  # a: 20, b: 1
 
 
-def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
-    data = _event_file(good).read_bytes()
+def test_terminal_timeline_truncates_and_says_how_many_are_left_out(tmp_path: Path) -> None:
+    many = [alert(s, "GradNormWatcher", "grad_norm/total", 5.0, "warning") for s in range(25)]
+    run = write_csv(tmp_path, "a", {0: {"grad_norm/total": 1.0, "grad_norm/alerts": 25.0}}, many)
+    text = format_summary(_summary(run))
+    assert "... 5 more not listed here (the HTML report lists every alert)" in text
+    assert format_summary(_summary(run), timeline=None).count("  warning  ") == 25
+
+
+def test_default_output_is_html_in_the_log_folder(tmp_path: Path) -> None:
+    run = write_csv(tmp_path, "copy", small_run(), [])
+    assert main([str(run)]) == 0
+    assert (run / "health_report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("name", ["r.txt", "r.pdff", "report"])
+def test_an_unknown_suffix_is_refused_in_one_line(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    assert main([str(runs["tb"]), "-o", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(ERROR) and "use .html, .pdf or .png" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_and_pdf_without_matplotlib_are_refused_html_has_no_plots(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(render, "import_pyplot", lambda: None)
+    for suffix in ("pdf", "png"):
+        assert main([str(runs["tb"]), "-o", str(tmp_path / f"r.{suffix}")]) == 2
+        err = capsys.readouterr().err.strip()
+        needs = f"a {suffix.upper()} report needs matplotlib (pip install matplotlib); write an .html report instead"
+        assert err == ERROR + needs
+    assert list(tmp_path.iterdir()) == []
+    assert main([str(runs["tb"]), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "matplotlib is not installed" in page and "data:image/png" not in page and "grad_norm/total = 3.5" in page
+
+
+def test_fail_on_alert_ignores_info_records_and_the_console_entry_dispatches(tmp_path: Path) -> None:
+    figures, alerts = exploding_run(steps=10, explode_at=20)
+    info_only = write_csv(tmp_path, "info", figures, [a for a in alerts if a["severity"] == "info"])
+    warned = write_csv(tmp_path, "warned", figures, alerts)
+    assert cli_main(["report", str(info_only), "--no-output", "--fail-on-alert"]) == 0
+    assert cli_main(["report", str(warned), "--no-output", "--fail-on-alert"]) == 1
+    assert cli_main(["report", str(warned), "--no-output"]) == 0
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path: Path, good_event_file: Path) -> dict[str, tuple[Path, str]]:
+    data = good_event_file.read_bytes()
     cases = {
         "missing": (tmp_path / "nope", "no such file or directory"),
-        "no event files": (tmp_path / "empty", "no TensorBoard event files"),
+        "no logs": (tmp_path / "empty", "no TensorBoard event files"),
         "garbage": (tmp_path / "garbage", "not a TensorBoard event file"),
         "flipped byte": (tmp_path / "flipped", "corrupted record"),
         "empty file": (tmp_path / "zero", "hold no records"),
+        "csv without step": (tmp_path / "csv", "no 'step' column"),
+        "other file": (tmp_path / "empty" / "notes.txt", "not a TensorBoard event file"),
     }
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hello")
@@ -103,45 +355,36 @@ def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     for folder, blob in blobs.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "events.out.tfevents.0.host.0.0").write_bytes(blob)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,loss\n0,1.0\n")
     return cases
 
 
 def test_bad_input_gets_one_line_error_and_exit_2(
-    logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for case, (path, expected) in _bad_inputs(tmp_path, logdir / "regressor" / "version_0").items():
+    (event_file,) = runs["tb"].glob("events.out.tfevents.*")
+    for case, (path, expected) in _bad_inputs(tmp_path, event_file).items():
         assert main([str(path), "--no-output"]) == 2, case
         captured = capsys.readouterr()
         assert captured.out == "", case
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in captured.err, (case, captured.err)
-        assert lines[0].startswith("lightning-diag report: error: ")
+        assert lines[0].startswith(ERROR)
 
 
-def test_unwritable_output_is_bad_input(logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(logdir / "regressor"), "-o", str(tmp_path / "no" / "such" / "dir" / "r.html")]) == 2
+def test_unwritable_output_is_bad_input(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([str(runs["tb"]), "-o", str(tmp_path / "no" / "such" / "dir" / "r.html")]) == 2
     assert "cannot write the report" in capsys.readouterr().err
 
 
 def test_truncated_last_record_is_a_note_not_an_error(
-    logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = _event_file(logdir / "regressor" / "version_0").read_bytes()
+    (event_file,) = runs["tb"].glob("events.out.tfevents.*")
     (tmp_path / "live").mkdir()
-    (tmp_path / "live" / "events.out.tfevents.0.host.0.0").write_bytes(data[:-7])  # a run still being written
+    (tmp_path / "live" / "events.out.tfevents.0.host.0.0").write_bytes(event_file.read_bytes()[:-7])
     assert main([str(tmp_path / "live"), "--no-output"]) == 0
     assert "last record truncated" in capsys.readouterr().out
-
-
-def test_csv_and_tensorboard_at_once_get_the_same_scalars(tmp_path: Path) -> None:
-    """Multiple loggers: every scalar reaches both; CSV has no text channel and silently skips the texts."""
-    tensorboard, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
-    watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/total", 0.0)])
-    make_trainer(logger=[tensorboard, csv_logger], callbacks=[watcher], max_steps=4).fit(TinyModule())
-    with open(Path(csv_logger.log_dir) / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    csv_keys = {k for row in rows for k, v in row.items() if v not in ("", None)} - {"step", "epoch"}
-    _, (summary,) = report(tensorboard.log_dir)
-    assert csv_keys == set(summary.run.scalars)
-    assert float(rows[-1]["alerts/GradNormWatcher"]) == 1.0
-    assert len(summary.alerts) == 1 and "grad_norm/total" in summary.alerts[0].message  # text in TensorBoard only
