@@ -258,7 +258,19 @@ class DiagnosticCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_cadence = Cadence(self.every_n_steps or max(int(trainer.log_every_n_steps), 1))
         self._measured_step, self._logged_step = -1, trainer.global_step - 1
+        self._warn_if_cadence_outlasts_the_run(trainer)
         self.start(trainer, pl_module)
+
+    def _warn_if_cadence_outlasts_the_run(self, trainer: pl.Trainer) -> None:
+        try:
+            steps = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - an iterable dataset of unknown length: nothing to compare
+            return
+        every = self._log_cadence.every or 1
+        if any(k.rate != "eval" for k in self.KEYS) and every > steps - trainer.global_step:
+            self.warn_once("cadence", f"it logs every {every} steps (`every_n_steps` or the trainer's "
+                           f"`log_every_n_steps`) but the run has {int(steps) - trainer.global_step} steps left, so "
+                           "no figure will be logged before the end; alerts are still raised and logged")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.drain(trainer, trainer.global_step, wait=True)  # the previous step's copy: due now at the latest

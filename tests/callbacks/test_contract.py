@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 
 import lightning_diag.callbacks
 from lightning_diag import DivergenceError
-from lightning_diag.alerts import Above
+from lightning_diag.alerts import Above, DiagnosticWarning
 from lightning_diag.callbacks._base import DiagnosticCallback
 
 # name -> (fast arguments, [(bad arguments, the value's repr in the message, a word of what is allowed)])
@@ -254,3 +255,15 @@ def test_a_rule_on_a_key_the_monitor_does_not_log_is_refused_listing_the_keys() 
     callback = make("GradNormWatcher", rules=[Above("grad_norm/totl", 1.0)])
     with pytest.raises(ValueError, match=r"grad_norm/total.*did you mean"):
         fit(callback, Poisoned(), max_steps=2)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_a_logging_cadence_longer_than_the_run_is_said_once(name: str) -> None:
+    callback = make(name, action="log")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(callback, Poisoned(), max_steps=12)  # Lightning's default log_every_n_steps=50 > 12 steps
+    said = [w for w in caught if issubclass(w.category, DiagnosticWarning) and "logs every 50 steps" in str(w.message)]
+    evaluates_only = all(k.rate == "eval" for k in callback.KEYS)
+    assert len(said) == (0 if evaluates_only else 1)
+    assert all(w.filename == __file__ for w in said)  # the warning points at the user's code, not ours
