@@ -3,6 +3,18 @@ says so, e.g. ``CollapseAccumulator.compute``). Tested against float64 reference
 
 from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
 from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
+from lightning_diag.metrics.sharpness import (
+    EigenEstimate,
+    GroupStability,
+    HessianVectorProduct,
+    SharpnessEstimator,
+    SharpnessResult,
+    TrainingStateGuard,
+    hutchinson_trace,
+    optimizer_stability,
+    random_unit_vector,
+    top_eigenvalue,
+)
 from lightning_diag.metrics.spectral import (
     AlignmentSummary,
     alignment_histogram,
@@ -17,18 +29,28 @@ from lightning_diag.metrics.windows import RollingWindow, linear_fit
 __all__ = [
     "AlignmentSummary",
     "CollapseAccumulator",
+    "EigenEstimate",
     "EmaZScore",
+    "GroupStability",
+    "HessianVectorProduct",
     "RollingWindow",
+    "SharpnessEstimator",
+    "SharpnessResult",
+    "TrainingStateGuard",
     "alignment_histogram",
     "alignment_summary",
     "count_nonfinite",
     "grouped_norms",
+    "hutchinson_trace",
     "linear_fit",
     "neural_collapse_metrics",
+    "optimizer_stability",
     "power_iteration",
+    "random_unit_vector",
     "spectral_alignment",
     "stable_rank",
     "tensor_norms",
+    "top_eigenvalue",
     "total_norm",
     "zclip",
 ]
