@@ -2,6 +2,15 @@
 says so, e.g. ``CollapseAccumulator.compute``). Tested against float64 references."""
 
 from lightning_diag.metrics.collapse import CollapseAccumulator, neural_collapse_metrics
+from lightning_diag.metrics.logits import (
+    AttentionLogitRecorder,
+    AttentionLogitStats,
+    OutputLogitStats,
+    attention_logit_stats,
+    mha_attention_stats,
+    output_logit_stats,
+    sdpa_attention_stats,
+)
 from lightning_diag.metrics.norms import count_nonfinite, grouped_norms, tensor_norms, total_norm
 from lightning_diag.metrics.sharpness import (
     EigenEstimate,
@@ -28,25 +37,32 @@ from lightning_diag.metrics.windows import RollingWindow, linear_fit
 
 __all__ = [
     "AlignmentSummary",
+    "AttentionLogitRecorder",
+    "AttentionLogitStats",
     "CollapseAccumulator",
     "EigenEstimate",
     "EmaZScore",
     "GroupStability",
     "HessianVectorProduct",
+    "OutputLogitStats",
     "RollingWindow",
     "SharpnessEstimator",
     "SharpnessResult",
     "TrainingStateGuard",
     "alignment_histogram",
     "alignment_summary",
+    "attention_logit_stats",
     "count_nonfinite",
     "grouped_norms",
     "hutchinson_trace",
     "linear_fit",
+    "mha_attention_stats",
     "neural_collapse_metrics",
     "optimizer_stability",
+    "output_logit_stats",
     "power_iteration",
     "random_unit_vector",
+    "sdpa_attention_stats",
     "spectral_alignment",
     "stable_rank",
     "tensor_norms",

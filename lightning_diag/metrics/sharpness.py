@@ -480,7 +480,9 @@ def _group_name(group: dict[str, Any], index: int) -> str:
     return name if isinstance(name, str) and name and "/" not in name else f"group{index}"
 
 
-def _adam_inverse_preconditioner(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[Tensor | float] | None:
+def _adam_inverse_preconditioner(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any]
+) -> list[Tensor | float] | None:
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     out: list[Tensor | float] = []
     for p in group["params"]:
@@ -703,7 +705,9 @@ class SharpnessEstimator:
         self._checks += 1
         return SharpnessResult(figures, hvp.method, self.fallback_reason, hvp.num_products, hvp.num_passes, notes)
 
-    def _power(self, name: str, matvec: Callable[[Tensor], Tensor], n: int, like: HessianVectorProduct) -> EigenEstimate:
+    def _power(
+        self, name: str, matvec: Callable[[Tensor], Tensor], n: int, like: HessianVectorProduct
+    ) -> EigenEstimate:
         vector, shift = self._warm.get(name, (None, None))
         if vector is None or vector.shape != (n,):
             # One seed for every operator: reproducible, and the operators differ anyway.
@@ -732,7 +736,8 @@ class SharpnessEstimator:
         else:
             covered = {position[id(p)] for g in ok for p in g.params if id(p) in position}
             scalars = {(repr(x), g.weight_decay) for g in ok for x in g.inverse_preconditioner}
-            if len(covered) == len(hvp.params) and len(scalars) == 1 and not isinstance(ok[0].inverse_preconditioner[0], Tensor):
+            one_scalar = len(scalars) == 1 and not isinstance(ok[0].inverse_preconditioner[0], Tensor)
+            if one_scalar and len(covered) == len(hvp.params):
                 # One LR and one decay for every parameter: P^-1 (H + W) = lr (H + wd I), no products.
                 pre = ok[0].inverse_preconditioner[0] * (lambda_max + ok[0].weight_decay)
             else:

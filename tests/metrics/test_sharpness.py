@@ -59,7 +59,9 @@ def _problem(dtype=torch.float64, seed=0, once=False):
     net = Mlp(once).to(dtype)
     x = torch.randn(64, 3, generator=gen, dtype=dtype)
     y = torch.randint(0, 2, (64,), generator=gen)
-    loss_fn = lambda: nn.functional.cross_entropy(net(x), y)  # noqa: E731
+    def loss_fn():
+        return nn.functional.cross_entropy(net(x), y)
+
     return net, loss_fn, list(net.parameters()), (x, y)
 
 
@@ -117,7 +119,7 @@ def test_finite_difference_hvp_default_step_is_accurate_in_float32(scheme, rtol)
 
 
 def test_finite_difference_restores_parameters_bit_for_bit():
-    net, loss_fn, params, _ = _problem(torch.float32)
+    _, loss_fn, params, _ = _problem(torch.float32)
     before = [p.detach().clone() for p in params]
     versions = [p._version for p in params]
     hvp = HessianVectorProduct(loss_fn, params, method="finite_difference", fd_scheme="central")
@@ -130,7 +132,7 @@ def test_finite_difference_restores_parameters_bit_for_bit():
 
 
 def test_finite_difference_restores_parameters_when_loss_fn_raises():
-    net, loss_fn, params, _ = _problem(torch.float32)
+    _, loss_fn, params, _ = _problem(torch.float32)
     before = [p.detach().clone() for p in params]
     calls = []
 
@@ -254,7 +256,7 @@ def test_top_eigenvalue_without_negative_curvature_keeps_zero_shift():
 
 
 def test_warm_start_converges_in_fewer_products_than_cold():
-    net, loss_fn, params, data = _problem()
+    _, loss_fn, params, _ = _problem()
     hvp = HessianVectorProduct(loss_fn, params)
     v0 = random_unit_vector(hvp.numel, dtype=torch.float64)
     first = top_eigenvalue(hvp, v0, iters=500, tol=1e-8)
@@ -414,7 +416,7 @@ def test_sgd_groups_with_different_lr_get_their_own_figures():
 
 
 def test_unsupported_optimizer_and_adam_before_first_step_give_nan_with_reason():
-    net, loss_fn, params, _ = _problem()
+    _, loss_fn, params, _ = _problem()
     est = SharpnessEstimator(cold_iters=5)
     result = est.estimate(loss_fn, params, torch.optim.RMSprop(params))
     assert torch.isfinite(result.figures["lambda_max"])
@@ -547,13 +549,12 @@ def test_guard_restores_modes_buffers_and_rng_on_exception():
     stats = [b.clone() for b in net.buffers()]
     rng = torch.get_rng_state()
     original = net.body[1].running_mean
-    with pytest.raises(ZeroDivisionError):
-        with TrainingStateGuard(net, training=True) as guard:
-            assert all(m.training for m in net.modules())
-            net(torch.randn(8, 4))  # updates running stats, draws dropout
-            net.body[1].running_mean = torch.zeros(8)  # a module that replaces its buffer
-            guard.replay()
-            1 / 0
+    with pytest.raises(ZeroDivisionError), TrainingStateGuard(net, training=True) as guard:
+        assert all(m.training for m in net.modules())
+        net(torch.randn(8, 4))  # updates running stats, draws dropout
+        net.body[1].running_mean = torch.zeros(8)  # a module that replaces its buffer
+        guard.replay()
+        raise ZeroDivisionError
     assert [m.training for m in net.modules()] == modes
     assert all(torch.equal(a, b) for a, b in zip(net.buffers(), stats))
     assert net.body[1].running_mean is original
