@@ -234,18 +234,62 @@ def test_lambda_max_matches_dense_top_eigenvalue():
     assert tight.num_products < 500  # stopped on the tolerance
 
 
-def test_top_eigenvalue_finds_largest_positive_when_negative_dominates():
+@pytest.mark.parametrize(("algorithm", "iters"), [("lanczos", 40), ("power", 400)])
+def test_top_eigenvalue_finds_largest_positive_when_negative_dominates(algorithm, iters):
     a = _spectrum_matrix([1.0, 0.7, 0.2, -0.5, -3.0])
-    est = top_eigenvalue(lambda v: a @ v, torch.ones(5, dtype=torch.float64), iters=400)
-    torch.testing.assert_close(est.eigenvalue, torch.tensor(1.0, dtype=torch.float64), rtol=1e-8, atol=0)
-    assert 0 < est.shift <= 3.0 + 1e-9  # never more than |lambda_min|
-    # Warm start with the shift carried: stays on lambda_max instead of drifting to -3.
-    again = top_eigenvalue(lambda v: a @ v, est.vector, iters=50, shift=est.shift)
-    torch.testing.assert_close(again.eigenvalue, torch.tensor(1.0, dtype=torch.float64), rtol=1e-8, atol=0)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    est = top_eigenvalue(lambda v: a @ v, torch.ones(5, dtype=torch.float64), iters=iters, algorithm=algorithm)
+    torch.testing.assert_close(est.eigenvalue, one, rtol=1e-8, atol=0)
+    if algorithm == "power":
+        assert 0 < est.shift <= 3.0 + 1e-9  # never more than |lambda_min|
+    else:
+        assert est.shift == pytest.approx(0.0, abs=1e-15)
+    # Warm start (with the shift carried): stays on lambda_max instead of drifting to -3.
+    again = top_eigenvalue(lambda v: a @ v, est.vector, iters=iters // 8, algorithm=algorithm, shift=est.shift)
+    torch.testing.assert_close(again.eigenvalue, one, rtol=1e-8, atol=0)
     # A negative definite operator: the largest (least negative) eigenvalue.
     b = _spectrum_matrix([-0.5, -1.0, -4.0])
-    est = top_eigenvalue(lambda v: b @ v, torch.ones(3, dtype=torch.float64), iters=300)
+    est = top_eigenvalue(lambda v: b @ v, torch.ones(3, dtype=torch.float64), iters=iters, algorithm=algorithm)
     torch.testing.assert_close(est.eigenvalue, torch.tensor(-0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_lanczos_beats_power_iteration_on_a_clustered_spectrum():
+    # A top eigenvalue 1% above a cluster: power iteration crawls, Lanczos does not.
+    eigs = [1.0, *torch.linspace(0.99, 0.0, 59).tolist()]
+    a = _spectrum_matrix(eigs, seed=2)
+    v0 = torch.ones(60, dtype=torch.float64)
+    lanczos = top_eigenvalue(lambda v: a @ v, v0, iters=20, basis=10)
+    power = top_eigenvalue(lambda v: a @ v, v0, iters=20, algorithm="power")
+    assert 1 - lanczos.eigenvalue < (1 - power.eigenvalue) / 10
+    assert lanczos.eigenvalue <= 1 + 1e-12 and power.eigenvalue <= 1 + 1e-12  # lower bounds
+
+
+def test_lanczos_breakdown_and_small_problems():
+    # v0 is an exact eigenvector of a negative definite matrix: the Krylov space stops at one
+    # vector, and the padded rows must not pass for an eigenvalue 0.
+    b = torch.diag(torch.tensor([-0.5, -1.0, -4.0], dtype=torch.float64))
+    est = top_eigenvalue(lambda v: b @ v, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), iters=5)
+    assert est.eigenvalue == pytest.approx(-1.0, abs=1e-12)
+    # A 2-parameter problem with a basis of 5: exact after the first cycle.
+    a = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    est = top_eigenvalue(lambda v: a @ v, torch.tensor([1.0, 0.0], dtype=torch.float64), iters=5)
+    assert est.eigenvalue == pytest.approx(float(torch.linalg.eigvalsh(a)[-1]), rel=1e-12)
+    zero = top_eigenvalue(lambda v: torch.zeros_like(v), torch.ones(3), iters=5)
+    assert zero.eigenvalue == pytest.approx(0.0, abs=1e-12) and torch.isfinite(zero.vector).all()
+
+
+def test_small_eigenpair_without_eigh_matches_eigh():
+    from lightning_diag.metrics.sharpness import _top_eigenpair_small
+
+    gen = torch.Generator().manual_seed(5)
+    for size in (1, 3, 8):
+        m = torch.randn(size, size, generator=gen, dtype=torch.float64)
+        t = m + m.T
+        theta, y = _top_eigenpair_small(t)
+        assert theta == pytest.approx(float(torch.linalg.eigvalsh(t)[-1]), rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(t @ y, theta * y, rtol=0, atol=1e-8)
+    tie = torch.diag(torch.tensor([2.0, 2.0, -5.0], dtype=torch.float64))
+    assert _top_eigenpair_small(tie)[0] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_top_eigenvalue_without_negative_curvature_keeps_zero_shift():
@@ -255,21 +299,27 @@ def test_top_eigenvalue_without_negative_curvature_keeps_zero_shift():
     assert est.eigenvalue == pytest.approx(2.0, rel=1e-12)
 
 
-def test_warm_start_converges_in_fewer_products_than_cold():
-    _, loss_fn, params, _ = _problem()
+@pytest.mark.parametrize("algorithm", ["lanczos", "power"])
+def test_warm_start_is_closer_than_cold_for_the_same_products(algorithm):
+    net, loss_fn, params, data = _problem()
     hvp = HessianVectorProduct(loss_fn, params)
     v0 = random_unit_vector(hvp.numel, dtype=torch.float64)
-    first = top_eigenvalue(hvp, v0, iters=500, tol=1e-8)
+    first = top_eigenvalue(hvp, v0, iters=60, algorithm=algorithm)
     # A training step moves the weights a little; the previous vector is a good start.
     grads = torch.autograd.grad(loss_fn(), params)
     with torch.no_grad():
         for p, g in zip(params, grads):
             p -= 0.05 * g
+    top = torch.linalg.eigvalsh(_dense_hessian(net, data))[-1]
     hvp = HessianVectorProduct(loss_fn, params)
-    cold = top_eigenvalue(hvp, v0, iters=500, tol=1e-8)
-    warm = top_eigenvalue(hvp, first.vector, iters=500, tol=1e-8)
-    assert warm.num_products < cold.num_products / 2
-    torch.testing.assert_close(warm.eigenvalue, cold.eigenvalue, rtol=1e-6, atol=0)
+    cold = top_eigenvalue(hvp, v0, iters=3, algorithm=algorithm)
+    warm = top_eigenvalue(hvp, first.vector, iters=3, algorithm=algorithm)
+    assert top - warm.eigenvalue < (top - cold.eigenvalue) / 10
+    assert abs(warm.eigenvalue - top) / top < 1e-3
+    if algorithm == "power":  # and with a tolerance, in fewer products
+        cold = top_eigenvalue(hvp, v0, iters=500, tol=1e-8, algorithm="power")
+        warm = top_eigenvalue(hvp, first.vector, iters=500, tol=1e-8, algorithm="power")
+        assert warm.num_products < cold.num_products / 2
 
 
 def test_nonfinite_product_gives_nan_and_keeps_the_vector():
@@ -288,6 +338,10 @@ def test_top_eigenvalue_validation():
         top_eigenvalue(lambda v: v, torch.ones(2), iters=1, tol=0.0)
     with pytest.raises(ValueError, match="1-D"):
         top_eigenvalue(lambda v: v, torch.ones(2, 2), iters=1)
+    with pytest.raises(ValueError, match="algorithm"):
+        top_eigenvalue(lambda v: v, torch.ones(2), iters=1, algorithm="arnoldi")
+    with pytest.raises(ValueError, match="basis"):
+        top_eigenvalue(lambda v: v, torch.ones(2), iters=1, basis=0)
 
 
 def test_hutchinson_trace_is_unbiased():
@@ -347,31 +401,51 @@ def test_sgd_weight_decay_adds_to_the_curvature():
 
 
 def _adam_inverse_preconditioner_dense(opt, params, beta1, beta2, eps, lr):
+    """P^-1 from the state, and from the gradients when they are there (the coming step)."""
     parts = []
     for p in params:
         st = opt.state[p]
-        t = float(st["step"])
-        v_hat = st["exp_avg_sq"] / (1 - beta2**t)
+        t, v = float(st["step"]), st["exp_avg_sq"]
+        if p.grad is not None:
+            t, v = t + 1, beta2 * v + (1 - beta2) * p.grad.square()
+        v_hat = v / (1 - beta2**t)
         parts.append((lr / ((1 - beta1**t) * (v_hat.sqrt() + eps))).reshape(-1))
     return torch.cat(parts).double()
 
 
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
-def test_adam_preconditioned_sharpness_matches_dense(cls):
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_adam_preconditioned_sharpness_matches_dense(cls, with_grad):
     net, loss_fn, params, data = _problem()
     opt = cls(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8)
     for _ in range(5):
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)
+    if with_grad:  # as in on_before_optimizer_step: the coming step's gradient is in .grad
+        net.fc1.weight.data.mul_(1.1)
+        loss_fn().backward()
     h = _dense_hessian(net, data)
     d = _adam_inverse_preconditioner_dense(opt, params, 0.9, 0.99, 1e-8, 0.01).sqrt()
     top_pre = torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1]
-    result = SharpnessEstimator(cold_iters=2000, tol=1e-13).estimate(loss_fn, params, opt)
+    result = SharpnessEstimator(cold_iters=60, basis=20).estimate(loss_fn, params, opt)
     f = result.figures
     torch.testing.assert_close(f["preconditioned_lambda_max"], top_pre, rtol=1e-7, atol=0)
     torch.testing.assert_close(f["stability_ratio"], top_pre / 38.0, rtol=1e-7, atol=0)
     torch.testing.assert_close(f["lambda_max"], torch.linalg.eigvalsh(h)[-1], rtol=1e-7, atol=0)
+
+
+def test_adam_preconditioner_of_the_coming_step_exists_before_the_first_step():
+    net, loss_fn, params, data = _problem()
+    opt = torch.optim.Adam(params, lr=0.01)
+    loss_fn().backward()  # gradients, no state yet
+    (g,) = optimizer_stability(opt)
+    for p, x in zip(params, g.inverse_preconditioner):
+        # t = 1: v_hat = g^2 and the first moment's correction is 1 - 0.9.
+        torch.testing.assert_close(x, 0.01 / (0.1 * (p.grad.abs() + 1e-8)))
+    (stale,) = optimizer_stability(opt, use_grad=False)
+    assert stale.inverse_preconditioner is None and "no second moment" in stale.reason
 
 
 def test_adam_coupled_weight_decay_and_amsgrad():
@@ -384,11 +458,13 @@ def test_adam_coupled_weight_decay_and_amsgrad():
     (g,) = optimizer_stability(opt)
     assert g.kind == "adam" and g.weight_decay == pytest.approx(0.5)
     # amsgrad: the preconditioner reads max_exp_avg_sq.
+    opt.zero_grad(set_to_none=True)  # the preconditioner of the last step taken
+    (g,) = optimizer_stability(opt)
     p = params[0]
     st = opt.state[p]
     t = float(st["step"])
     expected = 0.01 / ((1 - 0.9**t) * ((st["max_exp_avg_sq"] / (1 - 0.999**t)).sqrt() + 1e-8))
-    torch.testing.assert_close(g.inverse_preconditioner[0], expected.float())
+    torch.testing.assert_close(g.inverse_preconditioner[0], expected)
     h = _dense_hessian(net, data)
     d = torch.cat([x.reshape(-1) for x in g.inverse_preconditioner]).double().sqrt()
     top_pre = torch.linalg.eigvalsh(d[:, None] * (h + 0.5 * torch.eye(len(d), dtype=h.dtype)) * d[None, :])[-1]
@@ -424,7 +500,7 @@ def test_unsupported_optimizer_and_adam_before_first_step_give_nan_with_reason()
     assert "RMSprop is not supported" in result.notes["stability_ratio"]
     result = est.estimate(loss_fn, params, torch.optim.Adam(params))
     assert torch.isnan(result.figures["stability_ratio"])
-    assert "before the first step" in result.notes["stability_ratio"]
+    assert "no second moment yet" in result.notes["stability_ratio"]
     (g,) = optimizer_stability(torch.optim.SGD(params, lr=0.1, maximize=True))
     assert g.kind == "unsupported" and math.isnan(g.limit) and "maximize" in g.reason
 
