@@ -138,14 +138,19 @@ class HessianVectorProduct:
       (``.grad`` is never touched). ``fd_scheme="forward"``: ``(g(theta + e v) - g(theta)) / e``,
       one forward+backward per product plus one for ``g(theta)`` per object; error O(e).
       ``"central"``: ``(g(theta + e v) - g(theta - e v)) / 2e``, two per product; error O(e^2).
-      The step is ``e = r (1 + ||theta||) / ||v||``: the perturbation is a relative change ``r`` of
-      the parameters (the ``1 +`` guards a zero-initialised model), with ``r = sqrt(eps)``
-      (forward) or ``eps^(1/3)`` (central), ``eps`` the machine epsilon of the lowest-precision
-      parameter dtype: the textbook balance of truncation against rounding error
-      (Nocedal & Wright, section 8.1). Measured against autograd on the tests' MLP and the
-      benchmark transformer in float32: see ``tests/metrics/test_sharpness.py`` and
-      ``benchmarks/sharpness_peer.py``. Parameters are saved before each perturbation and copied
-      back afterwards (never ``theta + e v - e v``, which would drift by rounding), also when
+      The step ``e`` makes the perturbation a relative change ``r`` of the parameters *where v
+      lives*: ``e = r ||s * v|| / ||v * v||`` with ``s = max(|theta|, 0.1 rms(theta))``, so that
+      ``e |v_i| ~ r |theta_i|`` on the support of ``v`` (a spread-out ``v`` gets ``e ~ r
+      ||theta||``; the floor covers zero-initialised entries). ``r = sqrt(eps)`` (forward) or
+      ``eps^(1/3)`` (central), ``eps`` the machine epsilon of the lowest-precision parameter
+      dtype: the textbook balance of truncation against rounding error (Nocedal & Wright,
+      section 8.1). A global scale ``r ||theta|| / ||v||`` was 10x too large for the top
+      eigenvector of the benchmark transformer, which sits on small weights (attention and head,
+      not the embeddings): 3% error instead of 0.2%. Measured in float32 against autograd, for a
+      random and the top vector: forward 1e-3 and 2e-3, central 2e-4 and 8e-4 relative error on the
+      benchmark transformer; 4e-4 and 3e-4, 2e-5 and 1e-5 on the benchmark's 212-parameter MLP. Parameters are saved
+      before each perturbation and copied back afterwards (never ``theta + e v - e v``, which
+      would drift by rounding), also when
       ``loss_fn`` raises, without bumping their version counters.
     - ``"auto"`` (default): autograd; if the double backward raises a ``RuntimeError`` saying a
       derivative is not implemented (flash/efficient SDPA kernels, pytorch #116350; functions
@@ -300,9 +305,17 @@ class HessianVectorProduct:
         self.num_passes += 1
         return _flat(grads, self.dtype)
 
+    def _step(self, v: Tensor, index: tuple[int, ...]) -> Tensor:
+        """``e`` such that ``e |v_i| ~ r |theta_i|`` where ``v`` lives (see the class docstring)."""
+        tiny = torch.finfo(self.dtype).tiny
+        theta = _flat([self.params[i].detach() for i in index], self.dtype).abs()
+        rms = torch.linalg.vector_norm(theta) / math.sqrt(theta.numel())
+        scale = torch.maximum(theta, 0.1 * rms)  # floor: zero-initialised entries (biases)
+        scale = torch.where(rms > 0, scale, 1.0)  # an all-zero model: absolute steps
+        return self.fd_step * torch.linalg.vector_norm(scale * v) / torch.linalg.vector_norm(v * v).clamp_min(tiny)
+
     def _finite_difference_product(self, v: Tensor, index: tuple[int, ...]) -> Tensor:
-        theta = torch.linalg.vector_norm(_flat([self.params[i].detach() for i in index], self.dtype))
-        step = self.fd_step * (1 + theta) / torch.linalg.vector_norm(v).clamp_min(torch.finfo(self.dtype).tiny)
+        step = self._step(v, index)
         offset = v * step  # a zero v gives a zero offset and a zero product
         if self.fd_scheme == "central":
             return (self._gradient(index, offset) - self._gradient(index, -offset)) / (2 * step)
