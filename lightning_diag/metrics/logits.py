@@ -78,7 +78,7 @@ def _query_index(length: int, max_queries: int | None, device: torch.device) -> 
     if max_queries is None or length <= max_queries:
         return None
     if max_queries == 1:
-        return torch.tensor([length - 1], device=device)
+        return torch.full((1,), length - 1, device=device)
     return torch.arange(max_queries, device=device) * (length - 1) // (max_queries - 1)
 
 
@@ -337,7 +337,7 @@ class AttentionLogitRecorder:
         if max_queries is not None:
             check_int("max_queries", max_queries, 1)
         self.model, self.max_queries, self.mha, self.sdpa = model, max_queries, mha, sdpa
-        self._names = {module: (name or "model") for name, module in model.named_modules()}
+        self._names: dict[nn.Module, str] = {}
         self._stack: list[nn.Module] = []
         self._inside_mha = 0
         self._exit: ExitStack | None = None
@@ -383,6 +383,8 @@ class AttentionLogitRecorder:
     def __enter__(self) -> AttentionLogitRecorder:
         if self._exit is not None:
             raise RuntimeError("AttentionLogitRecorder is not re-entrant")
+        # Named at entry, not at construction: the model may have changed in between.
+        self._names = {module: (name or "model") for name, module in self.model.named_modules()}
         stack = ExitStack()
         try:
             for module in self._names:
@@ -505,7 +507,7 @@ def output_logit_stats(logits: Tensor, valid: Tensor | None = None) -> OutputLog
         if keep is not None:
             n = keep.to(dtype).sum()
         else:
-            n = torch.tensor(float(log_z_all.numel()), dtype=dtype, device=rows.device)
+            n = torch.full((), float(log_z_all.numel()), dtype=dtype, device=rows.device)
 
         def pick(x: Tensor, fill: float) -> Tensor:  # invalid rows replaced by a neutral value
             return x if keep is None else torch.where(keep, x, fill)

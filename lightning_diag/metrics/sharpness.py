@@ -11,8 +11,8 @@ The pieces, bottom up:
 - :class:`HessianVectorProduct`: ``H v`` for a loss closure, by double backward or, where that is
   not implemented (flash attention, ``once_differentiable`` functions), by finite differences of
   gradients. Parameters are perturbed in place and copied back bit for bit.
-- :func:`top_eigenvalue`: warm-started power iteration with a negative-curvature shift, so that it
-  finds the largest *positive* eigenvalue, not the largest in magnitude.
+- :func:`top_eigenvalue`: the largest *algebraic* eigenvalue (not the largest in magnitude), by
+  warm-started restarted Lanczos (default) or shifted power iteration.
 - :func:`optimizer_stability`: reads an optimizer's ``param_groups`` and state into a
   preconditioner ``P^-1`` and a limit per group.
 - :class:`SharpnessEstimator`: the above, check after check, with the warm-start vectors kept.
@@ -478,7 +478,8 @@ def top_eigenvalue(
     v = _unit(v0.detach())
     s = torch.zeros((), dtype=v.dtype, device=v.device)
     if shift is not None and algorithm == "power":
-        s = s + torch.as_tensor(shift, dtype=v.dtype, device=v.device).clamp_min(0)
+        s = s + (shift.to(v.dtype) if isinstance(shift, Tensor) else shift)  # no host-to-device copy
+        s = s.clamp_min(0)
     best = torch.full((), -math.inf, dtype=v.dtype, device=v.device)
     prev = change = torch.full((), math.nan, dtype=v.dtype, device=v.device)
     done = 0
@@ -598,7 +599,7 @@ def _adam_inverse_preconditioner(
         bias1 = 1 - beta1**t  # the first moment's bias correction scales the step like lr does
         bias2 = 1 - beta2**t
         denom = (v / bias2).sqrt() + eps
-        out.append(torch.as_tensor(lr, device=v.device) / (bias1 * denom))
+        out.append(lr / (bias1 * denom))  # a Python or tensor lr; no host-to-device copy
     return out if any(isinstance(x, Tensor) for x in out) else None
 
 
@@ -853,9 +854,10 @@ class SharpnessEstimator:
             notes["preconditioned_lambda_max"] = notes["stability_ratio"] = why
         else:
             covered = {position[id(p)] for g in ok for p in g.params if id(p) in position}
-            scalars = {(repr(x), g.weight_decay) for g in ok for x in g.inverse_preconditioner}
-            one_scalar = len(scalars) == 1 and not isinstance(ok[0].inverse_preconditioner[0], Tensor)
-            if one_scalar and len(covered) == len(hvp.params):
+            plain = not any(isinstance(x, Tensor) for g in ok for x in g.inverse_preconditioner)
+            # Python numbers only: comparing tensors would read them back to the host.
+            one = plain and len({(x, g.weight_decay) for g in ok for x in g.inverse_preconditioner}) == 1
+            if one and len(covered) == len(hvp.params):
                 # One LR and one decay for every parameter: P^-1 (H + W) = lr (H + wd I), no products.
                 pre = ok[0].inverse_preconditioner[0] * (lambda_max + ok[0].weight_decay)
             else:
@@ -864,7 +866,7 @@ class SharpnessEstimator:
             figures["preconditioned_lambda_max"], figures["stability_ratio"] = pre, pre / ok[0].limit
 
         # Per group: the diagonal blocks.
-        lrs = {repr(g.lr) for g in groups}
+        lrs = {id(g.lr) if isinstance(g.lr, Tensor) else g.lr for g in groups}  # tensors: by identity
         if not (self.per_group if self.per_group is not None else len(lrs) > 1) or len(groups) < 2:
             return
         for g in groups:
@@ -897,8 +899,10 @@ class SharpnessEstimator:
         for i in index:
             p = hvp.params[i]
             x, wd = inv.get(i, (0.0, 0.0))
-            x = torch.as_tensor(x, dtype=hvp.dtype, device=hvp.device)
-            d_parts.append(x.sqrt().expand(p.shape).reshape(-1))
+            if isinstance(x, Tensor):
+                d_parts.append(x.to(device=hvp.device, dtype=hvp.dtype).sqrt().expand(p.shape).reshape(-1))
+            else:  # a Python number: a fill, not a host-to-device copy
+                d_parts.append(torch.full((p.numel(),), math.sqrt(x), dtype=hvp.dtype, device=hvp.device))
             w_parts.append(torch.full((p.numel(),), wd, dtype=hvp.dtype, device=hvp.device))
         return torch.cat(d_parts), torch.cat(w_parts)
 

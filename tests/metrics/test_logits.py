@@ -456,3 +456,23 @@ def test_output_stats_in_chunks_match_one_pass(monkeypatch):
     chunked = output_logit_stats(z)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_logit_statistics_make_no_host_sync_on_cuda():
+    torch.manual_seed(0)
+    model = TwoBlocks().cuda()
+    x = torch.randn(2, 6, 8, device="cuda")
+    z = torch.randn(4, 7, 50, device="cuda")
+    valid = torch.rand(4, 7, device="cuda") > 0.2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with AttentionLogitRecorder(model, max_queries=4) as rec:
+            model(x)
+        out = output_logit_stats(z, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not rec.errors and rec.num_calls == 3
+    assert all(s.max_logit.is_cuda for s in rec.stats().values()) and out.log_z_mean.is_cuda

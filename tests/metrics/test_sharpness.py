@@ -646,3 +646,29 @@ def test_guard_in_eval_mode_uses_running_statistics():
         a, b = net(x), net(x)
     assert torch.equal(a, b)  # no dropout, BN from running stats
     assert all(m.training for m in net.modules())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_estimate_makes_no_host_sync_on_cuda(method):
+    torch.manual_seed(0)
+    net = BnDropNet().cuda()
+    x, y = torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for _ in range(2):
+        _train_step(net, opt, x, y)
+    opt.zero_grad()
+    nn.functional.mse_loss(net(x), y).backward()
+    est = SharpnessEstimator(iters=4, cold_iters=10, method=method, trace_probes=1)
+    params = list(net.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):  # cold, then warm
+            with TrainingStateGuard(net) as guard:
+                result = est.estimate(guard.wrap(lambda: nn.functional.mse_loss(net(x), y)), params, opt)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(v.is_cuda for v in result.figures.values())
+    assert torch.isfinite(result.figures["stability_ratio"])
