@@ -25,7 +25,7 @@ Two models:
     check per step on that step's batch, after its backward (as in ``on_before_optimizer_step``),
     warm-started (4 products per operator): ``lambda_max`` and the AdamW stability ratio
     (preconditioned sharpness / 38), each against the same operator iterated to convergence from
-    the check's vector ("settled").
+    the check's vector ("settled"); and ``lambda_max`` by power iteration with the same budget.
 
 Columns: the estimate, its relative error to the truth, Hessian-vector products (HVPs), forward+
 backward passes of the loss where they differ, and wall-clock ms per check (median).
@@ -89,7 +89,8 @@ def run_pyhessian(model: nn.Module, criterion: Callable, x: torch.Tensor, y: tor
     torch.manual_seed(seed)  # PyHessian draws its start from the global RNG
     start = time.perf_counter()
     try:
-        value = pyhessian_module.hessian(model, criterion, data=(x, y), cuda=False).eigenvalues(maxIter=100, tol=1e-3)[0][0]
+        peer = pyhessian_module.hessian(model, criterion, data=(x, y), cuda=False)
+        value = peer.eigenvalues(maxIter=100, tol=1e-3)[0][0]
         return {"estimate": value, "hvps": calls[0], "passes": 1, "ms": 1e3 * (time.perf_counter() - start)}
     except RuntimeError as err:
         return {"error": str(err).splitlines()[0]}
@@ -241,6 +242,7 @@ def bench_gpt(args: argparse.Namespace) -> tuple[list[tuple], list[tuple]]:
     # (the kernel training uses), so the estimator runs finite differences; settled values with
     # the math kernel and autograd, from the check's own vectors.
     est = SharpnessEstimator(iters=4, cold_iters=20)
+    power = SharpnessEstimator(iters=4, cold_iters=20, algorithm="power")  # lambda_max only, for contrast
     warm_rows = []
     for step in range(1, args.steps + 1):
         x, y = batches[step]
@@ -248,14 +250,16 @@ def bench_gpt(args: argparse.Namespace) -> tuple[list[tuple], list[tuple]]:
         loss_fn().backward()
         r = run_ours(est, loss_fn, model, opt)
         f = r["figures"]
+        lam_power = run_ours(power, loss_fn, model)["estimate"]
         (group,) = optimizer_stability(opt)
         d = torch.cat([torch.as_tensor(x_).sqrt().expand(p.shape).reshape(-1)
                        for x_, p in zip(group.inverse_preconditioner, params)])
         with math_kernel():
-            lam, n_lam = settled(loss_fn, params, est.warm_vector())
-            pre, n_pre = settled(loss_fn, params, est.warm_vector("preconditioned"), d=d)
+            lam, _ = settled(loss_fn, params, est.warm_vector())
+            pre, _ = settled(loss_fn, params, est.warm_vector("preconditioned"), d=d)
         warm_rows.append((step, "cold" if step == 1 else "warm", r["method"],
                           f"{f['lambda_max']:.4f}", f"{lam:.4f}", f"{100 * abs(f['lambda_max'] - lam) / lam:.1f}%",
+                          f"{lam_power:.4f} ({100 * abs(lam_power - lam) / lam:.0f}%)",
                           f"{f['stability_ratio']:.3f}", f"{pre / 38:.3f}",
                           f"{100 * abs(f['preconditioned_lambda_max'] - pre) / pre:.1f}%",
                           str(r["hvps"]), str(r["passes"]), f"{r['ms']:.0f}"))
@@ -316,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n(b') the same GPT over {args.steps} AdamW steps (lr 3e-4), one check per step on the step's batch "
           "after its backward, default SDPA, 4 products per operator when warm; settled = the same operator "
           "iterated from the check's vector to tol 1e-5 (math SDPA, autograd)\n")
-    print(_table(("step", "start", "method", "lambda_max", "settled", "error", "stability_ratio (AdamW, /38)",
+    print(_table(("step", "start", "method", "lambda_max", "settled", "error", "power iteration (error)",
+                  "stability_ratio (AdamW, /38)",
                   "settled", "error", "HVPs", "loss passes", "ms per check"), warm))
     print("\ncommand: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]))
 

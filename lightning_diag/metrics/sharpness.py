@@ -422,7 +422,7 @@ def top_eigenvalue(
     same space) for the same products, by a wide margin when the top of the spectrum is
     clustered, as in networks (convergence like ``exp(-2 k sqrt(gap))`` against ``(1 - gap)^(2k)``).
     On the benchmark transformer, 4 warm-started products per check on each step's batch were
-    within 1% where power iteration was 20-40% low (``benchmarks/sharpness_peer.py``). It finds the
+    within 1% where power iteration was 25-41% low (``benchmarks/sharpness_peer.py``). It finds the
     largest *algebraic* eigenvalue whatever the negative ones do. Memory: ``basis + 2`` vectors.
 
     **Power** iteration (``algorithm="power"``, memory 3 vectors): converges to the eigenvalue of
@@ -809,7 +809,7 @@ class SharpnessEstimator:
         notes: dict[str, str] = {}
         nan = torch.full((), math.nan, dtype=hvp.dtype, device=hvp.device)
         try:
-            est = self._power("hessian", hvp, hvp.numel, hvp)
+            est = self._iterate("hessian", hvp, hvp.numel, hvp)
             figures["lambda_max"] = est.eigenvalue
             if self.trace_probes:
                 figures["trace"] = hutchinson_trace(hvp, hvp.numel, probes=self.trace_probes, device=hvp.device,
@@ -823,7 +823,7 @@ class SharpnessEstimator:
         self._checks += 1
         return SharpnessResult(figures, hvp.method, self.fallback_reason, hvp.num_products, hvp.num_passes, notes)
 
-    def _power(
+    def _iterate(
         self, name: str, matvec: Callable[[Tensor], Tensor], n: int, like: HessianVectorProduct
     ) -> EigenEstimate:
         vector, shift = self._warm.get(name, (None, None))
@@ -847,7 +847,7 @@ class SharpnessEstimator:
             if g not in ok:
                 notes[f"stability_ratio/{g.name}"] = g.reason or "unsupported"
 
-        # The joint figure: one power iteration on D (H + W) D over every parameter.
+        # The joint figure: one eigen-iteration on D (H + W) D over every parameter.
         if len(ok) < len(groups) or len({g.limit for g in ok}) != 1:
             why = "; ".join(f"{g.name}: {g.reason}" for g in groups if g not in ok) or "groups have different limits"
             figures["preconditioned_lambda_max"] = figures["stability_ratio"] = nan
@@ -862,7 +862,7 @@ class SharpnessEstimator:
                 pre = ok[0].inverse_preconditioner[0] * (lambda_max + ok[0].weight_decay)
             else:
                 d, w = self._diagonals(hvp, ok, position, range(len(hvp.params)))
-                pre = self._power("preconditioned", lambda v: d * (hvp(d * v) + w * d * v), hvp.numel, hvp).eigenvalue
+                pre = self._iterate("preconditioned", lambda v: d * (hvp(d * v) + w * d * v), hvp.numel, hvp).eigenvalue
             figures["preconditioned_lambda_max"], figures["stability_ratio"] = pre, pre / ok[0].limit
 
         # Per group: the diagonal blocks.
@@ -872,7 +872,7 @@ class SharpnessEstimator:
         for g in groups:
             idx = [position[id(p)] for p in g.params if id(p) in position]
             n = sum(hvp.params[i].numel() for i in idx)
-            block = self._power(f"block/{g.name}", lambda v, idx=idx: hvp(v, idx), n, hvp)
+            block = self._iterate(f"block/{g.name}", lambda v, idx=idx: hvp(v, idx), n, hvp)
             figures[f"lambda_max/{g.name}"] = block.eigenvalue
             if g not in ok:
                 figures[f"preconditioned_lambda_max/{g.name}"] = figures[f"stability_ratio/{g.name}"] = nan
@@ -881,7 +881,7 @@ class SharpnessEstimator:
                 pre = g.inverse_preconditioner[0] * (block.eigenvalue + g.weight_decay)
             else:
                 d, w = self._diagonals(hvp, [g], position, idx)
-                pre = self._power(f"preconditioned/{g.name}",
+                pre = self._iterate(f"preconditioned/{g.name}",
                                   lambda v, d=d, w=w, idx=idx: d * (hvp(d * v, idx) + w * d * v), n, hvp).eigenvalue
             figures[f"preconditioned_lambda_max/{g.name}"] = pre
             figures[f"stability_ratio/{g.name}"] = pre / g.limit

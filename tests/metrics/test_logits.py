@@ -127,7 +127,8 @@ def test_attention_max_over_sampled_queries_is_exact_on_those_rows():
     _check(stats, *_reference(q[:, :, rows], k, allowed=causal))
     full = attention_logit_stats(q, k, is_causal=True)
     assert stats.max_logit <= full.max_logit
-    torch.testing.assert_close(attention_logit_stats(q, k, max_queries=9).max_logit, attention_logit_stats(q, k).max_logit)
+    all_rows = attention_logit_stats(q, k, max_queries=9)
+    torch.testing.assert_close(all_rows.max_logit, attention_logit_stats(q, k).max_logit)
 
 
 def test_attention_max_all_masked_is_nan_and_nan_input_is_nan():
@@ -215,8 +216,8 @@ def test_mha_matches_in_projection_with_padding_and_causal_masks(batch_first):
         stats = mha_attention_stats(mha, x_in, x_in, x_in, **kwargs)
         ref_max, ref_ent = _mha_reference(mha, x_in, x_in, **{k: v for k, v in kwargs.items() if k != "is_causal"})
         _check(stats, ref_max, ref_ent)
-        torch.testing.assert_close(stats.entropy_per_head.double(), _mha_weights_entropy(mha, x_in, x_in, x_in, **kwargs),
-                                   rtol=1e-5, atol=1e-5)
+        own = _mha_weights_entropy(mha, x_in, x_in, x_in, **kwargs)
+        torch.testing.assert_close(stats.entropy_per_head.double(), own, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # the module's own
@@ -246,8 +247,8 @@ def test_mha_appended_keys_count_like_the_module(bias_kv, zero_attn):
     kpm = torch.zeros(2, 5, dtype=torch.bool)
     kpm[1, 2:] = True
     stats = mha_attention_stats(mha, x, x, x, key_padding_mask=kpm)
-    torch.testing.assert_close(stats.entropy_per_head.double(), _mha_weights_entropy(mha, x, x, x, key_padding_mask=kpm),
-                               rtol=1e-5, atol=1e-5)
+    own = _mha_weights_entropy(mha, x, x, x, key_padding_mask=kpm)
+    torch.testing.assert_close(stats.entropy_per_head.double(), own, rtol=1e-5, atol=1e-5)
     # The appended keys are part of the maximum: a zero key contributes a logit of exactly 0.
     if zero_attn and not bias_kv:
         assert stats.max_logit >= 0

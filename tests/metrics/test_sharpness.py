@@ -437,7 +437,7 @@ def test_adam_preconditioned_sharpness_matches_dense(cls, with_grad):
 
 
 def test_adam_preconditioner_of_the_coming_step_exists_before_the_first_step():
-    net, loss_fn, params, data = _problem()
+    _, loss_fn, params, _ = _problem()
     opt = torch.optim.Adam(params, lr=0.01)
     loss_fn().backward()  # gradients, no state yet
     (g,) = optimizer_stability(opt)
