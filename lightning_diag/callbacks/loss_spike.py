@@ -270,7 +270,10 @@ class LossSpikeDetector(DiagnosticCallback):
     # -- deciding, on the host --------------------------------------------------------------------
 
     def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
-        return self.stats.update(host.scalars["loss"], host.step)
+        figures = self.stats.update(host.scalars["loss"], host.step)
+        if self.factor is None:  # without rule (c) the ratio is not a declared key: not logged
+            del figures["ratio_to_min"]
+        return figures
 
     def after_rules(self, step: int) -> dict[str, float]:
         bad = any(bool(rule.active.any()) for rule in self._batch_rules)
