@@ -250,8 +250,10 @@ class LossSpikeDetector(DiagnosticCallback):
             self._step_batches[step], self._micro_batches = self._micro_batches, []
             self.record(step, Figures({"loss": self._read_metric(trainer)}))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.rolling_back and step - max(self._last_trouble, self._snapshot_step()) >= self.snapshot_every_n_steps:
-            self._snapshot = Snapshot.take(trainer, self._statistics())
+        if self.rolling_back and self._snapshot_due(trainer):
+            self.drain(trainer, step, wait=True)  # on a GPU this step's loss may still be on its way: is it bad?
+            if self._snapshot_due(trainer):
+                self._snapshot = Snapshot.take(trainer, self._statistics())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_on == "validation" and not trainer.sanity_checking:
@@ -334,8 +336,10 @@ class LossSpikeDetector(DiagnosticCallback):
         warn(f"lightning_diag: {alerts[0]} -> learning rates multiplied by {self.lr_factor:g} "
              f"(now x{self.lr_scale:g} of the original)")  # fmt: skip
 
-    def _snapshot_step(self) -> int:
-        return self._snapshot.step if self._snapshot is not None else -(10**12)
+    def _snapshot_due(self, trainer: pl.Trainer) -> bool:
+        """``snapshot_every_n_steps`` steps done since the last snapshot and since the last step a rule was active."""
+        snapshot = self._snapshot.step if self._snapshot is not None else -(10**12)  # steps done when it was taken
+        return trainer.global_step - max(self._last_trouble + 1, snapshot) >= self.snapshot_every_n_steps
 
     # -- checkpoint state -------------------------------------------------------------------------
 
