@@ -288,12 +288,23 @@ class LossSpikeDetector(DiagnosticCallback):
             del self.bad_batches[:-_MAX_BAD_BATCHES]
         self._step_batches.pop(step, None)
         self._gate = (self._batches_seen, bad)
+        return self._counters()
+
+    def _counters(self) -> dict[str, float]:
         counters = {"events": float(self.events)}
         for key, on, value in (("skipped", self.skipping, self.skipped), ("rollbacks", self.rolling_back, self.rollbacks),
                                ("lr_scale", self.reducing_lr, self.lr_scale)):  # fmt: skip
             if on:
                 counters[key] = float(value)
         return counters
+
+    def publish(self, trainer: pl.Trainer, step: int) -> None:
+        # skip, rollback and reduce_lr act after the rules saw the step: log the counters as they stand after it
+        if self._host is not None and self._host[0] == step:
+            now, (_, keys, values) = self._counters(), self._host
+            fresh = [now.get(key.rpartition("/")[2], value) for key, value in zip(keys, values.tolist())]
+            self._host = (step, keys, np.asarray(fresh, dtype=np.float64))
+        super().publish(trainer, step)
 
     # -- actions ----------------------------------------------------------------------------------
 
