@@ -257,6 +257,7 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_on == "validation" and not trainer.sanity_checking:
+            self._step_batches[trainer.global_step] = [(trainer.current_epoch, None)]  # for bad_batches
             self.record(trainer.global_step, Figures({"loss": self._read_metric(trainer)}))
             self.drain(trainer, trainer.global_step, wait=True)
             self.publish(trainer, trainer.global_step)
