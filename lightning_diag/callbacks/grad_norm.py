@@ -67,7 +67,8 @@ class GradNormWatcher(DiagnosticCallback):
         histogram_every_n_steps: TensorBoard histograms of the per-layer norms, at the first
             logging step at or after each multiple (``None``: none).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
-        rules: extra rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0, patience=10)``.
+        rules: a rule or a list of extra rules on the logged keys, e.g.
+            ``Above("grad_norm/total", 100.0, patience=10)``.
 
     Example:
         >>> watcher = GradNormWatcher(every_n_steps=10, exclude=["*.bias"], action="warn")
@@ -113,7 +114,7 @@ class GradNormWatcher(DiagnosticCallback):
         spike_severity: Literal["info", "warning", "critical"] = "info",
         histogram_every_n_steps: int | None = 500,
         action: Action = "warn",
-        rules: Sequence[Rule] = (),
+        rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         if spike_severity not in SEVERITIES:

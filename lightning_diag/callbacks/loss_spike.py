@@ -87,7 +87,7 @@ class LossSpikeDetector(DiagnosticCallback):
         max_rollbacks: rollbacks allowed before the next alert stops the run.
         max_consecutive_skips: skipped steps in a row before the run stops.
         lr_factor: multiplier of the learning rates for ``"reduce_lr"``, in ``(0, 1)``.
-        rules: extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
+        rules: a rule or a list of extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
 
     Example:
         >>> skip = LossSpikeDetector(action="skip", trend_window=None)  # drop bad batches
@@ -135,7 +135,7 @@ class LossSpikeDetector(DiagnosticCallback):
         max_rollbacks: int = 3,
         max_consecutive_skips: int = 100,
         lr_factor: float = 0.5,
-        rules: Sequence[Rule] = (),
+        rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         self._validate(monitor, check_on, action, z_threshold, factor, trend_window, trend_threshold, lr_factor)
