@@ -247,8 +247,8 @@ def _hook_ops(depth: int, every_n_steps: int, step: int, **kwargs: Any) -> Dispa
 
 
 # Ops per step, measured (TinyModule, the same at any depth). Quiet step: one _foreach_norm, its
-# stack and the float64 total, which leaves for the host as it is; zclip adds the coefficient from
-# the host's baseline floats (18 small ops, then one _foreach_mul_). Logging step: the non-finite
+# stack and the float64 total, which leaves for the host as it is; zclip adds 18: the coefficient
+# from the host's baseline floats (17 one-element ops) and one _foreach_mul_. Logging step: the non-finite
 # count and the per-layer figures, grouped on the device (index_add_), and one cat for the host
 # read; update_ratio adds a copy of the weights and, after the step, the norms of the updates.
 QUIET_OPS = {"default": 3, "zclip+update": 21}
