@@ -374,6 +374,7 @@ class DiagnosticCallback(Callback):
         counters = self.after_rules(step)
         if counters:
             extra_keys, extra_values = self._flatten(counters, ())
+            self._unacted += self.book.update(step, extra_keys, extra_values)  # a user's rules on the counters
             keys, values = keys + extra_keys, np.concatenate([values, extra_values])
         self._host = (step, keys, values)
 

@@ -67,7 +67,8 @@ class GradNormWatcher(DiagnosticCallback):
         histogram_every_n_steps: TensorBoard histograms of the per-layer norms, at the first
             logging step at or after each multiple (``None``: none).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
-        rules: extra rules on the logged keys, e.g. ``Above("grad_norm/total", 100.0, patience=10)``.
+        rules: a rule or a list of extra rules on the logged keys, e.g.
+            ``Above("grad_norm/total", 100.0, patience=10)``.
 
     Example:
         >>> watcher = GradNormWatcher(every_n_steps=10, exclude=["*.bias"], action="warn")
@@ -113,7 +114,7 @@ class GradNormWatcher(DiagnosticCallback):
         spike_severity: Literal["info", "warning", "critical"] = "info",
         histogram_every_n_steps: int | None = 500,
         action: Action = "warn",
-        rules: Sequence[Rule] = (),
+        rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         if spike_severity not in SEVERITIES:
@@ -136,7 +137,7 @@ class GradNormWatcher(DiagnosticCallback):
         self._histograms = Cadence(histogram_every_n_steps)
         self._groups: ParameterGroups | None = None
         self._present: dict[tuple[bool, ...], tuple[list[int], Tensor, list[str]]] = {}
-        self._before_step: tuple[list[Tensor], list[Tensor], Tensor, list[str]] | None = None
+        self._before_step: tuple[list[Tensor], list[Tensor], Tensor, Tensor, list[str]] | None = None
 
     @property
     def clipping(self) -> bool:
@@ -218,16 +219,15 @@ class GradNormWatcher(DiagnosticCallback):
             log_histogram(trainer, f"{self.family}/layer_hist", layer_grad, trainer.global_step)
             log_histogram(trainer, f"{self.family}/weight_norm_hist", layer_weight, trainer.global_step)
         if self.update_ratio:  # the update is known after optimizer.step(): hold a copy of the weights until then
-            self._before_step = (weights, torch._foreach_mul(weights, 1.0), layer_index, names)
+            self._before_step = (weights, torch._foreach_mul(weights, 1.0), layer_index, layer_weight, names)
         return values
 
     def measure_after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures | None:
         if self._before_step is None:
             return None
-        weights, before, layer_index, names = self._before_step
+        weights, before, layer_index, weight, names = self._before_step  # `weight`: the norms of `before`
         self._before_step = None
         updates = grouped_norms(tensor_norms(torch._foreach_sub(weights, before)), layer_index, len(names))
-        weight = grouped_norms(tensor_norms(before), layer_index, len(names))
         return Figures({"update_ratio/{layer}": updates / weight.clamp_min(_EPS)}, names)
 
     def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:

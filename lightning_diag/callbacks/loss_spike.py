@@ -87,7 +87,7 @@ class LossSpikeDetector(DiagnosticCallback):
         max_rollbacks: rollbacks allowed before the next alert stops the run.
         max_consecutive_skips: skipped steps in a row before the run stops.
         lr_factor: multiplier of the learning rates for ``"reduce_lr"``, in ``(0, 1)``.
-        rules: extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
+        rules: a rule or a list of extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
 
     Example:
         >>> skip = LossSpikeDetector(action="skip", trend_window=None)  # drop bad batches
@@ -135,7 +135,7 @@ class LossSpikeDetector(DiagnosticCallback):
         max_rollbacks: int = 3,
         max_consecutive_skips: int = 100,
         lr_factor: float = 0.5,
-        rules: Sequence[Rule] = (),
+        rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         self._validate(monitor, check_on, action, z_threshold, factor, trend_window, trend_threshold, lr_factor)
@@ -250,11 +250,14 @@ class LossSpikeDetector(DiagnosticCallback):
             self._step_batches[step], self._micro_batches = self._micro_batches, []
             self.record(step, Figures({"loss": self._read_metric(trainer)}))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.rolling_back and step - max(self._last_trouble, self._snapshot_step()) >= self.snapshot_every_n_steps:
-            self._snapshot = Snapshot.take(trainer, self._statistics())
+        if self.rolling_back and self._snapshot_due(trainer):
+            self.drain(trainer, step, wait=True)  # on a GPU this step's loss may still be on its way: is it bad?
+            if self._snapshot_due(trainer):
+                self._snapshot = Snapshot.take(trainer, self._statistics())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_on == "validation" and not trainer.sanity_checking:
+            self._step_batches[trainer.global_step] = [(trainer.current_epoch, None)]  # for bad_batches
             self.record(trainer.global_step, Figures({"loss": self._read_metric(trainer)}))
             self.drain(trainer, trainer.global_step, wait=True)
             self.publish(trainer, trainer.global_step)
@@ -270,7 +273,10 @@ class LossSpikeDetector(DiagnosticCallback):
     # -- deciding, on the host --------------------------------------------------------------------
 
     def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
-        return self.stats.update(host.scalars["loss"], host.step)
+        figures = self.stats.update(host.scalars["loss"], host.step)
+        if self.factor is None:  # without rule (c) the ratio is not a declared key: not logged
+            del figures["ratio_to_min"]
+        return figures
 
     def after_rules(self, step: int) -> dict[str, float]:
         bad = any(bool(rule.active.any()) for rule in self._batch_rules)
@@ -283,12 +289,23 @@ class LossSpikeDetector(DiagnosticCallback):
             del self.bad_batches[:-_MAX_BAD_BATCHES]
         self._step_batches.pop(step, None)
         self._gate = (self._batches_seen, bad)
+        return self._counters()
+
+    def _counters(self) -> dict[str, float]:
         counters = {"events": float(self.events)}
         for key, on, value in (("skipped", self.skipping, self.skipped), ("rollbacks", self.rolling_back, self.rollbacks),
                                ("lr_scale", self.reducing_lr, self.lr_scale)):  # fmt: skip
             if on:
                 counters[key] = float(value)
         return counters
+
+    def publish(self, trainer: pl.Trainer, step: int) -> None:
+        # skip, rollback and reduce_lr act after the rules saw the step: log the counters as they stand after it
+        if self._host is not None and self._host[0] == step:
+            now, (_, keys, values) = self._counters(), self._host
+            fresh = [now.get(key.rpartition("/")[2], value) for key, value in zip(keys, values.tolist())]
+            self._host = (step, keys, np.asarray(fresh, dtype=np.float64))
+        super().publish(trainer, step)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -331,8 +348,10 @@ class LossSpikeDetector(DiagnosticCallback):
         warn(f"lightning_diag: {alerts[0]} -> learning rates multiplied by {self.lr_factor:g} "
              f"(now x{self.lr_scale:g} of the original)")  # fmt: skip
 
-    def _snapshot_step(self) -> int:
-        return self._snapshot.step if self._snapshot is not None else -(10**12)
+    def _snapshot_due(self, trainer: pl.Trainer) -> bool:
+        """``snapshot_every_n_steps`` steps done since the last snapshot and since the last step a rule was active."""
+        snapshot = self._snapshot.step if self._snapshot is not None else -(10**12)  # steps done when it was taken
+        return trainer.global_step - max(self._last_trouble + 1, snapshot) >= self.snapshot_every_n_steps
 
     # -- checkpoint state -------------------------------------------------------------------------
 

@@ -15,14 +15,15 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyModule, make_trainer
+from conftest import DispatchCounter, TinyModule, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag.alerts import Above, DivergenceError
+from lightning_diag.alerts import Above, DivergenceError, ZScore
 from lightning_diag.callbacks.loss_spike import LossSpikeDetector
 
 RULE_KEYS = {"nonfinite": "loss_spike/loss", "zscore": "loss_spike/zscore", "factor": "loss_spike/ratio_to_min",
@@ -86,13 +87,15 @@ def reference_firings(
 
 
 def detector_firings(detector: LossSpikeDetector, stream: list[float]) -> dict[str, list[int]]:
-    """Feed ``stream`` straight through the detector's device rules; the steps where each fires."""
+    """Feed ``stream`` through the detector's host decision path, as its hooks do each step: the
+    statistics (``detector.stats``) derive the figures of the loss, then the rule book
+    (``detector.book``) runs every rule on them. Returns the steps where each rule fires."""
     by_key: dict[str, list[int]] = defaultdict(list)
     for step, value in enumerate(stream):
-        detector._evaluate(torch.tensor(value), step)
-        for rule in detector._builtin_rules:
-            for alert in rule.take(rule.pending().tolist(), "test"):
-                by_key[alert.metric].append(alert.step)
+        figures = {"loss": value, **detector.stats.update(value, step)}
+        keys = [f"loss_spike/{name}" for name in figures]
+        for alert in detector.book.update(step, keys, np.array(list(figures.values()), dtype=np.float64)):
+            by_key[alert.metric].append(alert.step)
     return {rule: by_key[key] for rule, key in RULE_KEYS.items()}
 
 
@@ -162,9 +165,13 @@ def test_max_mode_watches_drops_of_an_accuracy():
 
 
 def test_disabled_rules_are_not_evaluated_or_logged():
-    detector = LossSpikeDetector(z_threshold=None, factor=None, trend_window=None)
-    assert [r.metric for r in detector._builtin_rules] == ["loss_spike/loss"]
-    assert detector._figure_keys == ["loss_spike/loss", "loss_spike/zscore", "loss_spike/ema"]
+    detector = LossSpikeDetector(z_threshold=None, factor=None, trend_window=None, action="log", every_n_steps=1)
+    assert [r.metric for r in detector.book.rules] == ["loss_spike/loss"]
+    assert [k.name for k in detector.declared_keys()] == ["loss", "ema", "zscore", "events"]
+    trainer = make_trainer(max_steps=3, callbacks=[detector])
+    trainer.fit(TinyModule())
+    logged = sorted(k for k in trainer.logger.history if k.startswith("loss_spike/"))
+    assert logged == [f"loss_spike/{name}" for name in ("alerts", "ema", "events", "loss", "zscore")]
 
 
 def test_without_the_zscore_rule_spikes_still_enter_the_statistics_winsorised():
@@ -172,26 +179,47 @@ def test_without_the_zscore_rule_spikes_still_enter_the_statistics_winsorised():
     stream[300] = 1e6
     detector = LossSpikeDetector(z_threshold=None, factor=None, trend_window=20)
     assert detector_firings(detector, stream)["trend"] == []
-    assert abs(float(detector.baseline.mean) - 1.0) < 0.01 and float(detector.window.values.max()) < 1.2
+    assert abs(float(detector.stats.baseline.mean[0]) - 1.0) < 0.01 and float(detector.stats.window.values.max()) < 1.2
 
 
-def test_rules_run_without_any_host_sync(dispatch_counter, monkeypatch):
-    detector = LossSpikeDetector(warmup=5, trend_window=10)
-    detector._evaluate(torch.tensor(1.0), 0)  # the first step moves the state to the stream's device
-    built: list[str] = []
-    for name in ("tensor", "as_tensor"):  # from host data: on CUDA a host-to-device copy syncs the stream
-        original = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _n=name, _o=original, **k: built.append(_n) or _o(*a, **k))
-    for step in range(1, 20):
-        value = torch.full((), 1.0 + 0.01 * (step % 3))
-        with dispatch_counter() as counter:
-            detector._evaluate(value, step)
-        assert counter.ops["aten._local_scalar_dense"] == 0  # .item(), bool(), float() on a tensor
-        assert counter.total > 0
-    with dispatch_counter() as counter:  # the key is right: a read-back is counted
-        bool(detector._gate)
+def _hook_ops(depth: int, every_n_steps: int, step: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    """Top-level ATen ops dispatched inside the detector's hooks at optimizer step ``step``, and the
+    tensors they built from host data (``torch.tensor``/``as_tensor``: a host-to-device copy on CUDA)."""
+    counter, built = DispatchCounter(), []
+    detector = LossSpikeDetector(action="log", warmup=1, every_n_steps=every_n_steps)
+    hooks = (("on_train_batch_start", 0), ("on_before_backward", 0), ("on_before_optimizer_step", 0),
+             ("on_train_batch_end", 1))
+    for name, offset in hooks:
+        hook = getattr(detector, name)
+
+        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
+            if trainer.global_step - _offset != step:
+                _hook(trainer, *args)
+                return
+            with monkeypatch.context() as patch, counter:
+                for factory in ("tensor", "as_tensor"):
+                    original = getattr(torch, factory)
+                    patch.setattr(torch, factory,
+                                  lambda *a, _f=factory, _o=original, **k: built.append(_f) or _o(*a, **k))
+                _hook(trainer, *args)
+
+        setattr(detector, name, wrapped)  # Lightning looks hooks up on the instance
+    torch.manual_seed(0)
+    make_trainer(max_steps=step + 1, callbacks=[detector]).fit(TinyModule(depth=depth))
+    return counter, built
+
+
+def test_hooks_dispatch_one_op_per_step_and_never_read_the_device(monkeypatch):
+    """The loss leaves for the host as the tensor it is: the only op per step is its ``detach``,
+    on quiet and logging steps alike (everything else, statistics, rules, logging, is host numpy)."""
+    for every_n_steps in (5, 1):  # step 2 is a quiet step, then a logging step
+        (shallow, built_shallow), (deep, built_deep) = (_hook_ops(d, every_n_steps, 2, monkeypatch) for d in (2, 20))
+        assert dict(shallow.ops) == dict(deep.ops) == {"aten.detach": 1}, (dict(shallow.ops), dict(deep.ops))
+        assert shallow.ops.get("aten._local_scalar_dense", 0) == 0  # no .item(), bool(), float() on a tensor
+        assert built_shallow == built_deep == []
+    with DispatchCounter() as counter:  # the key is right: a read-back is counted
+        bool(torch.ones(()) > 0)
     assert counter.ops["aten._local_scalar_dense"] == 1
-    assert built == []
 
 
 # -- real Trainer runs --------------------------------------------------------------------------
@@ -229,9 +257,12 @@ def test_trainer_run_fires_on_the_same_steps_as_the_stream_and_logs_every_key():
     history = trainer.logger.history
     assert [s for s, _ in history["loss_spike/zscore"]] == list(range(49, 400, 50))
     assert history["loss_spike/events"][-1] == (399, 1.0)
-    assert history["alerts/LossSpikeDetector"][-1] == (399, 2.0)
+    assert history["loss_spike/alerts"][-1] == (399, 2.0)
     assert math.isclose(history["loss_spike/loss"][0][1], stream[49], rel_tol=1e-6)
     assert detector.bad_batches == [{"epoch": 0, "batch_idx": 300, "step": 300}]
+    declared = {key.key(detector.family) for key in detector.declared_keys()}
+    assert declared == {f"loss_spike/{name}" for name in ("loss", "ema", "zscore", "ratio_to_min", "trend", "events")}
+    assert {key for key in history if key.startswith("loss_spike/")} == declared | {"loss_spike/alerts"}
 
 
 def test_gradient_accumulation_watches_the_mean_of_the_micro_batch_losses():
@@ -325,7 +356,7 @@ def test_skip_stops_the_run_after_max_consecutive_skips():
     trainer = make_trainer(max_steps=40, callbacks=[detector])
     with pytest.warns(UserWarning, match="3 steps skipped in a row"):
         trainer.fit(NanFrom(10))
-    assert trainer.global_step == 13 and detector._skipped_steps == 3
+    assert trainer.global_step == 13 and detector.skipped == 3
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
@@ -337,7 +368,7 @@ def test_two_detectors_on_one_loss_skip_spikes_and_watch_the_trend_separately(tm
                            enable_checkpointing=True)
     trainer.fit(SpikyModule(bad_steps=(15,)))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
-    assert saved[skip.state_key]["skipped_steps"] == 1 and saved[trend.state_key]["skipped_steps"] == 0
+    assert saved[skip.state_key]["skipped"] == 1 and saved[trend.state_key]["skipped"] == 0
     assert skip.bad_batches == [{"epoch": 1, "batch_idx": 7, "step": 15}] and trend.bad_batches == []
 
 
@@ -369,13 +400,17 @@ def test_rollback_restores_the_last_snapshot_then_stops_after_max_rollbacks():
     trainer = make_trainer(max_steps=40, callbacks=[detector, probe])
     with pytest.warns(UserWarning, match="rolled back"):
         trainer.fit(SpikyModule(bad_steps=(14, 22)))
-    # snapshots after 0, 4, 8, 12 steps: the spike at step 14 returns to the state before step 12
+    # snapshots after 0, 4, 8, 12 steps: the spike at step 14 returns to the state before step 12,
+    # at once (the model after step 14 is the snapshot's)
     assert _equal(probe.after[14][0], probe.before[12][0]) and _equal(probe.after[14][1], probe.before[12][1])
-    # after it: snapshots after 16 and 20 steps (not 15: the window of step 14 was bad)
-    assert _equal(probe.after[22][0], probe.before[20][0])
+    # then the next snapshot waits for 4 steps without trouble after the bad step 14: after 19 steps
+    assert _equal(probe.after[22][0], probe.before[19][0]) and _equal(probe.after[22][1], probe.before[19][1])
     assert trainer.global_step == 23  # the second spike exceeded max_rollbacks=1: restore, then stop
-    assert trainer.logger.history["loss_spike/rollbacks"][-1] == (22, 2.0)
+    # logged as it stands after the step's action, also at the last step
+    assert trainer.logger.history["loss_spike/rollbacks"][-2:] == [(21, 1.0), (22, 2.0)]
     assert [b["step"] for b in detector.bad_batches] == [14, 22]
+    assert [(a.metric, a.step, a.acted_step) for a in detector.alerts if a.metric == "loss_spike/zscore"] == [
+        ("loss_spike/zscore", 14, 14), ("loss_spike/zscore", 22, 22)]
 
 
 def test_stop_ends_the_run_and_model_checkpoint_saves_a_finite_model(tmp_path):
@@ -413,7 +448,7 @@ def test_reduce_lr_multiplies_learning_rates_and_lambda_schedulers_keep_it():
         trainer.fit(WithLambdaLR(bad_steps=(15,)))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # LambdaLR stepped 9 more times
     history = trainer.logger.history["loss_spike/lr_scale"]
-    assert history[14:17] == [(14, 1.0), (15, 1.0), (15, 0.25)] and history[-1] == (24, 0.25)  # logged after acting
+    assert history[14:17] == [(14, 1.0), (15, 0.25), (16, 0.25)] and history[-1] == (24, 0.25)  # logged after acting
 
 
 def test_warn_action_warns_once_per_alert():
@@ -456,27 +491,50 @@ def test_missing_monitored_metric_lists_the_available_ones():
         make_trainer(max_steps=2, callbacks=[detector]).fit(TinyModule())
 
 
-def test_checkpoint_resume_continues_the_detector_state(tmp_path):
+def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Nested state dicts equal: floats within 1e-9 relative, everything else exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     def run(ckpt_path: str | None = None) -> tuple[pl.Trainer, LossSpikeDetector]:
         torch.manual_seed(0)
         detector = LossSpikeDetector(action="skip", warmup=5, trend_window=6, every_n_steps=5)
-        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=22, save_top_k=-1)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=24, save_top_k=-1)
         trainer = make_trainer(max_steps=40, callbacks=[detector, checkpoint], enable_checkpointing=True)
         trainer.fit(SpikyModule(bad_steps=(10, 21, 29)), ckpt_path=ckpt_path)
         return trainer, detector
 
-    _, straight = run()
-    # Saved after 22 steps, between the logging steps 19 and 24: step 21 is bad and not yet published.
-    saved = torch.load(tmp_path / "epoch=2-step=22.ckpt", weights_only=False)
+    straight_trainer, straight = run()
+    # Saved after 24 steps, the end of the third epoch of 8 batches (so the resumed run reads the
+    # same batches), between the logging steps 19 and 24: step 21 is bad and was never logged.
+    saved = torch.load(tmp_path / "epoch=2-step=24.ckpt", weights_only=True)  # plain lists and tensors
     [state] = [v for k, v in saved["callbacks"].items() if k.startswith("LossSpikeDetector")]
-    assert state["window_steps"] == [20, 21] and state["bad_batches"] == straight.bad_batches[:1]
-    trainer, resumed = run(str(tmp_path / "epoch=2-step=22.ckpt"))
+    assert sorted(state["stats"]["window"]["steps"]) == [18.0, 19.0, 20.0, 21.0, 22.0, 23.0]  # the trend window
+    assert state["bad_batches"] == straight.bad_batches[:2] and [a["step"] for a in state["alerts"]] == [10, 21]
+    trainer, resumed = run(str(tmp_path / "epoch=2-step=24.ckpt"))
     assert [b["step"] for b in resumed.bad_batches] == [10, 21, 29]
-    assert resumed.bad_batches[:2] == straight.bad_batches[:2]  # step 21 came from the saved window
+    assert resumed.bad_batches == straight.bad_batches
+    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert int(resumed.stats.baseline.count[0]) == 40  # the baseline went on; no second warm-up
     history = trainer.logger.history
     assert history["loss_spike/events"][0] == (24, 2.0) and history["loss_spike/skipped"][-1] == (39, 3.0)
-    assert int(resumed.baseline.count) == 40  # the baseline went on; no second warm-up
-    assert [a["step"] for a in resumed.state_dict()["alerts"]] == [10, 21, 29]
+    for key in ("loss_spike/loss", "loss_spike/zscore", "loss_spike/ema", "loss_spike/ratio_to_min",
+                "loss_spike/trend", "loss_spike/events", "loss_spike/skipped", "loss_spike/alerts"):
+        expected = [(step, pytest.approx(v, rel=1e-6))
+                    for step, v in straight_trainer.logger.history[key] if step >= 24]
+        assert history[key] == expected and len(expected) >= 4, key
 
 
 @pytest.mark.parametrize(
@@ -487,10 +545,10 @@ def test_checkpoint_resume_continues_the_detector_state(tmp_path):
         ({"check_on": "epoch"}, r"`check_on` must be one of \('step', 'validation'\)"),
         ({"check_on": "validation"}, "needs `monitor`"),
         ({"action": "skip", "monitor": "val_loss"}, "needs `monitor=None`"),
-        ({"z_threshold": 0}, "`z_threshold` must be None or > 0"),
-        ({"factor": 1.0}, "`factor` must be None or > 1"),
+        ({"z_threshold": 0}, "`z_threshold` must be None or a number > 0, got 0"),
+        ({"factor": 1.0}, r"`factor` must be None or a number > 1, got 1\.0"),
         ({"trend_window": 2}, "`trend_window` must be an int >= 3"),
-        ({"trend_threshold": -1}, "`trend_threshold` must be > 0"),
+        ({"trend_threshold": -1}, "`trend_threshold` must be a number > 0, got -1"),
         ({"zscore_patience": 0}, "`zscore_patience` must be an int >= 1"),
         ({"max_rollbacks": -1}, "`max_rollbacks` must be an int >= 0"),
         ({"lr_factor": 1.5}, r"`lr_factor` must be in \(0, 1\)"),
@@ -514,34 +572,171 @@ def test_skip_refuses_lbfgs():
 
 
 def test_user_rules_run_on_the_logged_keys():
-    detector = LossSpikeDetector(action="log", warmup=5, trend_window=None, every_n_steps=1,
-                                 rules=[Above("loss_spike/loss", 100.0)])
+    # the counters too (they are computed after the built-in rules have seen the step)
+    detector = LossSpikeDetector(action="log", warmup=5, trend_window=None, every_n_steps=5,
+                                 rules=[Above("loss_spike/loss", 100.0), Above("loss_spike/events", 0.5)])
     make_trainer(max_steps=20, callbacks=[detector]).fit(SpikyModule(bad_steps=(15,)))
-    assert ("loss_spike/loss", 15) in [(a.metric, a.step) for a in detector.alerts]
+    fired = [(a.metric, a.step) for a in detector.alerts]
+    assert ("loss_spike/loss", 15) in fired and ("loss_spike/events", 15) in fired
+
+
+def test_one_rule_is_accepted_without_a_list_and_a_nonpositive_zscore_threshold_is_refused():
+    """Issue 10, fault 7. Before: ``rules=Above(...)`` failed with ``'Above' object is not iterable``
+    and ``ZScore(..., threshold=-1)`` was accepted and fired on every value."""
+    detector = LossSpikeDetector(action="log", warmup=5, trend_window=None, rules=Above("loss_spike/loss", 100.0))
+    make_trainer(max_steps=20, callbacks=[detector]).fit(SpikyModule(bad_steps=(15,)))
+    assert [(a.metric, a.step) for a in detector.alerts if a.metric == "loss_spike/loss"] == [("loss_spike/loss", 15)]
+    with pytest.raises(ValueError, match=r"`threshold` of a z-score must be > 0.*got -1"):
+        LossSpikeDetector(rules=ZScore("loss_spike/loss", threshold=-1))
+    with pytest.raises(ValueError, match=r"`threshold` of a z-score must be > 0.*got 0"):
+        ZScore("loss_spike/loss", threshold=0)
+
+
+# -- manual optimization ----------------------------------------------------------------------------
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization of two sub-networks, each with its own Adam; the inputs of batch
+    ``nan_batch`` are NaN. ``backward="one"``: one loss, one ``manual_backward``, then both steps;
+    ``"each"`` (GAN-like): a forward, backward and step per optimizer."""
+
+    def __init__(self, nan_batch: int, backward: str) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder, self.head = nn.Linear(4, 8), nn.Linear(8, 1)
+        self.nan_batch, self.backwards = nan_batch, backward  # not `backward`: a LightningModule method
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        self.data = TensorDataset(x, x.sum(1, keepdim=True).sin())
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self.head(torch.tanh(self.encoder(x))), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        if batch_idx == self.nan_batch:
+            x = x * float("nan")
+        optimizers = self.optimizers()
+        if self.backwards == "one":
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            self.manual_backward(self._loss(x, y))
+            for optimizer in optimizers:
+                optimizer.step()
+        else:
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+                self.manual_backward(self._loss(x, y))
+                optimizer.step()
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.Adam(self.encoder.parameters(), lr=1e-2), torch.optim.Adam(self.head.parameters(), lr=1e-2)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+class BatchProbe(pl.Callback):
+    """Parameters and every optimizer's state before and after each batch."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, Any] = {}
+        self.after: dict[int, Any] = {}
+
+    def _state(self, trainer: pl.Trainer) -> Any:
+        optimizers = [_copy(o.state_dict()["state"]) for o in trainer.optimizers]
+        return _copy(trainer.lightning_module.state_dict()), optimizers
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.before[batch_idx] = self._state(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.after[batch_idx] = self._state(trainer)
+
+
+@pytest.mark.parametrize("backward", ["one", "each"])
+def test_skip_under_manual_optimization_protects_every_optimizer(backward):
+    """Issue 10, fault 3. Before: under manual optimization with two optimizers and one backward,
+    ``action="skip"`` gated only the first optimizer's step: on a NaN batch the second optimizer
+    stepped with NaN gradients and ``head`` became NaN (checked on v0.1). A backward per optimizer
+    was protected already; it stays here as the second case."""
+    torch.manual_seed(0)
+    detector, probe = LossSpikeDetector(action="skip", warmup=3, trend_window=None), BatchProbe()
+    trainer = make_trainer(max_steps=16, callbacks=[detector, probe])  # 2 optimizer steps per batch
+    trainer.fit(TwoOptimizers(nan_batch=5, backward=backward))
+    (model_before, adams_before), (model_after, adams_after) = probe.before[5], probe.after[5]
+    assert _equal(model_before, model_after)  # both sub-networks untouched...
+    assert all(_equal(a, b) for a, b in zip(adams_before, adams_after))  # ...and both optimizers' moments
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    for name in ("encoder.weight", "head.weight"):  # training goes on, with both optimizers
+        assert not torch.equal(probe.before[6][0][name], probe.after[6][0][name])
+    assert detector.skipped == 2  # the two optimizer steps of the NaN batch (global_step counts both)
+    assert {(a.metric, a.acted_step - a.step) for a in detector.alerts} == {("loss_spike/loss", 0)}
+
+
+# -- action latency ---------------------------------------------------------------------------------
+
+
+def _stop(alert: Any, trainer: pl.Trainer) -> None:
+    trainer.should_stop = True
+
+
+@pytest.mark.parametrize("action", ["stop", "raise", "callable", "skip", "rollback", "reduce_lr"])
+def test_every_action_takes_effect_within_one_step_at_the_default_logging_cadence(action):
+    """Issue 10, action latency. Before: alerts reached the host only at logging steps, so with
+    Lightning's default ``log_every_n_steps=50`` a NaN loss at step 10 with ``action="stop"``
+    stopped the run at step 50, after 40 steps of NaN training, and every other action waited too."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action=_stop if action == "callable" else action, warmup=5, trend_window=None,
+                                 snapshot_every_n_steps=4)
+    probe = StateProbe()
+    trainer = make_trainer(max_steps=20, callbacks=[detector, probe], log_every_n_steps=50)
+    module = NanFrom(10)
+    if action == "raise":
+        with pytest.raises(DivergenceError, match="loss_spike/loss"):
+            trainer.fit(module)
+    else:
+        trainer.fit(module)
+    first = detector.alerts[0]
+    assert (first.metric, first.step, first.severity) == ("loss_spike/loss", 10, "critical")
+    assert all(a.acted_step is not None and 0 <= a.acted_step - a.step <= 1 for a in detector.alerts)
+    if action in ("stop", "raise", "callable"):
+        assert trainer.global_step <= 12  # stopped at step 10 or 11, not at the logging step 49
+    if action == "skip":  # the NaN step itself was skipped
+        assert _equal(probe.before[10][0], probe.after[10][0])
+    if action in ("skip", "rollback"):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    if action == "reduce_lr":
+        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5e-2)  # reduced once, for the streak
 
 
 # -- DDP on 2 CPU processes ---------------------------------------------------------------------
 
 
 class RankReport(pl.Callback):
-    """Writes what each rank saw to ``<dirpath>/rank<r>.pt``."""
+    """Writes what each rank saw to ``<dirpath>/rank<r>.pt``: its own (local) loss per step, whether
+    the bad step changed its weights, and its detector's state."""
 
     def __init__(self, dirpath: str, bad_step: int) -> None:
         self.dirpath, self.bad_step, self.unchanged = dirpath, bad_step, None
+        self.local_loss: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == self.bad_step:
             self.before = _copy(trainer.lightning_module.state_dict())
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.local_loss[trainer.global_step - 1] = float(outputs["loss"])
         if trainer.global_step - 1 == self.bad_step:
             self.unchanged = _equal(self.before, trainer.lightning_module.state_dict())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         [detector] = [c for c in trainer.callbacks if isinstance(c, LossSpikeDetector)]
         torch.save({"global_step": trainer.global_step, "bad_batches": detector.bad_batches,
-                    "skipped": detector._skipped_steps, "unchanged": self.unchanged,
-                    "weights": _copy(pl_module.state_dict())},
+                    "skipped": detector.skipped, "unchanged": self.unchanged, "local_loss": self.local_loss,
+                    "state": detector.state_dict(), "weights": _copy(pl_module.state_dict())},
                    os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
 
 
@@ -553,31 +748,49 @@ class RankLocalSpiky(SpikyModule):
                 p.data = p.data.clone()
 
 
-def _ddp_run(tmp_path: Any, action: str) -> list[dict[str, Any]]:
+def _ddp_run(tmp_path: Any, action: str) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """16 steps on 2 ranks, the loss x10^6 on rank 1 only at step 9; what each rank saw, and the
+    rows of rank zero's CSV log (logging every 4 steps)."""
     torch.manual_seed(0)
     detector = LossSpikeDetector(action=action, warmup=5, trend_window=None, every_n_steps=4)
     # forkserver: ranks fork from a server that imported torch and Lightning once (spawn re-imports them,
     # ~25 s on 2 cores), never from this process, whose OpenMP and logger threads make a plain fork unsafe.
     multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
     strategy = DDPStrategy(process_group_backend="gloo", start_method="forkserver", timeout=timedelta(seconds=30))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=16, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=16,
+                         logger=CSVLogger(tmp_path, name="ddp", version=0), enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[detector, RankReport(str(tmp_path), bad_step=9)])
     trainer.fit(RankLocalSpiky(bad_steps=(9,), bad_rank=1, n=64, batch_size=8))
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)], rows
 
 
 @pytest.mark.distributed
-def test_ddp_spike_on_one_rank_skips_the_step_on_both(tmp_path):
-    rank0, rank1 = _ddp_run(tmp_path, "skip")
+def test_ddp_spike_on_one_rank_skips_the_step_on_both_and_the_loss_is_the_mean_over_ranks(tmp_path):
+    (rank0, rank1), rows = _ddp_run(tmp_path, "skip")
     assert rank0["skipped"] == rank1["skipped"] == 1
     assert rank0["unchanged"] and rank1["unchanged"]
     assert rank0["bad_batches"] == rank1["bad_batches"] == [{"epoch": 2, "batch_idx": 1, "step": 9}]
     assert _equal(rank0["weights"], rank1["weights"])
+    # the figures are global: the logged loss is the mean of the two ranks' losses, and both ranks
+    # hold the same statistics, rules and alerts, so they decide alike without a collective
+    logged = {int(s): v for s, v in zip(rows["step"], rows["loss_spike/loss"]) if not np.isnan(v)}
+    assert sorted(logged) == [3, 7, 11, 15]
+    for step, value in logged.items():
+        mean = (rank0["local_loss"][step] + rank1["local_loss"][step]) / 2
+        assert value == pytest.approx(mean, rel=1e-6)
+        assert abs(rank0["local_loss"][step] - rank1["local_loss"][step]) > 1e-4  # the ranks did see different losses
+    assert rank1["local_loss"][9] > 1e3 * rank0["local_loss"][9]
+    _assert_same_state(rank0["state"], rank1["state"])
+    assert [(a["metric"], a["step"]) for a in rank0["state"]["alerts"]] == [("loss_spike/zscore", 9)]
 
 
 @pytest.mark.distributed
-def test_ddp_spike_on_one_rank_stops_both(tmp_path):
-    rank0, rank1 = _ddp_run(tmp_path, "stop")
-    assert rank0["global_step"] == rank1["global_step"] == 12  # the logging step after step 9
+def test_ddp_spike_on_one_rank_stops_both_at_once(tmp_path):
+    (rank0, rank1), _ = _ddp_run(tmp_path, "stop")
+    assert rank0["global_step"] == rank1["global_step"] == 10  # stopped after step 9, not at the logging step 11
     assert rank0["bad_batches"] == rank1["bad_batches"] == [{"epoch": 2, "batch_idx": 1, "step": 9}]
+    for rank in (rank0, rank1):
+        alerts = [(a["metric"], a["step"], a["acted_step"]) for a in rank["state"]["alerts"]]
+        assert alerts == [("loss_spike/zscore", 9, 9)]
