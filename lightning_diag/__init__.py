@@ -6,21 +6,31 @@ Example:
     >>> callbacks = [GradNormWatcher(action="warn")]
 """
 
-from lightning_diag.alerts import Above, Alert, Below, DivergenceError, NonFinite, ZScore
-from lightning_diag.callbacks import GradNormWatcher, LossSpikeDetector, NCTracker, SpectralAlignmentMonitor
+from lightning_diag.alerts import Above, Alert, Below, DiagnosticWarning, DivergenceError, NonFinite, ZScore
+from lightning_diag.callbacks import (
+    GradNormWatcher,
+    LogitMonitor,
+    LossSpikeDetector,
+    NCTracker,
+    SharpnessMonitor,
+    SpectralAlignmentMonitor,
+)
 from lightning_diag.metrics.neural_collapse import NeuralCollapse
 
 __all__ = [
     "Above",
     "Alert",
     "Below",
+    "DiagnosticWarning",
     "DivergenceError",
     "GradNormWatcher",
+    "LogitMonitor",
     "LossSpikeDetector",
     "NCTracker",
     "NeuralCollapse",
     "NonFinite",
+    "SharpnessMonitor",
     "SpectralAlignmentMonitor",
     "ZScore",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -167,6 +167,8 @@ class DiagnosticCallback(Callback):
         self._warned: Counter[str] = Counter()
         self._once: set[str] = set()
         self._log_cadence = Cadence(every_n_steps)
+        self.checks = Cadence(None)  # a monitor that measures on check steps sets its cadence here
+        self._armed_step = -1
         self._measured_step = -1
         self._in_flight: list[HostCopy] = []
         self._held: _Held | None = None
@@ -217,9 +219,20 @@ class DiagnosticCallback(Callback):
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training begins (``on_train_start``), after the base's own set-up."""
 
+    def arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """A check step begins (its first micro-batch): start capturing what the check needs."""
+
+    def disarm(self) -> None:
+        """Stop capturing: the forward of the check step is over (also on teardown and exceptions)."""
+
+    def is_check_step(self, step: int) -> bool:
+        """Whether ``step`` is a check step (``self.checks``; a monitor may add steps, e.g. adaptively)."""
+        return self.checks.at(step)
+
     def measures(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is one this monitor measures in ``on_before_optimizer_step``."""
-        return False
+        """Whether optimizer step ``step`` is one this monitor measures in ``on_before_optimizer_step``
+        (default: the check steps it armed for)."""
+        return self._armed_step == step
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
@@ -274,6 +287,13 @@ class DiagnosticCallback(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.drain(trainer, trainer.global_step, wait=True)  # the previous step's copy: due now at the latest
+        step = trainer.global_step
+        if self._armed_step != step and self.is_check_step(step):  # first micro-batch only
+            self._armed_step = step
+            self.arm(trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self.disarm()  # a forward recomputed in backward (activation checkpointing) is not captured
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
@@ -288,6 +308,7 @@ class DiagnosticCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self.disarm()
         step = trainer.global_step - 1  # the optimizer step that just ran (if one did)
         if self._held is not None and self._held.step == step and self._is_logging_step(step):
             with torch.no_grad():
@@ -316,7 +337,9 @@ class DiagnosticCallback(Callback):
         self._release()
 
     def _release(self) -> None:
+        self.disarm()
         self.detach()
+        self._armed_step = -1
         self._in_flight, self._held = [], None
 
     def _is_logging_step(self, step: int) -> bool:

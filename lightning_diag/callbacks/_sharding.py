@@ -65,7 +65,8 @@ from lightning_diag.metrics.norms import grouped_squares
 
 __all__ = [
     "Sharding", "clean_name", "deepspeed_global_grad_norm", "deepspeed_limitation", "deepspeed_local_grads",
-    "deepspeed_zero_stage", "is_row_sharded", "local_grads", "local_tensor", "local_tensors", "mean_over_ranks",
+    "deepspeed_zero_stage", "is_row_sharded", "local_grads", "local_tensor", "local_tensors", "max_over_ranks",
+    "mean_over_ranks",
     "resolve_parameters", "sharding_of", "sum_over_ranks", "weight_rows", "whole_tensor",
 ]
 
@@ -373,6 +374,14 @@ def sum_over_ranks(values: Tensor) -> Tensor:
     """
     if _world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def max_over_ranks(values: Tensor) -> Tensor:
+    """Element-wise maximum of ``values`` over all ranks, in place (no-op for one process); a
+    minimum is ``-max_over_ranks(-x)``."""
+    if _world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 

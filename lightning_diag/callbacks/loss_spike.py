@@ -222,6 +222,7 @@ class LossSpikeDetector(DiagnosticCallback):
         self._micro_batches.append((trainer.current_epoch, batch_idx))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         if self.monitor is not None:
             return
         loss = loss.detach().float()

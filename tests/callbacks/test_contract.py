@@ -43,6 +43,11 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str, str]]]] =
                                   ({"collapse_threshold": 1.5}, "1.5", "(0, 1]"), ({"max_rows": 0}, "0", ">= 1")]),
     "NCTracker": ({}, [({"data": [1, 2, 3]}, "1", "DataLoader"), ({"nc4": "soon"}, "'soon'", "'lagged'"),
                        ({"prefix": "a/b"}, "'a/b'", "without '/'"), ({"probe_every_n_steps": 5}, "'val'", "probe")]),
+    "LogitMonitor": ({"check_every_n_steps": 2}, [({"max_queries": 0}, "0", ">= 1"), ({"output": 3}, "3", "None"),
+                                                  ({"attention_threshold": -5.0}, "-5.0", "> 0")]),
+    "SharpnessMonitor": ({"check_every_n_steps": 3, "iters": 2, "cold_iters": 4},
+                         [({"iters": 0}, "0", ">= 1"), ({"method": "exact"}, "'exact'", "'autograd'"),
+                          ({"stability_threshold": 0.0}, "0.0", "> 0"), ({"loss_fn": 3}, "3", "callable")]),
 }  # fmt: skip
 EXPORTED = list(lightning_diag.callbacks.__all__)
 ACTIONS = ["stop", "raise", "callable"]

@@ -1,0 +1,212 @@
+"""LogitMonitor: the largest attention logit per layer and the output logits' normaliser, on check steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_diag._checks import check_int
+from lightning_diag.alerts import Above, Action, NonFinite, Rule
+from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
+from lightning_diag.callbacks._sharding import max_over_ranks, sum_over_ranks
+from lightning_diag.keys import Key
+from lightning_diag.layers import find_module, last_linear
+from lightning_diag.metrics.logits import AttentionLogitRecorder, OutputLogitStats, output_logit_stats
+from lightning_diag.metrics.stats import EmaBaseline
+
+__all__ = ["LogitMonitor"]
+
+_ATTENTION, _OUTPUT = "attention logits: max over layers, min entropy", "output logits: log Z, max |logit|"
+
+
+class LogitMonitor(DiagnosticCallback):
+    """Attention-logit growth and output-logit divergence, measured on check steps only.
+
+    Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training
+    instabilities", arXiv 2309.14322): attention logits ``q . k / sqrt(d_head)`` that keep growing
+    (cured by qk-layernorm) and output logits whose ``log Z`` drifts far from 0 (cured by z-loss)
+    come before divergence. Dehghani et al. 2023 (ViT-22B): huge logits make attention one-hot;
+    Kimi K2's QK-clip caps the maximum logit at 100; Prieto et al. 2025: *softmax collapse*, when
+    rounding makes the top probability exactly 1 and the gradient vanishes.
+
+    **How it measures.** On the first micro-batch of a check step (every ``check_every_n_steps``)
+    an :class:`~lightning_diag.metrics.logits.AttentionLogitRecorder` is active during the forward:
+    every ``nn.MultiheadAttention`` call (from its in-projection and inputs) and every
+    ``F.scaled_dot_product_attention`` call (intercepted by a ``TorchFunctionMode``) gives its exact
+    maximum pre-softmax logit over ``max_queries`` sampled queries, masks, ``is_causal`` and a
+    user-supplied scale honoured, and the minimum attention entropy over heads. The output head
+    (the last ``nn.Linear`` registered, or ``output=<module name>``) gives ``log Z`` per row,
+    ``max |logit|`` and the share of rows in softmax collapse. Nothing is active between checks;
+    the recorder and hook are gone before the backward. Under DDP the maxima are reduced with MAX,
+    the means with SUM, so every rank sees the global figures.
+
+    **Alerts.** ``logits/attention_max`` above ``attention_threshold`` (QK-clip's 100) and, once a
+    baseline of ``baseline_checks`` checks exists, above ``growth_factor`` times the baseline
+    (``logits/attention_growth``), for ``patience`` steps (warning); ``logits/log_z_abs_max``
+    (``max |log Z|``) above ``log_z_threshold`` (warning); ``logits/softmax_collapse`` above
+    ``collapse_threshold`` (warning); non-finite ``log_z_max`` or ``attention_max`` (critical: the
+    logits themselves are broken). Calibration: ``docs/calibration.md``.
+
+    Args:
+        check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0``.
+        every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
+        attention: record attention calls.
+        output: the output head's module name, ``None`` for the last ``nn.Linear``, ``False`` for none.
+        max_queries: query rows sampled per attention call.
+        attention_threshold, growth_factor, log_z_threshold, collapse_threshold: alert thresholds
+            (``None`` disables a rule).
+        baseline_checks: checks averaged into the attention baseline before the growth rule fires.
+        patience: steps a condition must hold (checks are ``check_every_n_steps`` apart).
+        action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
+        rules: extra rules on the logged keys, e.g. ``Above("logits/attention_max/*", 50.0)``.
+
+    Example:
+        >>> monitor = LogitMonitor(check_every_n_steps=20, attention_threshold=100.0)
+        >>> [rule.metric for rule in monitor.book.rules][2:]
+        ['logits/attention_max', 'logits/attention_growth', 'logits/log_z_abs_max', 'logits/softmax_collapse']
+    """
+
+    family = "logits"
+    KEYS = (
+        Key("attention_max", "largest pre-softmax attention logit q.k*scale over layers", _ATTENTION, rate="check",
+            requires="attention"),
+        Key("attention_max/{layer}", "largest attention logit of the layer (module running the call)",
+            "attention max per layer", rate="check", requires="attention"),
+        Key("attention_growth", "attention_max / its baseline (mean of the first checks)", _ATTENTION, rate="check",
+            requires="attention"),
+        Key("attention_entropy_min", "lowest attention entropy over layers and heads (nats)", _ATTENTION,
+            rate="check", requires="attention"),
+        Key("log_z_mean", "mean over rows of log Z = logsumexp(logits)", _OUTPUT, rate="check", requires="output"),
+        Key("log_z_max", "largest log Z", _OUTPUT, rate="check", requires="output"),
+        Key("log_z_min", "smallest log Z", _OUTPUT, rate="check", requires="output"),
+        Key("log_z_abs_max", "largest |log Z| (z-loss keeps it near 0)", _OUTPUT, rate="check", requires="output"),
+        Key("output_max", "largest |logit| of the output head", _OUTPUT, rate="check", requires="output"),
+        Key("softmax_collapse", "share of rows whose float32 top softmax probability is exactly 1", _OUTPUT,
+            rate="check", requires="output"),
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        check_every_n_steps: int = 10,
+        every_n_steps: int | None = None,
+        attention: bool = True,
+        output: str | bool | None = None,
+        max_queries: int = 128,
+        attention_threshold: float | None = 100.0,
+        growth_factor: float | None = 10.0,
+        log_z_threshold: float | None = 50.0,
+        collapse_threshold: float | None = 0.5,
+        baseline_checks: int = 5,
+        patience: int = 1,
+        action: Action = "warn",
+        rules: Rule | Sequence[Rule] = (),
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        for name, value, low in (("check_every_n_steps", check_every_n_steps, 1), ("max_queries", max_queries, 1),
+                                 ("baseline_checks", baseline_checks, 1), ("patience", patience, 1)):  # fmt: skip
+            check_int(name, value, low)
+        if output is not None and not isinstance(output, (str, bool)) or output is True:
+            raise ValueError(f"`output` must be None (the last nn.Linear), a module name or False, got {output!r}")
+        if not isinstance(attention, bool):
+            raise ValueError(f"`attention` must be True or False, got {attention!r}")
+        thresholds = {"attention_threshold": attention_threshold, "growth_factor": growth_factor,
+                      "log_z_threshold": log_z_threshold, "collapse_threshold": collapse_threshold}  # fmt: skip
+        for name, value in thresholds.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}")
+        self.check_every_n_steps, self.attention, self.output_name = check_every_n_steps, attention, output
+        self.max_queries, self.checks = max_queries, Cadence(check_every_n_steps)
+        self.baseline = EmaBaseline(1, alpha=0.999, warmup=baseline_checks)  # the mean of the first checks
+        keys = {"attention_threshold": "attention_max", "growth_factor": "attention_growth",
+                "log_z_threshold": "log_z_abs_max", "collapse_threshold": "softmax_collapse"}  # fmt: skip
+        self._builtin_rules: list[Rule] = [NonFinite("logits/log_z_max"), NonFinite("logits/attention_max")]
+        self._builtin_rules += [Above(f"logits/{keys[n]}", v, patience=patience) for n, v in thresholds.items()
+                                if v is not None]  # fmt: skip
+        self._head: nn.Module | None = None
+        self._hook: Any = None
+        self._recorder: AttentionLogitRecorder | None = None
+        self._logits: OutputLogitStats | None = None
+
+    @property
+    def output(self) -> bool:
+        return self.output_name is not False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(output=self.output_name, attention=self.attention)
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.output:
+            named = find_module(pl_module, self.output_name, "output") if isinstance(self.output_name, str) else None
+            self._head = named if named is not None else (last_linear(pl_module) or (None, None))[1]
+            if self._head is None:
+                self.warn_once("no-head", "the model has no nn.Linear output head; output logits are not measured")
+        self.layers = [n or "model" for n, m in pl_module.named_modules()] if self.attention else []
+
+    def arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._logits = None
+        if self.attention:
+            self._recorder = AttentionLogitRecorder(pl_module, max_queries=self.max_queries).__enter__()
+        if self._head is not None:
+            self._hook = self._head.register_forward_hook(self._on_output)
+
+    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._logits is None and isinstance(output, Tensor) and output.ndim >= 1:
+            self._logits = output_logit_stats(output)
+
+    def disarm(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)  # a no-op when it is not active
+
+    def detach(self) -> None:
+        self._recorder, self._logits, self._head = None, None, None
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures | None:
+        stats = self._recorder.stats() if self._recorder is not None else {}
+        if self._recorder is not None and self._recorder.errors:
+            self.warn_once("attention-errors", f"attention logits not measured for: {self._recorder.errors}")
+        logits, self._recorder, self._logits = self._logits, None, None
+        values: dict[str, Tensor] = {}
+        layers = list(stats)
+        if layers:  # maxima and minima in one MAX all-reduce (minima negated): global figures
+            maxima = max_over_ranks(torch.stack([*(s.max_logit.float() for s in stats.values()),
+                                                 *(-s.entropy_min.float() for s in stats.values())]))
+            per_layer = maxima[: len(layers)]
+            values.update({"attention_max/{layer}": per_layer, "attention_max": per_layer.max(),
+                           "attention_entropy_min": -maxima[len(layers):].max()})  # fmt: skip
+        if logits is not None:
+            values.update(self._output_figures(logits))
+        return Figures(values, layers) if values else None
+
+    @staticmethod
+    def _output_figures(s: OutputLogitStats) -> dict[str, Tensor]:
+        sums = sum_over_ranks(torch.stack([s.log_z_mean * s.num_rows, s.softmax_collapse * s.num_rows, s.num_rows]))
+        extremes = max_over_ranks(torch.stack([s.log_z_max, -s.log_z_min, s.output_max]))
+        return {"log_z_mean": sums[0] / sums[2], "softmax_collapse": sums[1] / sums[2], "log_z_max": extremes[0],
+                "log_z_min": -extremes[1], "log_z_abs_max": extremes[:2].abs().max(), "output_max": extremes[2]}
+
+    def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
+        peak = host.scalars.get("attention_max")
+        if peak is None:
+            return {}
+        ready = bool(self.baseline.ready[0])
+        mean = float(self.baseline.mean[0])
+        if not ready:
+            self.baseline.update([peak])  # the baseline is the first checks' mean: later growth is measured against it
+        return {"attention_growth": peak / mean if ready and mean > 0 else 0.0}  # NaN logits give NaN growth
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"baseline": self.baseline.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "baseline" in state:
+            self.baseline.load_state_dict(state["baseline"])
