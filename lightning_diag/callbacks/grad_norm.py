@@ -13,10 +13,14 @@ from torch import Tensor
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import SEVERITIES, Above, Action, NonFinite, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
+from lightning_diag.callbacks._sharding import (
+    Sharding, deepspeed_limitation, deepspeed_zero_stage, local_grads, local_tensor, local_tensors,
+    resolve_parameters, sharding_of,
+)  # fmt: skip
 from lightning_diag.callbacks._trainer import grad_scale, has_grad_scaler, log_histogram
 from lightning_diag.keys import Key
-from lightning_diag.layers import ParameterGroups, group_parameters, validate_patterns
-from lightning_diag.metrics.norms import grouped_norms, tensor_norms
+from lightning_diag.layers import ParameterGroups, validate_patterns
+from lightning_diag.metrics.norms import grouped_norms, grouped_squares, squared_norms, tensor_norms
 from lightning_diag.metrics.stats import EmaBaseline, zclip_coefficient
 
 __all__ = ["GradNormWatcher"]
@@ -138,6 +142,7 @@ class GradNormWatcher(DiagnosticCallback):
         self._groups: ParameterGroups | None = None
         self._present: dict[tuple[bool, ...], tuple[list[int], Tensor, list[str]]] = {}
         self._before_step: tuple[list[Tensor], list[Tensor], Tensor, Tensor, list[str]] | None = None
+        self._sharding, self._layer_index = Sharding("none"), torch.zeros(0, dtype=torch.long)
 
     @property
     def clipping(self) -> bool:
@@ -152,7 +157,7 @@ class GradNormWatcher(DiagnosticCallback):
         return self._generate_state_key(include=self.include, exclude=self.exclude, group_depth=self.group_depth)
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        groups = group_parameters(pl_module, self.include, self.exclude, self.group_depth)
+        groups = resolve_parameters(trainer, pl_module, self.include, self.exclude, self.group_depth)
         if not groups.params and self.include:
             raise ValueError(
                 f"`include={list(self.include)}` matches no trainable parameter; parameters are: "
@@ -161,6 +166,13 @@ class GradNormWatcher(DiagnosticCallback):
         if not groups.params:
             self.warn_once("no-params", "the model has no trainable parameter to watch; doing nothing")
         self._groups, self.layers = (groups, list(groups.layers)) if groups.params else (None, [])
+        self._sharding = sharding_of(trainer, groups.params, groups.names)
+        if self._sharding.kind == "deepspeed":
+            self.warn_once("deepspeed", deepspeed_limitation(deepspeed_zero_stage(trainer) or 0))
+            self._groups = None
+        elif self._groups is not None and self._sharding.reduces:  # one layout on every rank: all watched parameters
+            device = local_tensor(groups.params[0]).device
+            self._layer_index = torch.tensor(groups.layer_of, dtype=torch.long, device=device)
         self._nonfinite_rule.patience = self.nonfinite_patience or (
             _FP16_NONFINITE_PATIENCE if has_grad_scaler(trainer) else 1)
 
@@ -177,6 +189,8 @@ class GradNormWatcher(DiagnosticCallback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
     ) -> Figures | None:
+        if self._sharding.reduces:
+            return self._measure_sharded(trainer, optimizer, logging)
         present, layer_index, layer_names = self._layout()
         if not present:
             self.warn_once("no-grads", "no watched parameter has a gradient (all None); nothing measured")
@@ -191,8 +205,37 @@ class GradNormWatcher(DiagnosticCallback):
             self._clip(grads, total)
         values = {"total": total}
         if logging:
-            values.update(self._per_layer(trainer, norms, present, layer_index, layer_names))
+            values["nonfinite"] = (~torch.isfinite(norms)).sum().to(torch.float64)
+            if self.per_layer:
+                weights = [self._groups.params[i] for i in present]  # type: ignore[union-attr]
+                layer_grad = grouped_norms(norms, layer_index, len(layer_names))
+                layer_weight = grouped_norms(tensor_norms(weights), layer_index, len(layer_names))
+                values.update(self._per_layer(trainer, layer_grad, layer_weight, weights, layer_index, layer_names))
         return Figures(values, layer_names)
+
+    def _measure_sharded(self, trainer: pl.Trainer, optimizer: Any, logging: bool) -> Figures:
+        """FSDP and other sharding: local squares, one SUM all-reduce of the per-layer sums, never a gather."""
+        groups, sharding, index, n = self._groups, self._sharding, self._layer_index, len(self.layers)
+        grads = local_grads(groups.params)  # type: ignore[union-attr]
+        squares = squared_norms(grads)
+        scale = grad_scale(trainer, optimizer)
+        if scale is not None:
+            squares = squares / scale.square()
+        parts = [grouped_squares(sharding.keep_owned(squares), index, n), sharding.count_nonfinite(squares).view(1)]
+        weights = local_tensors(groups.params) if logging and self.per_layer else []  # type: ignore[union-attr]
+        if weights:
+            parts.append(grouped_squares(sharding.keep_owned(squared_norms(weights)), index, n))
+        packed = sharding.all_reduce_sum(torch.cat(parts))
+        total = packed[:n].sum(dtype=torch.float64).sqrt()
+        if self.clipping:  # the coefficient comes from the global norm: the same on every rank
+            self._clip(grads, total)
+        values = {"total": total}
+        if logging:
+            values["nonfinite"] = packed[n].to(torch.float64)
+            if weights:
+                layer_grad, layer_weight = packed[:n].sqrt(), packed[n + 1 :].sqrt()
+                values.update(self._per_layer(trainer, layer_grad, layer_weight, weights, index, self.layers))
+        return Figures(values, self.layers)
 
     def _clip(self, grads: list[Tensor], total: Tensor) -> None:
         mean, std = float(self.baseline.mean[0]), float(self.baseline.std[0])
@@ -205,16 +248,11 @@ class GradNormWatcher(DiagnosticCallback):
                 g.mul_(coef.to(g.dtype))
 
     def _per_layer(
-        self, trainer: pl.Trainer, norms: Tensor, present: list[int], layer_index: Tensor, names: list[str]
+        self, trainer: pl.Trainer, layer_grad: Tensor, layer_weight: Tensor, weights: list[Tensor], layer_index: Tensor,
+        names: list[str],
     ) -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {"nonfinite": (~torch.isfinite(norms)).sum().to(torch.float64)}
-        if not self.per_layer:
-            return values
-        weights = [self._groups.params[i] for i in present]  # type: ignore[union-attr]
-        layer_grad = grouped_norms(norms, layer_index, len(names))
-        layer_weight = grouped_norms(tensor_norms(weights), layer_index, len(names))
-        values.update({"layer/{layer}": layer_grad, "weight_norm/{layer}": layer_weight,
-                       "grad_weight_ratio/{layer}": layer_grad / layer_weight.clamp_min(_EPS)})  # fmt: skip
+        values = {"layer/{layer}": layer_grad, "weight_norm/{layer}": layer_weight,
+                  "grad_weight_ratio/{layer}": layer_grad / layer_weight.clamp_min(_EPS)}  # fmt: skip
         if self._histograms.due(trainer.global_step):
             log_histogram(trainer, f"{self.family}/layer_hist", layer_grad, trainer.global_step)
             log_histogram(trainer, f"{self.family}/weight_norm_hist", layer_weight, trainer.global_step)
@@ -227,7 +265,11 @@ class GradNormWatcher(DiagnosticCallback):
             return None
         weights, before, layer_index, weight, names = self._before_step  # `weight`: the norms of `before`
         self._before_step = None
-        updates = grouped_norms(tensor_norms(torch._foreach_sub(weights, before)), layer_index, len(names))
+        change = torch._foreach_sub(weights, before)
+        if self._sharding.reduces:  # local pieces of the update; a collective on every rank, as measure's
+            updates = self._sharding.global_squares(squared_norms(change), layer_index, len(names)).sqrt()
+        else:
+            updates = grouped_norms(tensor_norms(change), layer_index, len(names))
         return Figures({"update_ratio/{layer}": updates / weight.clamp_min(_EPS)}, names)
 
     def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:

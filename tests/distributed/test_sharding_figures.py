@@ -60,12 +60,10 @@ def test_sharding_helpers_give_single_process_figures_on_every_rank(strategy, si
 # The monitors as they are before the sharding-aware refactor (issue 13). Key-agnostic: each
 # compares whatever rank zero logged with the single-process run. When a monitor is fixed, its
 # strict xfail turns into a failure: remove the mark.
-MONITORS = {
-    "grad_norm_watcher": {"fsdp2": "parameters captured in setup, before configure_model: logs nothing"},
-    "loss_spike_detector": {"ddp": "logs rank zero's loss, not the global-batch mean",
-                            "fsdp2": "logs rank zero's loss, not the global-batch mean"},
-    "spectral_alignment_monitor": {"ddp": "summarises rank zero's sampled inputs only",
-                                   "fsdp2": "power_iteration on a DTensor weight: mixed torch.Tensor and DTensor"},
+MONITORS: dict[str, dict[str, str]] = {
+    "grad_norm_watcher": {},
+    "loss_spike_detector": {},
+    "spectral_alignment_monitor": {"fsdp2": "power_iteration on a DTensor weight: mixed torch.Tensor and DTensor"},
 }
 
 
