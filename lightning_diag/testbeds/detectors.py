@@ -199,7 +199,8 @@ class Threshold(Detector):
     Params: ``threshold``; optional ``patience`` (checks, default 1), ``cadence`` (steps between
     checks, default 1), ``warmup`` (steps ignored at the start, default 0). ``figure`` is a record
     key (``"grad_norm"``, ``"loss"``, a logged key) or, with ``*``, a per-layer pattern reduced by
-    :func:`layer_max`.
+    :func:`layer_max`. With ``monitor``, it watches the runs that monitor watched (a replay of the
+    monitor's own figure); otherwise every run.
 
     Example:
         >>> record = RunRecord("r", "f", 0, "twin", {}, np.zeros(6), np.zeros(6), np.array([9, 0.5, 2, 2, 0.1, 2.0]))
@@ -207,9 +208,14 @@ class Threshold(Detector):
         [3]
     """
 
-    def __init__(self, name: str, figure: str, grid: Sequence[Params], kind: str | None = None) -> None:
+    def __init__(
+        self, name: str, figure: str, grid: Sequence[Params], kind: str | None = None, monitor: str | None = None
+    ) -> None:
         super().__init__(name, grid, kind)
-        self.figure = figure
+        self.figure, self.monitor = figure, monitor
+
+    def watches(self, record: RunRecord) -> bool:
+        return self.monitor is None or self.monitor in record.alerts
 
     def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
         at = checks(record.steps, params.get("cadence", 1), params.get("warmup", 0))
@@ -256,9 +262,14 @@ class BaselineRatio(Detector):
         [22, 23]
     """
 
-    def __init__(self, name: str, figure: str, grid: Sequence[Params], kind: str | None = None) -> None:
+    def __init__(
+        self, name: str, figure: str, grid: Sequence[Params], kind: str | None = None, monitor: str | None = None
+    ) -> None:
         super().__init__(name, grid, kind)
-        self.figure = figure
+        self.figure, self.monitor = figure, monitor
+
+    def watches(self, record: RunRecord) -> bool:
+        return self.monitor is None or self.monitor in record.alerts
 
     def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
         at = checks(record.steps, params.get("cadence", 1))
