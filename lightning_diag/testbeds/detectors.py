@@ -250,7 +250,8 @@ class BaselineRatio(Detector):
 
     The baseline is an EMA (weight ``alpha`` on the past) of the figure's logarithm, seeded by the
     mean of the first ``warmup_checks`` finite checks and fed only with checks that did not hit (a
-    spike does not raise its own bar); no warning during those first checks. Non-finite values hit.
+    spike does not raise its own bar); no warning during those first checks. Infinite values (and the
+    recorder's non-finite losses and gradient norms) hit at once; zeros are skipped.
     A growth rule for slow precursors that a z-score absorbs (DESIGN.md section 5); a NaN of a
     logged figure (not logged) is skipped. Params:
     ``ratio``, optional ``alpha`` (0.95), ``patience`` (1), ``cadence`` (1), ``warmup_checks`` (10).
@@ -281,11 +282,11 @@ class BaselineRatio(Detector):
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log(values)
         for i, value in enumerate(logs):
-            if np.isnan(values[i]):
-                continue  # not logged at this step
-            if not math.isfinite(value):
-                hits[i] = seen >= warmup or values[i] == math.inf
+            if values[i] == math.inf:
+                hits[i] = True  # non-finite
                 continue
+            if not values[i] > 0:
+                continue  # not logged (NaN), or zero: no logarithm, and no growth
             if seen >= warmup and value - baseline > ratio:
                 hits[i] = True
                 continue

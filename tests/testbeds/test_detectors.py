@@ -149,3 +149,14 @@ def test_any_of_is_the_union_of_its_members_with_their_own_settings():
 def test_a_detector_needs_at_least_one_setting():
     with pytest.raises(ValueError, match="grid"):
         Threshold("g", "grad_norm", [])
+
+
+def test_baseline_ratio_skips_zeros_and_missing_values_and_warns_on_non_finite_at_once():
+    grad = np.r_[np.ones(3), [0.0, math.nan], np.ones(3), [math.inf]]
+    det = BaselineRatio("g", "grad_norm", [{}])
+    assert det.warning_steps(record(grad=grad), {"ratio": 2.0, "warmup_checks": 20}).tolist() == [4, 8]
+    series = {"x/y": np.r_[np.ones(12), [np.nan, 0.0, 50.0]]}
+    logged = BaselineRatio("x", "x/y", [{}], monitor="M")
+    rec = record(series=series, n=15, alerts={"M": []})
+    assert logged.watches(rec) and not logged.watches(record(n=15))
+    assert logged.warning_steps(rec, {"ratio": 2.0}).tolist() == [14]
