@@ -87,6 +87,7 @@ from lightning_diag.testbeds.scoring import (  # noqa: E402
     Outcome,
     label_runs,
     leave_one_family_out,
+    outcome,
     score,
 )
 
@@ -119,8 +120,8 @@ class Family:
     """An instability family: a testbed, the exploding setting, its twins, and why it explodes.
 
     ``twin`` and ``mitigated`` are overrides of ``exploding``; ``max_steps`` bounds the exploding
-    runs (they stop 20 steps after their explosion) and ``twin_steps`` the twins, which should
-    cover the exploding runs' length. ``fault`` names the argument holding an injected fault's step.
+    runs (they stop 20 steps after their explosion), ``twin_steps`` and ``mitigated_steps`` the
+    twins, which should cover the exploding runs' length. ``fault`` names the argument holding an injected fault's step.
     """
 
     name: str
@@ -132,6 +133,7 @@ class Family:
     max_steps: int
     twin_steps: int
     mitigated: dict[str, Any] | None = None
+    mitigated_steps: int | None = None
     precision: str = "32-true"
     fault: str | None = None
 
@@ -139,7 +141,7 @@ class Family:
         out = []
         variants = [("exploding", {}, self.max_steps), ("twin", self.twin, self.twin_steps)]
         if self.mitigated is not None:
-            variants.append(("mitigated", self.mitigated, self.max_steps))
+            variants.append(("mitigated", self.mitigated, self.mitigated_steps or self.max_steps))
         for seed in seeds:
             for role, overrides, steps in variants:
                 model = {**self.exploding, **overrides}
@@ -175,7 +177,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt-ramp-slow", "predictable", "the same model, ramp 1e-3 -> 3 over 1,200 steps",
            "CharLM", {**_GPT, **_ramp(1e-3, 3.0, 1200)}, _capped(1e-3, 3.0, 1200, 0.1), 1300, 900),
     Family("gpt-postln", "predictable", "TinyGPT post-LN (SDPA) + AdamW, ramp 1e-3 -> 3 over 500 steps",
-           "CharLM", {**_GPT, "norm_first": False, **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.1), 600,
+           "CharLM", {**_GPT, "norm_first": False, **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.05), 600,
            450),
     Family("mha-preln", "predictable",
            "nn.TransformerEncoderLayer (MHA, norm_first=True) LM + AdamW, ramp 1e-3 -> 3 over 500 steps",
@@ -192,10 +194,9 @@ FAMILIES: tuple[Family, ...] = (
            "CharLM", {**_GPT, "qk_layernorm": True, "lr": 0.45, "warmup_steps": 100},
            {"lr": 0.05, "warmup_steps": 11}, 1000, 600),
     Family("adam-beta2", "predictable",
-           "TinyGPT + AdamW beta2 0.999 (not 0.95), warm-up 100 then LR 0.4; mitigated twin: beta2 0.95",
+           "TinyGPT + AdamW beta2 0.999 (not 0.95), warm-up 100 then LR 0.4; mitigated twin: beta2 0.95 (300 steps)",
            "CharLM", {**_GPT, "betas": (0.9, 0.999), "lr": 0.4, "warmup_steps": 100},
-           {"lr": 0.05, "warmup_steps": 13}, 500, 250,
-           mitigated={"betas": (0.9, 0.95)}),
+           {"lr": 0.05, "warmup_steps": 13}, 500, 250, mitigated={"betas": (0.9, 0.95)}, mitigated_steps=300),
     Family("lstm-sgd", "predictable", "nn.LSTM LM + plain SGD, no clipping, ramp 0.1 -> 100 over 500 steps",
            "CharLM", {**_RNN, "arch": "lstm", **_ramp(0.1, 100.0, 500)}, _capped(0.1, 100.0, 500, 3.0), 600, 480),
     Family("gru-sgd", "predictable", "nn.GRU LM + plain SGD, no clipping, ramp 0.1 -> 100 over 500 steps",
@@ -423,6 +424,26 @@ def reaction_table(cal: Calibration, records: Sequence[RunRecord], order: Sequen
                      "median lead vs explosion", "false alarms (before the fault, or stable runs)"], rows)
 
 
+def rule_table(records: Sequence[RunRecord]) -> str:
+    """Each rule of each live monitor alone, ``info`` included: which rule warns first, and how noisily.
+
+    A rule is the first two parts of an alert's metric (the layer dropped) and its severity. No
+    parameters, so out of sample equals in sample; predictable families only.
+    """
+    predictable = set(_families_of(records, "predictable"))
+    runs = [r for r in records if r.family in predictable]
+    rules = sorted({(monitor, "/".join(a["metric"].split("/")[:2]), a["severity"]) for r in runs
+                    for monitor, alerts in r.alerts.items() for a in alerts})  # fmt: skip
+    rows = []
+    for monitor, rule, severity in rules:
+        detector = LiveAlerts(monitor, (severity,), metric=f"{rule}*")
+        watched = [r for r in runs if detector.watches(r)]
+        rows.append([f"{monitor}: {rule} ({severity})",
+                     *_score_cells([outcome(r, detector.warning_steps(r, {})) for r in watched])])  # fmt: skip
+    return markdown(["rule (severity)", *(f"recall lead>={k}" for k in LEADS), "median lead", "min lead",
+                     "false alarms: stable runs", "false alarms: healthy phases"], rows)  # fmt: skip
+
+
 def family_summary(records: Sequence[RunRecord]) -> str:
     """What each family is, its runs, where it explodes, its safe learning rate, and its cost."""
     rows = []
@@ -528,6 +549,8 @@ def report(records: list[RunRecord], out: str, command: str, seconds: float | No
         + family_table(cal, records, order),
         "## Unpredictable families: reaction after the fault (in-sample settings)\n\n"
         + reaction_table(cal, records, order),
+        "## Each rule of each monitor alone (live, defaults, info alerts included; predictable families)\n\n"
+        + rule_table(records),
         "## Families\n\n" + family_summary(records),
         "## Chosen settings\n\n" + settings_table(cal, order),
         "## Runs\n\n" + run_table(records),

@@ -169,7 +169,8 @@ class Detector:
 
 
 class LiveAlerts(Detector):
-    """The alerts a monitor raised live, at its defaults; warnings are severities in ``severities``.
+    """The alerts a monitor raised live, at its defaults; warnings are severities in ``severities``
+    (and, with ``metric``, alerts whose metric matches that ``fnmatch`` pattern: one rule).
 
     Example:
         >>> record = RunRecord("r", "f", 0, "twin", {}, np.zeros(9), np.zeros(9), np.zeros(9), alerts={"M": [
@@ -180,16 +181,19 @@ class LiveAlerts(Detector):
 
     kind = "monitor"
 
-    def __init__(self, monitor: str, severities: Sequence[str] = ("warning", "critical"), name: str | None = None):
-        super().__init__(name or monitor)
-        self.monitor, self.severities = monitor, tuple(severities)
+    def __init__(
+        self, monitor: str, severities: Sequence[str] = ("warning", "critical"), name: str | None = None,
+        metric: str = "*", kind: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(name or monitor, kind=kind)
+        self.monitor, self.severities, self.metric = monitor, tuple(severities), metric
 
     def watches(self, record: RunRecord) -> bool:
         return self.monitor in record.alerts
 
     def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
         steps = {int(a.get("acted_step", a["step"])) for a in record.alerts.get(self.monitor, [])
-                 if a["severity"] in self.severities}  # fmt: skip
+                 if a["severity"] in self.severities and fnmatch.fnmatchcase(a.get("metric", ""), self.metric)}
         return np.array(sorted(steps), dtype=np.int64)
 
 
