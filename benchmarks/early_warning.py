@@ -1,59 +1,56 @@
-"""The early-warning suite: does each monitor warn before a loss explosion, how early, and does it
-stay quiet when nothing explodes?
+"""The early-warning suite: does each monitor warn before a loss explosion, how early, does it stay
+quiet on healthy training, and do its settings carry over to runs they were not chosen on?
 
 Usage::
 
-    python benchmarks/early_warning.py                 # the full grid: 34 runs, 5 min on 2 idle CPU cores
-    python benchmarks/early_warning.py --quick         # 4 runs, 20-40 s (CI)
-    python benchmarks/early_warning.py --out DIR --workers 2
+    python benchmarks/early_warning.py --workers 2            # the full suite (FAMILIES x 3 seeds)
+    python benchmarks/early_warning.py --quick --workers 2    # 6 families x 1 seed (CI, a few minutes)
+    python benchmarks/early_warning.py --rescore --out DIR    # score the runs recorded in DIR again, no training
+    python benchmarks/early_warning.py --families lstm-sgd,cnn-sgd --seeds 1
 
-Writes ``DIR/early_warning.md`` (the tables), ``DIR/early_warning.json`` (one record per run: the
-per-step losses and gradient norms, the explosion step, every detector's first warning) and
-``DIR/early_warning.png`` (the loss of a representative run with each detector's first warning).
-The same command gives the same tables on the same machine: every run is seeded (model, data
-order, monitors' sampling) and trains on one thread, whatever ``--workers``.
+Writes into ``--out`` (default ``runs/early_warning``): ``runs/<run>.json.gz``, one record per run
+(every step's loss, learning rate and gradient norm, every figure the monitors logged, each monitor's
+live alerts: :class:`~lightning_diag.testbeds.recording.RunRecord`); ``early_warning.md`` (the
+tables); ``early_warning.json`` (every run's labels, series and first warnings, and the chosen
+settings); ``early_warning.png`` (leads per family and detector). Every run is seeded and trains on
+one thread, so the same command gives the same records on the same machine, whatever ``--workers``.
 
-**The grid** (DESIGN.md section 7; the runs were chosen by measuring where these models explode):
+**Families** (:data:`FAMILIES`; each has exploding runs and learning-rate twins: the same run with its
+learning-rate schedule capped where it does not explode; one also has a mitigated twin, the exploding
+run with a stabiliser; the unpredictable families' twins are the run without the fault).
+The settings were chosen by measuring where each family explodes on seeds 0-2, so that it explodes
+reliably but not at once; the table of the report gives the measured range.
 
-- ``gpt`` / ``gpt-qk``: :class:`~lightning_diag.testbeds.CharLM` (3-layer pre-LN GPT on Python's
-  standard-library source, AdamW, no clipping), without and with qk-layernorm, under a linear
-  warm-up over 1,000 steps to a peak learning rate of 3e-3 (the stable control), 0.3 (high, the
-  loss degrades but does not explode within 800 steps), 0.7 and 1.0 (the loss explodes once the
-  rate passes ~0.45: near step 600 and 450), seeds 0-2, at most 800 steps.
-- ``ramp``: the learning-rate range test, an exponential ramp from 1e-3 to 1.0 over 1,000 steps,
-  which always diverges (near step 900, at a rate of ~0.5), seeds 0-2; the control ramps to 1e-2.
-- ``digits``: :class:`~lightning_diag.testbeds.DigitsClassifier` (MLP, SGD with momentum 0.9,
-  learning rate 0.05, weight decay 5e-3) whose step is made 10x too large at step 300 (the loss
-  explodes within 1-3 steps: a sudden event no monitor can foresee, only detect), seeds 0-2; the
-  control keeps its step. Weight decay keeps the training loss away from 0, where the relative
-  explosion rule would mistake ordinary batch noise for an explosion.
+**Labels** (:mod:`lightning_diag.testbeds.labels`, :func:`lightning_diag.testbeds.scoring.label_runs`):
+the explosion step is :func:`~lightning_diag.testbeds.labels.explosion_step` of the run's loss (the
+loss back at least half-way from its best to an uninformed model's and at least 1.5x its best, for
+10 steps, or non-finite); a run stops 20 steps after it. The healthy phase of an exploded run ends
+where its learning rate passes the highest learning rate its family's twins survived, at an
+injected fault, or at the explosion; a run that did not explode is stable and healthy throughout.
 
-**Labels.** One written definition, applied to every run's recorded per-step loss: the explosion
-step is :func:`~lightning_diag.testbeds.divergence_step` (the first of 10 consecutive losses above
-3x the running minimum, or the first non-finite loss, dated to the start of the climb). A run with
-an explosion step is *exploding*; every other run is *stable*, whatever its learning rate. A run
-stops 100 steps after its explosion (at the next multiple of 10 steps).
+**Detectors** (:func:`detectors`): each monitor of the package, live, at its defaults (every figure
+logged and every rule evaluated every step: ``every_n_steps=1``, ``SpectralAlignmentMonitor``
+``check_every_n_steps=1``; a warning is an alert of severity warning or critical, at its
+``acted_step``); replays of rules on the recorded figures, with a parameter grid; and the baselines a
+user has without the package: Lightning's ``SpikeDetection`` replayed at its defaults, a fixed
+threshold of 1 or 5 on the total gradient norm (from step 50, past the initial transient), the loss
+above 2x its running minimum, and calibrated versions of each.
 
-**Detectors.** Every monitor of the package at its default settings (``every_n_steps=10`` so that
-alerts surface within 10 steps of firing; ``action="log"``); a monitor's *warning* is any alert of
-severity ``"warning"`` or ``"critical"`` (``"info"`` alerts are records that no action acts on;
-the per-rule table shows them too). ``NCTracker`` needs a classifier: it runs on ``digits`` only.
-Baselines: Lightning's ``SpikeDetection`` at its defaults (loss at least 3x the mean of the last 10,
-recording instead of raising), a fixed gradient-norm threshold (1, the customary clipping value,
-and 5; from step 50 on, past the initial transient), and the plain rule ``loss > 2 x running min``.
-
-**Scores** (per detector, over the runs it watched): *recall*, the share of exploding runs with a
-warning at or before the explosion step; *lead time* = explosion step - first warning (median and
-minimum over exploding runs with any warning; negative when the first warning came late);
-*false alarms*, stable runs with any warning. A warning long before the explosion counts as a
-warning: read the lead times together with the false alarms. ``all monitors (first of any)`` is
-the first warning of any monitor: what a user running all of them sees first.
+**Scores** (:mod:`lightning_diag.testbeds.scoring`): a warning inside a healthy phase, or on a
+stable run, is a false alarm; lead = explosion step - first warning after the healthy phase. Every
+detector's setting is chosen leave-one-family-out (the objective: fewest false alarms, then most
+runs warned >= 10 steps ahead, then >= 1, then the largest median lead), so each family's figures
+are out of sample; the in-sample table (settings chosen on every family) stands beside it.
+Unpredictable families (a poisoned batch, a learning-rate shock: nothing can warn before the step
+that breaks the run) are scored apart, by how fast each detector reacts.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import glob
 import json
 import logging
 import math
@@ -65,359 +62,249 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "BASELINES",
-    "RunSpec",
-    "explosion_step",
-    "first_above",
-    "first_loss_above_min",
-    "full_grid",
-    "lead_time",
-    "main",
-    "markdown_tables",
-    "quick_grid",
-    "run_one",
-    "score_baselines",
-    "summarize",
-    "with_any_monitor",
-]
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # benchmark the checkout this script lives in, not another installed copy
+    sys.path.insert(0, _ROOT)
 
-CADENCE = 10  # every_n_steps of every monitor
-STOP_AFTER = 100  # steps recorded past the explosion
-GRAD_NORM_THRESHOLDS = (1.0, 5.0)
-BASELINE_WARMUP = 50  # the fixed grad-norm threshold ignores the steps before this one
-LOSS_FACTOR = 2.0  # the plain rule: loss > LOSS_FACTOR x running minimum
-SPIKE_DETECTION = "SpikeDetection (Lightning)"
-ANY_MONITOR = "all monitors (first of any)"
-BASELINES = (SPIKE_DETECTION, *(f"grad norm > {t:g} (fixed)" for t in GRAD_NORM_THRESHOLDS),
-             f"loss > {LOSS_FACTOR:g} x running min")  # fmt: skip
+from lightning_diag.testbeds.detectors import (  # noqa: E402
+    BaselineRatio,
+    Detector,
+    LiveAlerts,
+    RunningMinRatio,
+    SpikeDetectionReplay,
+    Threshold,
+    product_grid,
+)
+from lightning_diag.testbeds.recording import MONITORS, RunRecord  # noqa: E402
+from lightning_diag.testbeds.scoring import (  # noqa: E402
+    ANY_MONITOR,
+    LEADS,
+    Calibration,
+    Outcome,
+    label_runs,
+    leave_one_family_out,
+    outcome,
+    score,
+)
 
+__all__ = ["FAMILIES", "Family", "RunSpec", "detectors", "main", "run_one", "specs"]
 
-# ---------------------------------------------------------------------------- harness arithmetic
-
-
-def explosion_step(losses: Sequence[float]) -> int | None:
-    """The written definition of the explosion step, for every run: ``divergence_step(losses, 3, 10)``.
-
-    Example:
-        >>> explosion_step([2.0] * 20 + [7.0] * 10)
-        20
-    """
-    from lightning_diag.demo import EXPLOSION_FACTOR, EXPLOSION_PATIENCE
-    from lightning_diag.testbeds import divergence_step
-
-    return divergence_step(list(losses), EXPLOSION_FACTOR, EXPLOSION_PATIENCE)
+STOP_AFTER = 20  # steps recorded past the explosion
+BASELINE_WARMUP = 50  # the fixed grad-norm thresholds ignore the steps before this one
 
 
-def first_above(values: Sequence[float], threshold: float, start: int = 0) -> int | None:
-    """First index ``>= start`` whose value is above ``threshold`` or non-finite, or None.
-
-    Example:
-        >>> first_above([9.0, 0.5, 2.0, float("nan")], 1.0, start=1)
-        2
-    """
-    for step in range(start, len(values)):
-        if not values[step] <= threshold:  # NaN fails every comparison: it counts
-            return step
-    return None
+# ------------------------------------------------------------------------------------- families
 
 
-def first_loss_above_min(losses: Sequence[float], factor: float) -> int | None:
-    """First step whose loss is above ``factor`` x the minimum of the finite losses before it, or non-finite.
-
-    Example:
-        >>> first_loss_above_min([3.0, 1.0, 1.5, 2.5], 2.0)
-        3
-    """
-    best = math.inf
-    for step, loss in enumerate(losses):
-        if not math.isfinite(loss) or loss > factor * best:
-            return step
-        best = min(best, loss)
-    return None
-
-
-def lead_time(explosion: int | None, warning: int | None) -> int | None:
-    """Steps from the first warning to the explosion (negative: the warning came late); None if either is missing.
-
-    Example:
-        >>> lead_time(900, 750), lead_time(900, 905), lead_time(None, 10), lead_time(900, None)
-        (150, -5, None, None)
-    """
-    if explosion is None or warning is None:
-        return None
-    return explosion - warning
-
-
-def score_baselines(
-    losses: Sequence[float], grad_norms: Sequence[float], spike_steps: Iterable[int]
-) -> dict[str, int | None]:
-    """First warning step of each baseline (``BASELINES``), from a run's records.
-
-    Example:
-        >>> score_baselines([3.0, 2.0, 2.0, 4.5], [9.0] + [0.5] * 60, [3])["loss > 2 x running min"]
-        3
-    """
-    spike_steps = list(spike_steps)
-    first = {SPIKE_DETECTION: min(spike_steps) if spike_steps else None}
-    for threshold in GRAD_NORM_THRESHOLDS:
-        first[f"grad norm > {threshold:g} (fixed)"] = first_above(grad_norms, threshold, start=BASELINE_WARMUP)
-    first[f"loss > {LOSS_FACTOR:g} x running min"] = first_loss_above_min(losses, LOSS_FACTOR)
-    return first
-
-
-def summarize(
-    runs: Sequence[dict[str, Any]], detectors: Sequence[str], key: str = "first_warning"
-) -> list[dict[str, Any]]:
-    """Recall, lead times and false alarms of each detector over the runs it watched.
-
-    Each run is a dict with ``explosion_step`` (None for a stable run) and ``run[key]``, a dict
-    ``{detector: first warning step or None}`` holding only the detectors that watched the run.
-
-    Example:
-        >>> runs = [{"explosion_step": 100, "first_warning": {"a": 80}},
-        ...         {"explosion_step": 50, "first_warning": {"a": 60}},
-        ...         {"explosion_step": None, "first_warning": {"a": None}}]
-        >>> row = summarize(runs, ["a"])[0]
-        >>> row["recall"], row["detected"], row["lead_median"], row["lead_min"], row["false_alarms"]
-        ('1/2', '2/2', 5.0, -10, '0/1')
-    """
-    rows = []
-    for detector in detectors:
-        watched = [r for r in runs if detector in r[key]]
-        exploding = [r for r in watched if r["explosion_step"] is not None]
-        stable = [r for r in watched if r["explosion_step"] is None]
-        leads = [lead_time(r["explosion_step"], r[key][detector]) for r in exploding]
-        leads = [lead for lead in leads if lead is not None]
-        alarms = sum(r[key][detector] is not None for r in stable)
-        rows.append({
-            "detector": detector,
-            "runs": len(watched),
-            "recall": f"{sum(lead >= 0 for lead in leads)}/{len(exploding)}",
-            "detected": f"{len(leads)}/{len(exploding)}",
-            "lead_median": statistics.median(leads) if leads else None,
-            "lead_min": min(leads) if leads else None,
-            "false_alarms": f"{alarms}/{len(stable)}",
-        })  # fmt: skip
-    return rows
-
-
-def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def with_any_monitor(runs: Sequence[dict[str, Any]], monitors: Sequence[str]) -> list[dict[str, Any]]:
-    """Copies of ``runs`` whose ``first_warning`` also holds ``ANY_MONITOR``: the first warning of any monitor.
-
-    What a user running every monitor sees first. Example:
-        >>> with_any_monitor([{"first_warning": {"a": 50, "b": None, "x": 10}}], ["a", "b"])[0]["first_warning"]
-        {'a': 50, 'b': None, 'x': 10, 'all monitors (first of any)': 50}
-    """
-    out = []
-    for run in runs:
-        steps = [run["first_warning"][m] for m in monitors if run["first_warning"].get(m) is not None]
-        watched = any(m in run["first_warning"] for m in monitors)
-        first = {**run["first_warning"], **({ANY_MONITOR: min(steps, default=None)} if watched else {})}
-        out.append({**run, "first_warning": first})
-    return out
-
-
-_HEADER = ("runs", "recall (warned <= explosion)", "detected (any time)", "lead median", "lead min",
-           "false alarms (stable runs)")  # fmt: skip
-
-
-def _score_cells(score: dict[str, Any]) -> tuple[Any, ...]:
-    return (score["runs"], score["recall"], score["detected"], score["lead_median"], score["lead_min"],
-            score["false_alarms"])  # fmt: skip
-
-
-def _family_table(runs: Sequence[dict[str, Any]], detectors: Sequence[str]) -> str:
-    """Recall, median lead and false alarms of each detector in each family of runs."""
-    families = list(dict.fromkeys(r["family"] for r in runs))
-    rows = []
-    for detector in detectors:
-        cells = []
-        for family in families:
-            score = summarize([r for r in runs if r["family"] == family], [detector])[0]
-            lead = "-" if score["lead_median"] is None else f"{score['lead_median']:g}"
-            cells.append(f"{score['recall']}, {lead}; {score['false_alarms']}" if score["runs"] else "n/a")
-        rows.append((detector, *cells))
-    return "By family (recall, median lead; false alarms):\n\n" + _markdown(("detector", *families), rows)
-
-
-def _rule_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Each rule of each monitor scored alone, ``info`` alerts included: which rule fires first, how noisily."""
-    rules_of = {}  # monitor -> every rule that fired in some run ("<rule family> (<severity>)")
-    for run in runs:
-        for monitor, rules in run.get("rules", {}).items():
-            rules_of.setdefault(monitor, set()).update(rules)
-    if not any(rules_of.values()):
-        return ""
-    per_rule = [{"explosion_step": run["explosion_step"], "first": {
-        f"{monitor}: {rule}": run["rules"][monitor].get(rule, {}).get("step")
-        for monitor in run.get("rules", {}) for rule in rules_of[monitor]}} for run in runs]  # fmt: skip
-    names = sorted({name for run in per_rule for name in run["first"]})
-    rows = [(score["detector"], *_score_cells(score)) for score in summarize(per_rule, names, key="first")]
-    return ("Per rule (severity in brackets; `info` alerts are recorded but never acted on):\n\n"
-            + _markdown(("monitor: rule", *_HEADER), rows))  # fmt: skip
-
-
-def _run_table(runs: Sequence[dict[str, Any]], detectors: Sequence[str]) -> str:
-    rows = [(r["name"], r["steps"], r["explosion_step"], *(r["first_warning"].get(d, "n/a") for d in detectors))
-            for r in runs]  # fmt: skip
-    return "Per run (first warning step; `-` none, `n/a` not run):\n\n" + _markdown(
-        ("run", "steps", "explosion", *detectors), rows)
-
-
-def markdown_tables(runs: Sequence[dict[str, Any]], monitors: Sequence[str], missing: dict[str, str]) -> str:
-    """The report in markdown: detectors, detectors by family, rules, and runs.
-
-    Example:
-        >>> runs = [{"name": "r", "family": "f", "explosion_step": 9, "steps": 20,
-        ...          "first_warning": {"M": 5, "SpikeDetection (Lightning)": None}, "rules": {"M": {}}}]
-        >>> print(markdown_tables(runs, ["M"], {}).splitlines()[2])
-        | M | monitor | 1 | 1/1 | 1/1 | 4 | 4 | 0/0 |
-    """
-    baselines = [b for b in BASELINES if any(b in r["first_warning"] for r in runs)]
-    detectors = [*monitors, *baselines]
-    kinds = {**{m: "monitor" for m in monitors}, **{b: "baseline" for b in baselines}, ANY_MONITOR: "all monitors"}
-    rows = [(score["detector"], kinds[score["detector"]], *_score_cells(score))
-            for score in summarize(with_any_monitor(runs, monitors), [*monitors, ANY_MONITOR, *baselines])]  # fmt: skip
-    parts = [_markdown(("detector", "kind", *_HEADER), rows)]
-    if missing:
-        parts.append("Monitors not in the suite: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
-    if len({r["family"] for r in runs}) > 1:
-        parts.append(_family_table(with_any_monitor(runs, monitors), [*monitors, ANY_MONITOR, *baselines]))
-    parts += [_rule_table(runs), _run_table(runs, detectors)]
-    return "\n\n".join(part for part in parts if part)
-
-
-# ------------------------------------------------------------------------------------------ grid
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid: a family, the testbed's arguments and a step budget."""
+    """One run: a testbed, its arguments, a step budget, and what it was designed to be."""
 
     name: str
-    family: str  # "gpt", "gpt-qk", "ramp" (CharLM) or "digits" (DigitsClassifier)
-    max_steps: int
+    family: str
+    role: str  # "exploding", "twin" or "mitigated"
     seed: int
-    model: dict[str, Any] = field(default_factory=dict)
+    testbed: str  # "CharLM", "DigitsClassifier" or "DigitsCNN"
+    model: dict[str, Any]
+    max_steps: int
+    precision: str = "32-true"  # or "16-mixed": fp16 autocast with torch.amp.GradScaler("cpu")
+    fault_step: int | None = None
 
 
-def _gpt(peak: float, seed: int, qk: bool, max_steps: int = 800) -> RunSpec:
-    family = "gpt-qk" if qk else "gpt"
-    return RunSpec(f"{family}-peak{peak:g}-s{seed}", family, max_steps, seed,
-                   {"lr": peak, "warmup_steps": 1000, "qk_layernorm": qk})  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An instability family: a testbed, the exploding setting, its twins, and why it explodes.
+
+    ``twin`` and ``mitigated`` are overrides of ``exploding``; ``max_steps`` bounds the exploding
+    runs (they stop 20 steps after their explosion), ``twin_steps`` and ``mitigated_steps`` the
+    twins, which should cover the exploding runs' length. ``fault`` names the argument holding an injected fault's step.
+    """
+
+    name: str
+    kind: str  # "predictable" or "unpredictable"
+    what: str
+    testbed: str
+    exploding: dict[str, Any]
+    twin: dict[str, Any]
+    max_steps: int
+    twin_steps: int
+    mitigated: dict[str, Any] | None = None
+    mitigated_steps: int | None = None
+    precision: str = "32-true"
+    fault: str | None = None
+
+    def specs(self, seeds: Iterable[int]) -> list[RunSpec]:
+        out = []
+        variants = [("exploding", {}, self.max_steps), ("twin", self.twin, self.twin_steps)]
+        if self.mitigated is not None:
+            variants.append(("mitigated", self.mitigated, self.mitigated_steps or self.max_steps))
+        for seed in seeds:
+            for role, overrides, steps in variants:
+                model = {**self.exploding, **overrides}
+                fault = model.get(self.fault) if self.fault else None
+                out.append(RunSpec(f"{self.name}-{role}-s{seed}", self.name, role, seed, self.testbed, model, steps,
+                                   self.precision, fault))  # fmt: skip
+        return out
 
 
-def _ramp(end: float, seed: int) -> RunSpec:
-    return RunSpec(f"ramp-to{end:g}-s{seed}", "ramp", 1000, seed, {"lr": 1e-3, "lr_end": end, "ramp_steps": 1000})
+_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 4, "n_embd": 48, "block_size": 32, "batch_size": 16,
+        "max_chars": 300_000}  # fmt: skip
+_RNN = {"n_layer": 1, "n_embd": 64, "block_size": 64, "batch_size": 16, "optimizer": "sgd", "max_chars": 300_000}
 
 
-def _digits(shock: float | None, seed: int, max_steps: int = 500) -> RunSpec:
-    model = {"lr": 0.05, "weight_decay": 5e-3, "shock_step": 300 if shock else None, "shock_factor": shock or 1.0}
-    name = f"digits-shock{shock:g}-s{seed}" if shock else f"digits-control-s{seed}"
-    return RunSpec(name, "digits", max_steps, seed, model)
+def _ramp(lr: float, lr_end: float, steps: int) -> dict[str, Any]:
+    return {"lr": lr, "lr_end": lr_end, "ramp_steps": steps}
 
 
-def full_grid() -> list[RunSpec]:
-    """The 34 runs of the full suite (longest first, so two workers finish together)."""
-    runs = [_ramp(1.0, s) for s in range(3)] + [_ramp(1e-2, 0)]
-    runs += [_gpt(peak, s, qk) for qk in (False, True) for peak in (3e-3, 0.3, 0.7, 1.0) for s in range(3)]
-    runs += [_digits(10.0, s) for s in range(3)] + [_digits(None, s) for s in range(3)]
-    return runs
+def _capped(lr: float, lr_end: float, steps: int, cap: float) -> dict[str, Any]:
+    """The twin of an exponential ramp: the same ramp, held at ``cap`` once it gets there.
+
+    Example:
+        >>> _capped(1e-3, 1.0, 300, 0.01)
+        {'lr': 0.001, 'lr_end': 0.01, 'ramp_steps': 100}
+    """
+    return _ramp(lr, cap, round(steps * math.log(cap / lr) / math.log(lr_end / lr)))
 
 
-def quick_grid() -> list[RunSpec]:
-    """Four short runs for CI: an exploding and a stable run of each testbed (20-40 s on 2 cores)."""
-    return [_gpt(1.0, 0, False, max_steps=600), _gpt(3e-3, 0, False, max_steps=300),
-            _digits(10.0, 0, max_steps=420), _digits(None, 0, max_steps=300)]  # fmt: skip
+FAMILIES: tuple[Family, ...] = (
+    Family("gpt-ramp-fast", "predictable",
+           "TinyGPT (SDPA, pre-LN) + AdamW, exponential LR ramp 1e-3 -> 3 over 300 steps (range test)",
+           "CharLM", {**_GPT, **_ramp(1e-3, 3.0, 300)}, _capped(1e-3, 3.0, 300, 0.1), 400, 300),
+    Family("gpt-ramp-slow", "predictable", "the same model, ramp 1e-3 -> 3 over 1,200 steps",
+           "CharLM", {**_GPT, **_ramp(1e-3, 3.0, 1200)}, _capped(1e-3, 3.0, 1200, 0.1), 1300, 900),
+    Family("gpt-postln", "predictable", "TinyGPT post-LN (SDPA) + AdamW, ramp 1e-3 -> 3 over 500 steps",
+           "CharLM", {**_GPT, "norm_first": False, **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.05), 600,
+           450),
+    Family("mha-preln", "predictable",
+           "nn.TransformerEncoderLayer (MHA, norm_first=True) LM + AdamW, ramp 1e-3 -> 3 over 500 steps",
+           "CharLM", {**_GPT, "arch": "mha", **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.1), 600, 450),
+    Family("mha-postln", "predictable", "nn.TransformerEncoderLayer post-LN LM + AdamW, ramp 1e-3 -> 3 / 500",
+           "CharLM", {**_GPT, "arch": "mha", "norm_first": False, **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.1),
+           600, 450),
+    Family("attn-logits", "predictable",
+           "TinyGPT, 1 head of width 48, 64-char context, no qk-layernorm, linear warm-up to LR 1.0 over 300 steps",
+           "CharLM", {**_GPT, "n_head": 1, "block_size": 64, "batch_size": 8, "lr": 1.0, "warmup_steps": 300},
+           {"lr": 0.1, "warmup_steps": 30}, 400, 220),
+    Family("output-logits", "predictable",
+           "TinyGPT with qk-layernorm, no z-loss, no weight decay, warm-up 100 then LR 0.45 held (long run)",
+           "CharLM", {**_GPT, "qk_layernorm": True, "lr": 0.45, "warmup_steps": 100},
+           {"lr": 0.05, "warmup_steps": 11}, 1000, 600),
+    Family("adam-beta2", "predictable",
+           "TinyGPT + AdamW beta2 0.999 (not 0.95), warm-up 100 then LR 0.4; mitigated twin: beta2 0.95 (300 steps)",
+           "CharLM", {**_GPT, "betas": (0.9, 0.999), "lr": 0.4, "warmup_steps": 100},
+           {"lr": 0.05, "warmup_steps": 13}, 500, 250, mitigated={"betas": (0.9, 0.95)}, mitigated_steps=300),
+    Family("lstm-sgd", "predictable", "nn.LSTM LM + plain SGD, no clipping, ramp 0.1 -> 100 over 500 steps",
+           "CharLM", {**_RNN, "arch": "lstm", **_ramp(0.1, 100.0, 500)}, _capped(0.1, 100.0, 500, 3.0), 600, 480),
+    Family("gru-sgd", "predictable", "nn.GRU LM + plain SGD, no clipping, ramp 0.1 -> 100 over 500 steps",
+           "CharLM", {**_RNN, "arch": "gru", **_ramp(0.1, 100.0, 500)}, _capped(0.1, 100.0, 500, 3.0), 600, 420),
+    Family("cnn-sgd", "predictable", "Conv2d + BatchNorm on 8x8 digits, SGD momentum 0.9, ramp 0.01 -> 10 / 500",
+           "DigitsCNN", _ramp(0.01, 10.0, 500), _capped(0.01, 10.0, 500, 0.1), 600, 350),
+    Family("mlp-nowarmup", "predictable", "MLP on digits, SGD momentum 0.9, constant LR 0.25 from step 0",
+           "DigitsClassifier", {"lr": 0.25}, {"lr": 0.05}, 400, 300),
+    Family("fp16", "predictable",
+           "TinyGPT under fp16 autocast with a loss scaler (GradScaler('cpu')), ramp 1e-3 -> 3 over 400 steps",
+           "CharLM", {**_GPT, **_ramp(1e-3, 3.0, 400)}, _capped(1e-3, 3.0, 400, 0.1), 500, 350, precision="16-mixed"),
+    Family("poisoned-batch", "unpredictable",
+           "MLP on digits (SGD, LR 0.05): the batch of step 150 unstandardised (x10) with labels off by one",
+           "DigitsClassifier", {"lr": 0.05, "poison_step": 150, "poison_scale": 10.0}, {"poison_step": None},
+           250, 200, fault="poison_step"),
+    Family("lr-shock", "unpredictable", "MLP on digits (SGD, LR 0.05): LR x10 from step 150 on",
+           "DigitsClassifier", {"lr": 0.05, "shock_step": 150, "shock_factor": 10.0}, {"shock_step": None},
+           300, 230, fault="shock_step"),
+)  # fmt: skip
+
+QUICK_FAMILIES = ("gpt-ramp-fast", "adam-beta2", "lstm-sgd", "cnn-sgd", "mlp-nowarmup", "lr-shock")
 
 
-# ----------------------------------------------------------------------------------------- a run
+def specs(families: Sequence[Family], seeds: Iterable[int]) -> list[RunSpec]:
+    """Every run of ``families`` over ``seeds``, longest first (so parallel workers finish together)."""
+    runs = [spec for family in families for spec in family.specs(list(seeds))]
+    return sorted(runs, key=lambda s: -s.max_steps)
 
 
-def _digits_model(seed: int, lr: float, weight_decay: float, shock_step: int | None, shock_factor: float) -> Any:
-    import torch
-
-    from lightning_diag.testbeds import DigitsClassifier
-
-    class ShockedDigits(DigitsClassifier):
-        """DigitsClassifier whose learning rate is multiplied by ``shock_factor`` from ``shock_step`` on."""
-
-        def configure_optimizers(self) -> Any:
-            optimizer = super().configure_optimizers()
-            factor = lambda step: shock_factor if shock_step is not None and step >= shock_step else 1.0  # noqa: E731
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    return ShockedDigits(lr=lr, weight_decay=weight_decay, seed=seed)
+# ---------------------------------------------------------------------------------------- detectors
 
 
-def run_one(spec: RunSpec) -> dict[str, Any]:
-    """Train one run of the grid with every applicable monitor and the live baseline; return its record."""
+def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
+    """The suite's detectors: each monitor live at its defaults, replayed rules, and the baselines.
+
+    A replay detector for one of the monitors' own rules goes here with ``kind="monitor"``: it then
+    enters "any monitor" too.
+    """
+    live: list[Detector] = [LiveAlerts(name) for name in monitors]
+    replays: list[Detector] = [
+        Threshold("spectral mean collapse > t (replay)", "spectral_alignment/mean_collapse",
+                  product_grid(threshold=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95], patience=[1, 3, 10]), kind="monitor",
+                  monitor="SpectralAlignmentMonitor"),
+        BaselineRatio("grad norm / own baseline > r (replay)", "grad_norm",
+                      product_grid(ratio=[1.5, 2, 3, 5, 10], patience=[1, 3, 10], alpha=[0.9, 0.98]),
+                      kind="candidate"),
+    ]  # fmt: skip
+    baselines: list[Detector] = [
+        SpikeDetectionReplay(),
+        Threshold("grad norm > 1 (fixed)", "grad_norm", [{"threshold": 1.0, "warmup": BASELINE_WARMUP}]),
+        Threshold("grad norm > 5 (fixed)", "grad_norm", [{"threshold": 5.0, "warmup": BASELINE_WARMUP}]),
+        RunningMinRatio("loss > 2x running min", [{"factor": 2.0}]),
+        SpikeDetectionReplay("SpikeDetection (calibrated)", product_grid(rtol=[0.25, 0.5, 1.0, 2.0, 4.0],
+                                                                         window=[10, 50])),
+        Threshold("grad norm > t (calibrated)", "grad_norm",
+                  product_grid(threshold=[0.5, 1, 2, 5, 10, 20, 50, 100], patience=[1, 3], warmup=[0, 50])),
+        RunningMinRatio("loss > k x running min (calibrated)",
+                        product_grid(factor=[1.25, 1.5, 2.0, 3.0, 5.0], patience=[1, 3, 5])),
+    ]  # fmt: skip
+    return live + replays + baselines
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
+def run_one(spec: RunSpec, out: str) -> dict[str, Any]:
+    """Train one run with every applicable monitor watching every step; save its record; return a summary."""
     import lightning.pytorch as pl
     import torch
 
-    from lightning_diag.demo import ExplosionRecorder, RecordingSpikeDetection, default_monitors
-    from lightning_diag.testbeds import CharLM, flush_denormals
+    from lightning_diag.testbeds import CharLM, DigitsClassifier, DigitsCNN, explosion_step, flush_denormals
+    from lightning_diag.testbeds.recording import EVERY_STEP, ExplosionRecorder, MemoryLogger, default_monitors
 
-    torch.set_num_threads(1)  # deterministic and fast for these sizes; workers run in parallel instead
+    torch.set_num_threads(1)  # deterministic and fast at these sizes; workers run in parallel instead
     flush_denormals(True)
     pl.seed_everything(spec.seed, verbose=False)
-    if spec.family == "digits":
-        model, task = _digits_model(spec.seed, **spec.model), "classifier"
-    else:
-        model, task = CharLM(seed=spec.seed, **spec.model), "lm"
-    monitors, left_out = default_monitors(task, every_n_steps=CADENCE, action="log")
-    recorder, spikes = ExplosionRecorder(stop_after=STOP_AFTER, cadence=CADENCE), RecordingSpikeDetection()
+    testbed = {"CharLM": CharLM, "DigitsClassifier": DigitsClassifier, "DigitsCNN": DigitsCNN}[spec.testbed]
+    model = testbed(seed=spec.seed, **spec.model)
+    task = "lm" if spec.testbed == "CharLM" else "classifier"
+    monitors, left_out = default_monitors(task, every_n_steps=1, action="log", overrides=EVERY_STEP)
+    recorder = ExplosionRecorder(stop_after=STOP_AFTER, cadence=1, definition=explosion_step, check_every=5)
+    logger = MemoryLogger()
+    plugins = []
+    if spec.precision == "16-mixed":  # Lightning maps precision="16-mixed" to bf16 on a CPU; say fp16 explicitly
+        from lightning.pytorch.plugins import MixedPrecision
+
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=spec.max_steps, max_epochs=-1, logger=False,
-        callbacks=[recorder, *monitors, spikes], enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, max_steps=spec.max_steps, max_epochs=-1, logger=logger, log_every_n_steps=1,
+        callbacks=[recorder, *monitors], plugins=plugins, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0 if task == "classifier" else 0,
-        default_root_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "early_warning"),
+        default_root_dir=os.path.join(out, "tmp"),
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model)
     seconds = time.perf_counter() - start
-    first, rules = {}, {}
-    for monitor in monitors:
-        name = type(monitor).__name__
-        alerts = sorted(monitor.alerts, key=lambda a: a.step)
-        warned = [a.step for a in alerts if a.severity != "info"]
-        first[name] = warned[0] if warned else None
-        rules[name] = {}
-        for alert in alerts:  # first alert and count of each rule, info included
-            rule = f"{'/'.join(alert.metric.split('/')[:2])} ({alert.severity})"
-            entry = rules[name].setdefault(rule, {"step": alert.step, "metric": alert.metric, "value": alert.value,
-                                                  "threshold": alert.threshold, "count": 0})  # fmt: skip
-            entry["count"] += 1
-    first.update(score_baselines(recorder.losses, recorder.grad_norms, spikes.spike_steps))
-    boom = explosion_step(recorder.losses)
-    return {
-        "name": spec.name, "family": spec.family, "seed": spec.seed, "config": spec.model,
-        "steps": len(recorder.losses), "explosion_step": boom, "label": "stable" if boom is None else "exploding",
-        "first_warning": first, "rules": rules, "left_out": left_out, "seconds": round(seconds, 1),
-        "losses": [round(v, 5) if math.isfinite(v) else str(v) for v in recorder.losses],
-        "grad_norms": [round(v, 5) if math.isfinite(v) else str(v) for v in recorder.grad_norms],
-    }  # fmt: skip
+    record = RunRecord.from_training(
+        name=spec.name, family=spec.family, seed=spec.seed, role=spec.role,
+        config={"testbed": spec.testbed, "precision": spec.precision, **spec.model}, recorder=recorder,
+        logger=logger, monitors=monitors, left_out=left_out, fault_step=spec.fault_step, seconds=round(seconds, 1),
+    )  # fmt: skip
+    record.explosion = explosion_step(record.loss)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    record.save(os.path.join(out, "runs", f"{spec.name}.json.gz"))
+    return {"name": spec.name, "steps": record.steps, "explosion": record.explosion, "seconds": record.seconds}
 
 
-def _run_quietly(spec: RunSpec) -> dict[str, Any]:
+def _run_quietly(job: tuple[RunSpec, str]) -> dict[str, Any]:
     """``run_one`` with Lightning's banners and the usual CPU warnings silenced (worker entry point)."""
     import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import: import first, then quieten
 
@@ -425,105 +312,320 @@ def _run_quietly(spec: RunSpec) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return run_one(spec)
+        return run_one(*job)
 
 
-# ---------------------------------------------------------------------------------------- figure
+def train(jobs: Sequence[RunSpec], out: str, workers: int) -> None:
+    """Train every run, ``workers`` at a time (spawned processes, one thread each)."""
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        done: Iterable[dict[str, Any]] = map(_run_quietly, [(spec, out) for spec in jobs])
+        if workers > 1:  # spawn: a fresh interpreter per worker, nothing inherited from this one
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=8))
+            done = pool.imap_unordered(_run_quietly, [(spec, out) for spec in jobs])
+        for count, summary in enumerate(done, 1):
+            boom = "stable" if summary["explosion"] is None else f"explodes at {summary['explosion']}"
+            print(f"  [{count:>3}/{len(jobs)}] {summary['name']:<32} {summary['steps']:>5} steps, {boom:<17} "
+                  f"{summary['seconds']:>6.1f} s", flush=True)  # fmt: skip
 
 
-def plot_run(run: dict[str, Any], detectors: Sequence[str], path: str) -> None:
-    """Loss curve of ``run`` (log scale) with the explosion and each detector's first warning marked."""
+# ------------------------------------------------------------------------------------------ report
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table; None prints as ``-``.
+
+    Example:
+        >>> print(markdown(["a", "b"], [[1, None]]))
+        | a | b |
+        |---|---|
+        | 1 | - |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _score_cells(outcomes: Sequence[Outcome]) -> list[Any]:
+    total = score(outcomes)
+    n = total.exploded
+    return [*(f"{total.recall(k)}/{n}" for k in LEADS), total.median_lead, total.min_lead,
+            f"{total.false_alarms_stable}/{total.stable}", f"{total.false_alarms_healthy}/{n}"]  # fmt: skip
+
+
+def _families_of(records: Sequence[RunRecord], kind: str) -> list[str]:
+    kinds = {f.name: f.kind for f in FAMILIES}
+    return list(dict.fromkeys(r.family for r in records if kinds.get(r.family, "predictable") == kind))
+
+
+def headline_table(cal: Calibration, records: Sequence[RunRecord], order: Sequence[str]) -> str:
+    """Out-of-sample and in-sample figures of every detector over the predictable families."""
+    predictable = set(_families_of(records, "predictable"))
+    by_name = {r.name: r for r in records}
+    rows = []
+    for name in order:
+        runs = [n for n in cal.watched[name] if by_name[n].family in predictable]
+        oos = _score_cells([cal.out_of_sample[name][n] for n in runs])
+        ins = score(cal.in_sample_outcomes[name][n] for n in runs)
+        rows.append([name, cal.detectors[name].kind, *oos, f"{ins.recall(10)}/{ins.exploded}", ins.median_lead,
+                     f"{ins.false_alarms_stable}/{ins.stable}, {ins.false_alarms_healthy}/{ins.exploded}"])
+    lead_cols = [f"recall lead>={k}" for k in LEADS]
+    return markdown(["detector", "kind", *lead_cols, "median lead", "min lead", "false alarms: stable runs",
+                     "false alarms: healthy phases", "in sample: recall lead>=10", "in sample: median lead",
+                     "in sample: false alarms (stable, healthy)"], rows)  # fmt: skip
+
+
+def family_table(cal: Calibration, records: Sequence[RunRecord], order: Sequence[str]) -> str:
+    """Per predictable family, out of sample: recall at lead >= 10 / exploded, median lead; false alarms."""
+    families = _families_of(records, "predictable")
+    by_name = {r.name: r for r in records}
+    rows = []
+    for name in order:
+        cells = []
+        for family in families:
+            runs = [n for n in cal.watched[name] if by_name[n].family == family]
+            if not runs:
+                cells.append("n/a")
+                continue
+            total = score(cal.out_of_sample[name][n] for n in runs)
+            lead = "-" if total.median_lead is None else f"{total.median_lead:g}"
+            cells.append(f"{total.recall(10)}/{total.exploded}, {lead}; {total.false_alarms}")
+        rows.append([name, *cells])
+    return markdown(["detector", *families], rows)
+
+
+def reaction_table(cal: Calibration, records: Sequence[RunRecord], order: Sequence[str]) -> str:
+    """Unpredictable families: how fast each detector reacts after the fault (in-sample settings)."""
+    families = _families_of(records, "unpredictable")
+    rows = []
+    for family in families:
+        runs = [r for r in records if r.family == family]
+        for name in order:
+            watched = [r for r in runs if r.name in cal.out_of_sample[name]]
+            if not watched:
+                continue
+            outcomes = [(r, cal.out_of_sample[name][r.name]) for r in watched]
+            faulted = [(r, o) for r, o in outcomes if o.exploded and r.fault_step is not None]
+            reacts = [o.warning - r.fault_step for r, o in faulted if o.warning is not None]
+            leads = [o.lead for _, o in faulted if o.lead is not None]
+            alarms = sum(o.false_alarm for _, o in outcomes)
+            rows.append([family, name, f"{len(reacts)}/{len(faulted)}", statistics.median(reacts) if reacts else None,
+                         max(reacts) if reacts else None, statistics.median(leads) if leads else None,
+                         f"{alarms}/{len(outcomes)}"])  # fmt: skip
+    return markdown(["family", "detector", "reacted", "median steps fault -> warning", "max steps",
+                     "median lead vs explosion", "false alarms (before the fault, or stable runs)"], rows)
+
+
+def rule_table(records: Sequence[RunRecord]) -> str:
+    """Each rule of each live monitor alone, ``info`` included: which rule warns first, and how noisily.
+
+    A rule is the first two parts of an alert's metric (the layer dropped) and its severity. No
+    parameters, so out of sample equals in sample; predictable families only.
+    """
+    predictable = set(_families_of(records, "predictable"))
+    runs = [r for r in records if r.family in predictable]
+    rules = sorted({(monitor, "/".join(a["metric"].split("/")[:2]), a["severity"]) for r in runs
+                    for monitor, alerts in r.alerts.items() for a in alerts})  # fmt: skip
+    rows = []
+    for monitor, rule, severity in rules:
+        detector = LiveAlerts(monitor, (severity,), metric=f"{rule}*")
+        watched = [r for r in runs if detector.watches(r)]
+        rows.append([f"{monitor}: {rule} ({severity})",
+                     *_score_cells([outcome(r, detector.warning_steps(r, {})) for r in watched])])  # fmt: skip
+    return markdown(["rule (severity)", *(f"recall lead>={k}" for k in LEADS), "median lead", "min lead",
+                     "false alarms: stable runs", "false alarms: healthy phases"], rows)  # fmt: skip
+
+
+def family_summary(records: Sequence[RunRecord]) -> str:
+    """What each family is, its runs, where it explodes, its safe learning rate, and its cost."""
+    rows = []
+    for family in FAMILIES:
+        runs = [r for r in records if r.family == family.name]
+        if not runs:
+            continue
+        booms = [r for r in runs if r.role == "exploding" and r.exploded]
+        steps = [r.explosion for r in booms]
+        lrs = [float(r.lr[r.explosion]) for r in booms]
+        healthy = [r.healthy_end for r in booms]
+        stable = [r for r in runs if r.role != "exploding"]
+        rows.append([
+            family.name, family.kind, family.what, f"{len(booms)}/{sum(r.role == 'exploding' for r in runs)}",
+            f"{min(steps)}-{max(steps)}" if steps else "-", f"{min(lrs):.3g}-{max(lrs):.3g}" if lrs else "-",
+            f"{min(healthy)}-{max(healthy)}" if healthy else "-", runs[0].safe_lr,
+            f"{sum(not r.exploded for r in stable)}/{len(stable)}", round(sum(r.seconds for r in runs)),
+        ])  # fmt: skip
+    return markdown(["family", "kind", "what", "exploded", "explosion steps", "LR at explosion", "healthy phase ends",
+                     "safe LR (twins)", "twins stable", "train s"], rows)  # fmt: skip
+
+
+def settings_table(cal: Calibration, order: Sequence[str]) -> str:
+    """The setting each calibrated detector got in sample and in each fold."""
+    rows = []
+    for name in order:
+        detector = cal.detectors[name]
+        if len(detector.grid) <= 1:
+            continue
+        per_fold = [json.dumps(cal.folds[f][name], sort_keys=True) for f in cal.folds]
+        counts = {s: per_fold.count(s) for s in dict.fromkeys(per_fold)}
+        rows.append([name, len(detector.grid), json.dumps(cal.in_sample[name], sort_keys=True),
+                     "; ".join(f"{s} x{c}" for s, c in counts.items())])  # fmt: skip
+    return markdown(["detector", "settings", "in sample", "leave-one-family-out folds (setting x folds)"], rows)
+
+
+def run_table(records: Sequence[RunRecord]) -> str:
+    rows = [[r.name, r.role, r.steps, r.explosion, r.healthy_end, r.safe_lr, r.fault_step, r.seconds,
+             ", ".join(sorted(r.left_out)) or "-"] for r in records]  # fmt: skip
+    return markdown(["run", "role", "steps", "explosion", "healthy until", "safe LR", "fault", "s", "not watched by"],
+                    rows)  # fmt: skip
+
+
+def plot_leads(cal: Calibration, records: Sequence[RunRecord], order: Sequence[str], path: str) -> None:
+    """One panel per family: each detector's out-of-sample leads (dots), misses (x below zero)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = np.array([float(v) for v in run["losses"]])
-    fig, ax = plt.subplots(figsize=(13, 5.5))
-    ax.plot(np.arange(len(losses)), losses, color="0.35", lw=0.8, label="training loss")
-    ax.set_yscale("log")
-    if run["explosion_step"] is not None:
-        ax.axvline(run["explosion_step"], color="black", ls="--", lw=1.2,
-                   label=f"explosion (step {run['explosion_step']})")
-    colors = plt.get_cmap("tab10")
-    finite = losses[np.isfinite(losses)]
-    top = float(finite.max()) if finite.size else 1.0
-    for i, detector in enumerate(d for d in detectors if d in run["first_warning"]):
-        step = run["first_warning"][detector]
-        if step is None:
-            ax.plot([], [], " ", label=f"{detector}: no warning")
-            continue
-        lead = lead_time(run["explosion_step"], step)
-        ax.axvline(step, color=colors(i % 10), lw=1.5, alpha=0.85,
-                   label=f"{detector}: step {step}" + ("" if lead is None else f" (lead {lead})"))  # fmt: skip
-        ax.plot([step], [top], marker="v", color=colors(i % 10), ms=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (log scale)")
-    ax.set_title(f"{run['name']}: first warning of each monitor and baseline")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    families = [f for f in dict.fromkeys(r.family for r in records)]
+    cols = 4
+    rows = -(-len(families) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    x = np.arange(len(order))
+    for ax, family in zip(axes.flat, families):
+        runs = [r for r in records if r.family == family and r.exploded]
+        for i, name in enumerate(order):
+            outcomes = [cal.out_of_sample[name][r.name] for r in runs if r.name in cal.out_of_sample[name]]
+            leads = [o.lead for o in outcomes if o.lead is not None]
+            misses = sum(o.lead is None for o in outcomes)
+            jitter = np.linspace(-0.15, 0.15, len(leads)) if len(leads) > 1 else np.zeros(len(leads))
+            color = {"monitor": "C0", "combined": "C0", "candidate": "C2"}.get(cal.detectors[name].kind, "C1")
+            ax.scatter(i + jitter, leads, s=14, color=color, zorder=3)
+            if misses:
+                ax.scatter([i], [-50], marker="x", color="C3", s=20 + 10 * misses, zorder=3)
+        ax.axhline(10, color="0.6", lw=0.8, ls="--")
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_title(family, fontsize=9)
+        ax.set_xticks(x, order, rotation=90, fontsize=6)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("lead (steps, out of sample)")
+    fig.suptitle("Out-of-sample leads per family (blue: monitors, green: candidate rules, orange: baselines; "
+                 "x at -50: missed; dashed: lead 10)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------ main
+def report(records: list[RunRecord], out: str, command: str, seconds: float | None) -> str:
+    """Label, calibrate, score, and write the markdown, the JSON and the figure; returns the markdown."""
+    label_runs(records)
+    monitors = [name for name in MONITORS if any(name in r.alerts for r in records)]
+    dets = [d for d in detectors(monitors) if any(d.watches(r) for r in records)]
+    predictable = _families_of(records, "predictable")
+    cal = leave_one_family_out(dets, records, predictable)
+    order = [*(d.name for d in dets if d.kind == "monitor"), ANY_MONITOR,
+             *(d.name for d in dets if d.kind != "monitor")]  # fmt: skip
+    order = [name for name in order if name in cal.detectors]
+    exploded = sum(r.exploded for r in records)
+    timing = "" if seconds is None else f", {seconds / 60:.1f} min wall clock"
+    text = "\n\n".join([
+        f"# Early-warning suite\n\n`{command}`: {len(records)} runs in {len(set(r.family for r in records))} "
+        f"families ({len(predictable)} predictable), {exploded} exploded{timing}. Monitors at their defaults, "
+        f"every figure logged every step; settings of replayed and calibrated detectors chosen leave-one-family-out.",
+        "## Out of sample (each family scored with settings chosen on the others) and in sample\n\n"
+        "Recall: exploded runs warned at least k steps before the explosion, after the healthy phase. "
+        "False alarms: stable runs with any warning; exploded runs with a warning in their healthy phase.\n\n"
+        + headline_table(cal, records, order),
+        "## Per family, out of sample\n\nrecall at lead >= 10 / exploded, median lead; false alarms\n\n"
+        + family_table(cal, records, order),
+        "## Unpredictable families: reaction after the fault (in-sample settings)\n\n"
+        + reaction_table(cal, records, order),
+        "## Each rule of each monitor alone (live, defaults, info alerts included; predictable families)\n\n"
+        + rule_table(records),
+        "## Families\n\n" + family_summary(records),
+        "## Chosen settings\n\n" + settings_table(cal, order),
+        "## Runs\n\n" + run_table(records),
+    ])  # fmt: skip
+    with open(os.path.join(out, "early_warning.md"), "w") as handle:
+        handle.write(text + "\n")
+    _write_json(cal, records, order, os.path.join(out, "early_warning.json"), command)
+    plot_leads(cal, records, order, os.path.join(out, "early_warning.png"))
+    return text
+
+
+def _write_json(cal: Calibration, records: Sequence[RunRecord], order: Sequence[str], path: str, command: str) -> None:
+    def first(table: dict[str, dict[str, Outcome]], run: str) -> dict[str, Any]:
+        return {d: dataclasses.asdict(table[d][run]) for d in order if run in table[d]}
+
+    runs = []
+    for r in records:
+        data = r.to_json()
+        data.pop("series")
+        data.pop("alerts")
+        data["record"] = os.path.join("runs", f"{r.name}.json.gz")
+        data["out_of_sample"] = first(cal.out_of_sample, r.name)
+        data["in_sample"] = first(cal.in_sample_outcomes, r.name)
+        runs.append(data)
+    payload = {"command": command, "families": [dataclasses.asdict(f) for f in FAMILIES],
+               "detectors": {d: {"kind": cal.detectors[d].kind, "grid": cal.detectors[d].grid} for d in order
+                             if d != ANY_MONITOR},
+               "in_sample": cal.in_sample, "folds": cal.folds, "runs": runs}  # fmt: skip
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=1, default=str)
+
+
+# --------------------------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 short runs (CI), 20-40 s")
+    parser.add_argument("--quick", action="store_true", help=f"families {', '.join(QUICK_FAMILIES)}, seed 0")
     parser.add_argument("--out", default=os.path.join("runs", "early_warning"), help="output directory")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="runs trained in parallel, one thread each (default: 2 or the CPU count)")
+    parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel, one thread each")
+    parser.add_argument("--families", default=None, help="comma-separated family names (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --quick)")
+    parser.add_argument("--rescore", action="store_true", help="score the records already in --out, no training")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    from lightning_diag.demo import MONITORS, available_monitors
-
-    specs = quick_grid() if args.quick else full_grid()
-    classes, missing = available_monitors()
-    monitors = [name for name in MONITORS if name in classes]
+    names = args.families.split(",") if args.families else list(QUICK_FAMILIES if args.quick else [f.name for f in FAMILIES])
+    unknown = sorted(set(names) - {f.name for f in FAMILIES})
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {[f.name for f in FAMILIES]}")
+    families = [f for f in FAMILIES if f.name in names]
+    seeds = range(args.seeds if args.seeds is not None else (1 if args.quick else 3))
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python benchmarks/early_warning.py", *(shlex.quote(a) for a in given)])
-    print(f"{command}: {len(specs)} runs, {args.workers} worker(s); monitors: {', '.join(monitors)}"
-          + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)  # fmt: skip
+    jobs = specs(families, seeds)
     start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    with contextlib.ExitStack() as stack:
-        finished: Iterable[dict[str, Any]] = map(_run_quietly, specs)
-        if args.workers > 1:  # spawn: a fresh interpreter per worker, nothing inherited from this one
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.workers))
-            finished = pool.imap_unordered(_run_quietly, specs)
-        for run in finished:
-            results[run["name"]] = run
-            _progress(run, len(results), len(specs))
-    runs = [results[spec.name] for spec in specs]  # grid order, whatever order the workers finished in
-    seconds = time.perf_counter() - start
-    tables = markdown_tables(runs, monitors, missing)
-    exploding = sum(r["explosion_step"] is not None for r in runs)
-    header = (f"# Early-warning suite\n\n`{command}`: {len(runs)} runs ({exploding} exploding, "
-              f"{len(runs) - exploding} stable); explosion = loss above 3x its running minimum for 10 steps, or "
-              f"non-finite. A warning is an alert of severity warning or critical; lead = explosion step - first "
-              f"warning (negative: late).\n")  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "early_warning.md"), "w") as handle:
-        handle.write(header + "\n" + tables + "\n")
-    with open(os.path.join(args.out, "early_warning.json"), "w") as handle:
-        json.dump({"command": command, "monitors": monitors, "missing": missing, "baselines": list(BASELINES),
-                   "runs": runs}, handle, indent=1)  # fmt: skip
-    representative = next((r for r in runs if r["family"] == "ramp" and r["explosion_step"] is not None),
-                          next((r for r in runs if r["explosion_step"] is not None), runs[0]))  # fmt: skip
-    plot_run(representative, [*monitors, *BASELINES], os.path.join(args.out, "early_warning.png"))
-    print("\n" + header + "\n" + tables)
-    print(f"\nWrote {args.out}/early_warning.md, .json and .png (figure: {representative['name']}); "
-          f"{seconds:.0f} s wall clock.")
+    if not args.rescore:
+        print(f"{command}: {len(jobs)} runs of {len(families)} families, {args.workers} worker(s)", flush=True)
+        train(jobs, args.out, args.workers)
+        seconds: float | None = time.perf_counter() - start
+    else:
+        seconds = None
+    wanted = {spec.name for spec in jobs}
+    paths = sorted(glob.glob(os.path.join(args.out, "runs", "*.json.gz")))
+    records = [RunRecord.load(p) for p in paths if os.path.basename(p)[: -len(".json.gz")] in wanted]
+    if not records:
+        parser.error(f"no recorded runs in {args.out}/runs")
+    rank = {f.name: i for i, f in enumerate(FAMILIES)}
+    roles = {"exploding": 0, "twin": 1, "mitigated": 2}
+    order = {s.name: i for i, s in enumerate(sorted(jobs, key=lambda s: (rank[s.family], s.seed, roles[s.role])))}
+    records.sort(key=lambda r: order[r.name])
+    text = report(records, args.out, command, seconds)
+    print("\n" + text)
+    print(f"\nWrote {args.out}/early_warning.md, .json, .png and runs/ ({time.perf_counter() - start:.0f} s).")
     return 0
-
-
-def _progress(run: dict[str, Any], done: int, total: int) -> None:
-    boom = "stable" if run["explosion_step"] is None else f"explodes at {run['explosion_step']}"
-    print(f"  [{done:>2}/{total}] {run['name']:<24} {run['steps']:>4} steps, {boom:<16} {run['seconds']:>5.1f} s",
-          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,32 +18,39 @@ of the recorded losses (loss above 3x its running minimum for 10 steps, or non-f
 stops 100 steps after it (or at a non-finite loss) and prints each monitor's first warning and its
 lead time. TensorBoard logs go under ``--out``.
 
-The helpers here (:class:`ExplosionRecorder`, :class:`RecordingSpikeDetection`,
-:func:`default_monitors`) are shared with ``benchmarks/early_warning.py``, which scores the same
-monitors over a grid of runs.
+The helpers (:class:`ExplosionRecorder`, :class:`RecordingSpikeDetection`, :func:`default_monitors`)
+live in :mod:`lightning_diag.testbeds.recording`, shared with ``benchmarks/early_warning.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import math
 import os
 import shlex
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, SpikeDetection
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_diag.alerts import Action, Alert
-from lightning_diag.testbeds import CharLM, divergence_step, flush_denormals, lr_at_step
+from lightning_diag.alerts import Alert
+from lightning_diag.testbeds import CharLM, flush_denormals, lr_at_step
+from lightning_diag.testbeds.recording import (  # the benchmark helpers live next to the testbeds
+    EXPLOSION_FACTOR,
+    EXPLOSION_PATIENCE,
+    MONITORS,
+    ExplosionRecorder,
+    RecordingSpikeDetection,
+    available_monitors,
+    default_monitors,
+)
 
 __all__ = [
     "EXPLOSION_FACTOR",
@@ -56,138 +63,11 @@ __all__ = [
     "main",
 ]
 
-# The written definition of the explosion step (testbeds.divergence_step with these arguments).
-EXPLOSION_FACTOR = 3.0
-EXPLOSION_PATIENCE = 10
-
-# Every monitor of the package: name -> (module, what it needs). Imported lazily, so that one
-# broken or missing monitor leaves the others usable (the demo and the suite say which).
-MONITORS: dict[str, tuple[str, str]] = {
-    "GradNormWatcher": ("lightning_diag.callbacks.grad_norm", "any"),
-    "LossSpikeDetector": ("lightning_diag.callbacks.loss_spike", "any"),
-    "SpectralAlignmentMonitor": ("lightning_diag.callbacks.spectral_alignment", "any"),
-    "NCTracker": ("lightning_diag.callbacks.neural_collapse", "classifier"),
-}
-
 _START_LR = 1e-3  # start of the demo's ramp, and its stable learning rate
 _DEFAULT_PEAK_LR = 1.0
 _CADENCE = 10  # every_n_steps of the monitors in the demo and the suite
 _STOP_AFTER = 100  # steps recorded past the explosion before the run stops
 _PRINTED_PER_RULE = 3  # live alerts printed per (monitor, rule); the table counts them all
-
-
-def available_monitors() -> tuple[dict[str, type], dict[str, str]]:
-    """The monitor classes that import, and ``{name: error}`` for those that do not.
-
-    Example:
-        >>> classes, missing = available_monitors()
-        >>> "GradNormWatcher" in classes
-        True
-    """
-    classes, missing = {}, {}
-    for name, (module, _) in MONITORS.items():
-        try:
-            classes[name] = getattr(importlib.import_module(module), name)
-        except Exception as error:  # noqa: BLE001 - any import failure means "not available"
-            missing[name] = f"{type(error).__name__}: {error}"
-    return classes, missing
-
-
-def default_monitors(
-    task: str = "lm", *, every_n_steps: int = _CADENCE, action: Action = "log"
-) -> tuple[list[Callback], dict[str, str]]:
-    """Every available monitor applicable to ``task`` (``"lm"`` or ``"classifier"``), at defaults.
-
-    Only ``every_n_steps`` and ``action`` are set. Returns the monitors and ``{name: reason}`` for
-    each monitor left out (not applicable, or failing to import).
-
-    Example:
-        >>> monitors, left_out = default_monitors("lm")
-        >>> sorted(left_out)
-        ['NCTracker']
-    """
-    if task not in ("lm", "classifier"):
-        raise ValueError(f"`task` must be 'lm' or 'classifier', got {task!r}")
-    classes, left_out = available_monitors()
-    left_out = {name: f"not available ({error})" for name, error in left_out.items()}
-    monitors: list[Callback] = []
-    for name, cls in classes.items():
-        if MONITORS[name][1] == "classifier" and task != "classifier":
-            left_out[name] = "not applicable: needs a classifier (class labels and a linear head)"
-            continue
-        # NCTracker measures at validation epochs (its every_n_steps is for probe loaders only).
-        cadence = {} if name == "NCTracker" else {"every_n_steps": every_n_steps}  # NCTracker logs every evaluation
-        monitors.append(cls(action=action, **cadence))
-    return monitors, left_out
-
-
-class ExplosionRecorder(Callback):
-    """Records every step's loss and total gradient norm, and ends the run soon after an explosion.
-
-    The explosion step is :func:`~lightning_diag.testbeds.divergence_step` of the recorded losses
-    (``EXPLOSION_FACTOR``, ``EXPLOSION_PATIENCE``). Once the loss is non-finite, or ``stop_after``
-    steps have passed since the explosion, the run stops at the next multiple of ``cadence`` steps,
-    so monitors logging every ``cadence`` steps publish what fired before the end.
-    ``losses[t]`` and ``grad_norms[t]`` belong to optimizer step ``t`` (``Alert.step`` numbering).
-
-    Args:
-        stop_after: steps to keep training past the explosion (``None``: never stop early).
-        cadence: the monitors' logging cadence.
-        on_explosion: called once with the explosion step when it becomes known.
-    """
-
-    def __init__(
-        self, stop_after: int | None = _STOP_AFTER, cadence: int = _CADENCE,
-        on_explosion: Callable[[int], None] | None = None,
-    ) -> None:  # fmt: skip
-        self.stop_after, self.cadence, self.on_explosion = stop_after, cadence, on_explosion
-        self.losses: list[float] = []
-        self.grad_norms: list[float] = []
-        self.explosion_step: int | None = None
-        self._stop_at: int | None = None
-
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        self.grad_norms.append(float(norm))
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss))
-        step = len(self.losses) - 1
-        if self.explosion_step is None and (not math.isfinite(self.losses[-1]) or step % self.cadence == 0):
-            self.explosion_step = divergence_step(self.losses, EXPLOSION_FACTOR, EXPLOSION_PATIENCE)
-            if self.explosion_step is not None and self.on_explosion is not None:
-                self.on_explosion(self.explosion_step)
-        if self._stop_at is None and self.stop_after is not None and self.explosion_step is not None and (
-            not math.isfinite(self.losses[-1]) or step >= self.explosion_step + self.stop_after
-        ):
-            self._stop_at = -(-(step + 1) // self.cadence) * self.cadence - 1  # next logging step
-        if self._stop_at is not None and step >= self._stop_at:
-            trainer.should_stop = True
-
-
-class RecordingSpikeDetection(SpikeDetection):
-    """Lightning's ``SpikeDetection`` with its defaults, recording each spike's step instead of raising.
-
-    The stock callback writes the bad batch indices to a file and raises ``TrainingSpikeException``
-    at the first spike (a loss at least ``1 + rtol`` = 3 times the running mean of the last 10
-    losses, or non-finite). Here :attr:`spike_steps` collects the optimizer step of every spike and
-    training goes on, so it can be scored like the other monitors.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.spike_steps: list[int] = []
-
-    def _handle_spike(self, fabric: Any, batch_idx: int) -> None:
-        # Called from on_train_batch_end, after the optimizer step: that step is global_step - 1.
-        self.spike_steps.append(int(fabric.global_step) - 1)
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -1,5 +1,5 @@
-"""The early-warning harness: labels, lead-time arithmetic and scoring on loss streams whose
-explosion step is known by construction, and the ``--quick`` suite end to end."""
+"""The early-warning suite (benchmarks/early_warning.py): its families, detectors and report, on synthetic
+records (no training), one tiny real run, and the --quick suite end to end (slow)."""
 
 from __future__ import annotations
 
@@ -8,122 +8,124 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 # benchmarks/ is not a package: import the script as a module (spawned workers inherit sys.path).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
 import early_warning  # noqa: E402
 
+from lightning_diag.testbeds.recording import MONITORS, RunRecord  # noqa: E402
 
-def noisy_then(onset: int, after: float, n: int = 400, level: float = 2.0, seed: int = 0) -> list[float]:
-    """``level`` with +-5% noise until ``onset``, then ``after`` (a number, or NaN) for the rest."""
+
+def test_the_suite_has_ten_predictable_families_each_with_exploding_runs_and_twins_on_three_seeds():
+    predictable = [f for f in early_warning.FAMILIES if f.kind == "predictable"]
+    assert len(predictable) >= 10
+    runs = early_warning.specs(early_warning.FAMILIES, range(3))
+    assert len({r.name for r in runs}) == len(runs)
+    for family in early_warning.FAMILIES:
+        mine = [r for r in runs if r.family == family.name]
+        for role in ("exploding", "twin"):
+            assert {r.seed for r in mine if r.role == role} == {0, 1, 2}, (family.name, role)
+        twin = next(r for r in mine if r.role == "twin")
+        boom = next(r for r in mine if r.role == "exploding")
+        assert twin.model != boom.model  # a twin differs from its exploding run
+        if family.kind == "unpredictable":
+            assert boom.fault_step is not None and twin.fault_step is None
+    assert runs == sorted(runs, key=lambda r: -r.max_steps)
+    assert {"fp16"} <= {f.name for f in early_warning.FAMILIES}
+    assert next(f for f in early_warning.FAMILIES if f.name == "fp16").precision == "16-mixed"
+
+
+def test_quick_families_exist_and_can_be_calibrated_leave_one_out():
+    kinds = {f.name: f.kind for f in early_warning.FAMILIES}
+    assert set(early_warning.QUICK_FAMILIES) <= set(kinds)
+    assert sum(kinds[n] == "predictable" for n in early_warning.QUICK_FAMILIES) >= 3
+    assert any(kinds[n] == "unpredictable" for n in early_warning.QUICK_FAMILIES)
+
+
+def test_detectors_hold_every_monitor_live_and_the_named_baselines():
+    dets = early_warning.detectors()
+    names = [d.name for d in dets]
+    assert len(set(names)) == len(names)
+    assert set(MONITORS) <= set(names)
+    for baseline in ("SpikeDetection (Lightning defaults)", "grad norm > 1 (fixed)", "grad norm > 5 (fixed)",
+                     "loss > 2x running min"):  # fmt: skip
+        assert baseline in names
+        assert len(next(d for d in dets if d.name == baseline).grid) == 1  # fixed: nothing to calibrate
+    assert all(d.grid for d in dets)
+
+
+def _synthetic(family: str, role: str, seed: int, grad_rise: float, fault: int | None = None) -> RunRecord:
+    """A run whose loss goes non-finite at 150 (exploding role) and whose grad norm rises from 110."""
+    n = 200
+    loss, lr, grad = np.full(n, 2.0), np.full(n, 0.05), np.ones(n)
+    alerts = {"GradNormWatcher": [], "LossSpikeDetector": []}
+    if role == "exploding":
+        lr[60:] = 0.5
+        loss[150:] = np.nan
+        grad[110:] = grad_rise
+        alerts["LossSpikeDetector"] = [{"step": 151, "severity": "critical", "metric": "loss_spike/loss"}]
     rng = np.random.default_rng(seed)
-    losses = list(level * (1 + 0.05 * rng.uniform(-1, 1, n)))
-    return losses[:onset] + [after] * (n - onset)
+    loss = loss * (1 + 0.01 * rng.standard_normal(n))
+    return RunRecord(f"{family}-{role}-s{seed}", family, seed, role, {"testbed": "synthetic"}, loss, lr, grad,
+                     series={"grad_norm/total": grad}, alerts=alerts, fault_step=fault)  # fmt: skip
 
 
-def test_explosion_step_is_the_onset_of_a_sustained_jump_or_of_a_non_finite_loss():
-    assert early_warning.explosion_step(noisy_then(250, 9.0)) == 250
-    assert early_warning.explosion_step(noisy_then(123, float("nan"))) == 123
-    assert early_warning.explosion_step(noisy_then(400, 0.0)) is None  # no onset: stable
+def _synthetic_suite() -> list[RunRecord]:
+    runs = []
+    for family, rise in (("gpt-ramp-fast", 8.0), ("lstm-sgd", 8.0), ("cnn-sgd", 80.0)):
+        runs += [_synthetic(family, role, s, rise) for s in range(2) for role in ("exploding", "twin")]
+    runs += [_synthetic("lr-shock", "exploding", 0, 30.0, fault=100), _synthetic("lr-shock", "twin", 0, 1.0)]
+    return runs
 
 
-def test_a_short_bump_and_a_drop_are_not_explosions():
-    bump = noisy_then(400, 0.0)
-    bump[200:209] = [9.0] * 9  # 9 steps above 3x the minimum: one short of the patience of 10
-    assert early_warning.explosion_step(bump) is None
-    assert early_warning.explosion_step(noisy_then(200, 0.1)) is None  # a sudden fall is benign
+def test_report_writes_tables_json_and_figure_from_records_alone(tmp_path):
+    records = _synthetic_suite()
+    text = early_warning.report(records, str(tmp_path), "python benchmarks/early_warning.py --test", seconds=12.0)
+    assert text.startswith("# Early-warning suite") and "3 predictable" in text
+    lines = text.splitlines()
+    spike = next(line for line in lines if line.startswith("| LossSpikeDetector |"))
+    assert "| 0/6 | 0/6 | -1 | -1 |" in spike  # late by one step on every exploded run
+    calibrated = next(line for line in lines if line.startswith("| grad norm > t (calibrated) |"))
+    assert "| 6/6 | 6/6 | 40 | 40 |" in calibrated  # rises at 110, explosion at 150, out of sample too
+    assert "| lr-shock | grad norm > t (calibrated) | 1/1 |" in text  # the reaction table
+    with open(tmp_path / "early_warning.json") as handle:
+        payload = json.load(handle)
+    run = next(r for r in payload["runs"] if r["name"] == "lstm-sgd-exploding-s0")
+    assert run["explosion"] == 150 and run["healthy_end"] == 60 and run["safe_lr"] == pytest.approx(0.05)
+    assert run["out_of_sample"]["grad norm > t (calibrated)"]["lead"] == 40
+    assert set(payload["folds"]) == {"gpt-ramp-fast", "lstm-sgd", "cnn-sgd"}
+    assert (tmp_path / "early_warning.png").stat().st_size > 10_000
 
 
-def test_explosion_step_of_a_gradual_climb_is_where_it_passes_three_times_the_minimum():
-    losses = [2.0] * 100 + [2.0 * 1.05**k for k in range(200)]
-    crossing = next(t for t, v in enumerate(losses) if v > 6.0)
-    assert early_warning.explosion_step(losses) == crossing
+def test_rescore_reads_saved_records_without_training(tmp_path, capsys):
+    os.makedirs(tmp_path / "runs")
+    for record in _synthetic_suite():
+        record.save(str(tmp_path / "runs" / f"{record.name}.json.gz"))
+    names = "gpt-ramp-fast,lstm-sgd,cnn-sgd,lr-shock"
+    assert early_warning.main(["--rescore", "--out", str(tmp_path), "--families", names, "--seeds", "2"]) == 0
+    assert "| any monitor |" in capsys.readouterr().out
+    assert (tmp_path / "early_warning.md").exists()
 
 
-def test_lead_time_is_explosion_minus_first_warning_and_negative_when_late():
-    assert early_warning.lead_time(300, 180) == 120
-    assert early_warning.lead_time(300, 300) == 0
-    assert early_warning.lead_time(300, 307) == -7
-    assert early_warning.lead_time(None, 50) is None and early_warning.lead_time(300, None) is None
+def test_one_tiny_real_run_in_fp16_is_recorded_with_every_monitor(tmp_path):
+    spec = early_warning.RunSpec("tiny-fp16", "fp16", "twin", 0, "CharLM",
+                                 {"n_layer": 1, "n_embd": 16, "block_size": 8, "batch_size": 2, "max_chars": 20_000,
+                                  "lr": 1e-3}, max_steps=4, precision="16-mixed")  # fmt: skip
+    summary = early_warning._run_quietly((spec, str(tmp_path)))
+    assert summary["steps"] == 4
+    record = RunRecord.load(str(tmp_path / "runs" / "tiny-fp16.json.gz"))
+    assert record.series["amp/scale"][0] > 1.0  # the loss scaler ran
+    assert {"GradNormWatcher", "LossSpikeDetector", "SpectralAlignmentMonitor"} <= set(record.alerts)
+    assert np.isfinite(record.loss).all() and record.config["precision"] == "16-mixed"
 
 
-def test_baseline_rules_on_a_stream_with_a_known_explosion():
-    losses = noisy_then(250, 9.0)
-    grad_norms = [8.0] * 10 + [0.5] * 230 + [3.0] * 10 + [20.0] * 150  # init transient, then a climb at 240
-    first = early_warning.score_baselines(losses, grad_norms, spike_steps=[250, 251])
-    assert first["SpikeDetection (Lightning)"] == 250
-    assert first["grad norm > 1 (fixed)"] == 240  # the transient before step 50 is ignored
-    assert first["grad norm > 5 (fixed)"] == 250
-    assert first["loss > 2 x running min"] == 250
-    quiet = early_warning.score_baselines(noisy_then(400, 0.0), [0.5] * 400, spike_steps=[])
-    assert set(quiet.values()) == {None}
-
-
-def test_first_loss_above_min_counts_non_finite_and_uses_only_earlier_losses():
-    assert early_warning.first_loss_above_min([4.0, 3.0, 5.9, 6.1], 2.0) == 3
-    assert early_warning.first_loss_above_min([4.0, float("inf")], 2.0) == 1
-    assert early_warning.first_loss_above_min([4.0, 3.0, 2.0], 2.0) is None
-
-
-def test_summarize_counts_recall_detections_leads_and_false_alarms():
-    runs = [
-        {"explosion_step": 300, "first_warning": {"m": 250, "b": 300}},  # lead 50 / 0
-        {"explosion_step": 200, "first_warning": {"m": 205, "b": None}},  # late by 5 / missed
-        {"explosion_step": 500, "first_warning": {"m": None, "b": 490}},  # missed / lead 10
-        {"explosion_step": None, "first_warning": {"m": None, "b": 40}},  # stable: b false alarm
-        {"explosion_step": None, "first_warning": {"m": None, "b": None}},
-        {"explosion_step": 100, "first_warning": {"b": 100}},  # m did not watch this run
-    ]
-    m, b = early_warning.summarize(runs, ["m", "b"])
-    assert (m["runs"], m["recall"], m["detected"], m["lead_median"], m["lead_min"], m["false_alarms"]) == (
-        5, "1/3", "2/3", 22.5, -5, "0/2")
-    assert (b["runs"], b["recall"], b["detected"], b["lead_median"], b["lead_min"], b["false_alarms"]) == (
-        6, "3/4", "3/4", 0, 0, "1/2")
-
-
-def test_markdown_tables_name_missing_monitors_and_mark_runs_a_monitor_did_not_watch():
-    runs = [{"name": "lm-run", "family": "gpt", "explosion_step": 90, "steps": 200,
-             "first_warning": {"A": 40, "SpikeDetection (Lightning)": 95}, "rules": {"A": {
-                 "a/rule (warning)": {"step": 40, "metric": "a/rule", "value": 1.0, "threshold": 0.5, "count": 3}}}},
-            {"name": "stable-run", "family": "gpt", "explosion_step": None, "steps": 200,
-             "first_warning": {"A": None, "B": None, "SpikeDetection (Lightning)": None}, "rules": {"A": {}, "B": {}}}]
-    text = early_warning.markdown_tables(runs, ["A", "B"], {"C": "ImportError: broken"})
-    assert "| A | monitor | 2 | 1/1 | 1/1 | 50 | 50 | 0/1 |" in text
-    assert "| B | monitor | 1 | 0/0 | 0/0 | - | - | 0/1 |" in text
-    assert "| all monitors (first of any) | all monitors | 2 | 1/1 | 1/1 | 50 | 50 | 0/1 |" in text
-    assert "| SpikeDetection (Lightning) | baseline | 2 | 0/1 | 1/1 | -5 | -5 | 0/1 |" in text
-    assert "C (ImportError: broken)" in text
-    assert "| A: a/rule (warning) | 2 | 1/1 | 1/1 | 50 | 50 | 0/1 |" in text
-    assert "| lm-run | 200 | 90 | 40 | n/a | 95 |" in text
-
-
-def test_grid_covers_every_family_with_a_stable_control_and_unique_names():
-    grid = early_warning.full_grid()
-    assert len({spec.name for spec in grid}) == len(grid)
-    families = {spec.family for spec in grid}
-    assert families == {"gpt", "gpt-qk", "ramp", "digits"}
-    controls = {"gpt": 3e-3, "gpt-qk": 3e-3, "ramp": 1e-2}
-    for family, lr in controls.items():
-        assert any(s.family == family and lr in (s.model.get("lr"), s.model.get("lr_end")) for s in grid)
-    assert any(s.family == "digits" and s.model["shock_step"] is None for s in grid)
-
-
-def test_a_run_is_deterministic():
-    spec = early_warning.RunSpec("digits-tiny", "digits", 40, 3, {"lr": 0.05, "weight_decay": 5e-3,
-                                                                 "shock_step": 20, "shock_factor": 10.0})
-    first, second = early_warning._run_quietly(spec), early_warning._run_quietly(spec)
-    assert first["losses"] == second["losses"] and first["first_warning"] == second["first_warning"]
-    assert set(first["first_warning"]) >= {"GradNormWatcher", "NCTracker", "SpikeDetection (Lightning)"}
-
-
-def test_quick_suite_labels_its_runs_and_writes_table_json_and_figure(tmp_path, capsys):
-    assert early_warning.main(["--quick", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "| detector | kind |" in printed and "python benchmarks/early_warning.py --quick" in printed
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path):
+    assert early_warning.main(["--quick", "--out", str(tmp_path), "--workers", "2"]) == 0
     with open(tmp_path / "early_warning.json") as handle:
         runs = {run["name"]: run for run in json.load(handle)["runs"]}
-    assert runs["gpt-peak1-s0"]["label"] == "exploding" and runs["gpt-peak0.003-s0"]["label"] == "stable"
-    assert runs["digits-shock10-s0"]["explosion_step"] in range(300, 306)  # the shock is at step 300
-    assert runs["digits-control-s0"]["label"] == "stable"
-    assert (tmp_path / "early_warning.md").read_text().startswith("# Early-warning suite")
-    assert (tmp_path / "early_warning.png").stat().st_size > 10_000
+    quick = [f for f in early_warning.FAMILIES if f.name in early_warning.QUICK_FAMILIES]
+    assert set(runs) == {spec.name for spec in early_warning.specs(quick, range(1))}
+    for name, run in runs.items():
+        assert (run["explosion"] is not None) == ("-exploding-" in name), name

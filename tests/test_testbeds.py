@@ -1,4 +1,6 @@
-"""Tests of the testbed models and data (lightning_diag/testbeds.py); the whole file runs in seconds."""
+"""Tests of the testbed models, data and schedules (lightning_diag/testbeds/); the whole file runs in seconds.
+
+The suite's machinery (labels, recording, detectors, scoring) is tested in tests/testbeds/."""
 
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import torch
 from torch import nn
 
 from lightning_diag.testbeds import (
+    MHAGPT,
+    RNNLM,
     CharDataset,
     CharLM,
     DigitsClassifier,
+    DigitsCNN,
     TinyGPT,
+    digits_splits,
     divergence_step,
     lr_at_step,
     stdlib_text,
@@ -251,3 +257,118 @@ def test_digits_classifier_is_deterministic_and_exposes_penultimate_features():
     assert a.features(x).shape == (5, 64)
     mean = a.train_data.tensors[0].mean(0)
     assert mean.abs().max() < 1e-5  # standardised with the training statistics
+
+
+# ------------------------------------------------------------------------- the other testbeds
+
+
+def _causal(model: nn.Module, vocab: int = 20, T: int = 12) -> bool:
+    """Whether changing the last token leaves every earlier position's logits unchanged."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, vocab, (2, T))
+    changed = idx.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    return torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5) and not torch.allclose(a[:, -1], b[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_every_language_model_is_causal(norm_first):
+    torch.manual_seed(0)
+    assert _causal(TinyGPT(vocab_size=20, block_size=16, n_layer=2, n_embd=16, norm_first=norm_first))
+    assert _causal(MHAGPT(vocab_size=20, block_size=16, n_layer=2, n_embd=16, norm_first=norm_first))
+    assert _causal(RNNLM(vocab_size=20, cell="lstm" if norm_first else "gru", n_embd=16))
+
+
+def test_post_ln_blocks_end_in_a_layernorm_and_drop_the_final_one():
+    post = TinyGPT(vocab_size=10, block_size=8, n_layer=1, n_embd=16, norm_first=False)
+    assert isinstance(post.ln_f, nn.Identity)
+    with torch.no_grad():
+        out = post.blocks[0](torch.randn(2, 8, 16) * 5)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)  # LayerNorm output
+    mha = MHAGPT(vocab_size=10, block_size=8, n_layer=1, n_embd=16, norm_first=False)
+    assert isinstance(mha.ln_f, nn.Identity) and not mha.layers[0].norm_first
+    assert isinstance(mha.layers[0].self_attn, nn.MultiheadAttention)
+
+
+def test_rnn_lm_has_the_head_as_its_only_linear_and_rejects_unknown_cells():
+    model = RNNLM(vocab_size=10, cell="gru", n_layer=2, n_embd=8)
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == ["lm_head"]
+    assert isinstance(model.rnn, nn.GRU) and model.rnn.num_layers == 2
+    with pytest.raises(ValueError, match="cell"):
+        RNNLM(vocab_size=10, cell="rnn")
+
+
+@pytest.mark.parametrize("arch", ["gpt", "mha", "lstm", "gru"])
+def test_charlm_builds_every_arch_and_trains_two_steps(arch):
+    model = CharLM(arch=arch, n_layer=1, n_embd=16, block_size=16, batch_size=4, max_chars=SMALL_TEXT_CHARS,
+                   optimizer="sgd" if arch in ("lstm", "gru") else "adamw", lr=0.1)  # fmt: skip
+    record = RecordSteps()
+    quiet_trainer(2, callbacks=[record]).fit(model)
+    assert len(record.losses) == 2 and all(map(math.isfinite, record.losses))
+    optimizer = model.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD if arch in ("lstm", "gru") else torch.optim.AdamW)
+    with pytest.raises(ValueError, match="arch"):
+        CharLM(arch="rwkv", text="abc" * 100)
+
+
+def test_charlm_adamw_settings_reach_the_optimizer():
+    model = CharLM(n_layer=1, n_embd=16, block_size=16, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.1,
+                   max_chars=SMALL_TEXT_CHARS)  # fmt: skip
+    optimizer = model.configure_optimizers()["optimizer"]
+    decayed, plain = optimizer.param_groups
+    assert decayed["betas"] == (0.9, 0.999) and decayed["eps"] == 1e-12
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
+
+
+def test_lr_shock_multiplies_the_schedule_from_its_step():
+    assert lr_at_step(149, 0.05, shock_step=150, shock_factor=10.0) == pytest.approx(0.05)
+    assert lr_at_step(150, 0.05, shock_step=150, shock_factor=10.0) == pytest.approx(0.5)
+    assert lr_at_step(400, 0.05, shock_step=150, shock_factor=10.0) == pytest.approx(0.5)
+
+
+def test_digits_models_follow_the_shock_schedule(one_thread):
+    model = DigitsClassifier(lr=0.05, hidden=(16,), shock_step=3, shock_factor=10.0)
+    record = RecordSteps()
+    quiet_trainer(5, limit_val_batches=0, callbacks=[record]).fit(model)
+    assert [lr for _, lr in record.lrs] == pytest.approx([0.05, 0.05, 0.05, 0.5, 0.5])
+
+
+def test_poisoned_batch_is_scaled_and_mislabelled_only_at_its_step(one_thread):
+    class Spy(DigitsClassifier):
+        def loss(self, batch):
+            self.seen.append(float(batch[0].abs().max()))
+            return super().loss(batch)
+
+    model = Spy(poison_step=2, poison_scale=1000.0, hidden=(16,), lr=1e-4)
+    model.seen = []
+    x, y = model.train_data.tensors[0][:8], model.train_data.tensors[1][:8]
+    poisoned_x, poisoned_y = model.poison((x, y))
+    torch.testing.assert_close(poisoned_x, 1000 * x)
+    assert torch.equal(poisoned_y, (y + 1) % 10)
+    quiet_trainer(4, limit_val_batches=0).fit(model)
+    assert model.seen[2] > 100 * max(model.seen[:2] + model.seen[3:])
+    with pytest.raises(NotImplementedError, match="poisoned"):
+        CharLM(text="abc" * 100, n_layer=1, block_size=8).poison((x, y))
+
+
+def test_digits_cnn_sees_images_and_trains(one_thread):
+    train, _ = digits_splits(0.2, 0, images=True)
+    assert train.tensors[0].shape[1:] == (1, 8, 8)
+    model = DigitsCNN(channels=4, seed=0)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.features.modules())
+    loss_before, _ = model.evaluate("val")
+    quiet_trainer(30, limit_val_batches=0).fit(model)
+    loss_after, accuracy = model.evaluate("val")
+    assert loss_after < 0.7 * loss_before and accuracy > 0.6
+
+
+def test_testbeds_reject_bad_training_settings():
+    with pytest.raises(ValueError, match="optimizer"):
+        DigitsClassifier(optimizer="lion")
+    with pytest.raises(ValueError, match="poison_step"):
+        DigitsCNN(poison_step=-1)
+    with pytest.raises(ValueError, match="shock_factor"):
+        CharLM(text="abc" * 100, shock_step=3, shock_factor=0.0)
