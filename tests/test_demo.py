@@ -38,7 +38,8 @@ def test_demo_stable_flag_trains_at_a_constant_rate_and_reports_no_divergence_al
 
 def test_default_monitors_leave_out_nctracker_for_a_language_model_only():
     lm, left_out = default_monitors("lm")
-    assert [type(m).__name__ for m in lm] == ["GradNormWatcher", "LossSpikeDetector", "SpectralAlignmentMonitor"]
+    assert [type(m).__name__ for m in lm] == ["GradNormWatcher", "LossSpikeDetector", "SpectralAlignmentMonitor",
+                                              "LogitMonitor", "SharpnessMonitor"]
     assert "NCTracker" in left_out
     classifier, left_out = default_monitors("classifier")
     assert "NCTracker" in [type(m).__name__ for m in classifier] and not left_out

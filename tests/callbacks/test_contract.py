@@ -272,3 +272,18 @@ def test_a_logging_cadence_longer_than_the_run_is_said_once(name: str) -> None:
     evaluates_only = all(k.rate == "eval" for k in callback.KEYS)
     assert len(said) == (0 if evaluates_only else 1)
     assert all(w.filename == __file__ for w in said)  # the warning points at the user's code, not ours
+
+
+def test_figures_reach_the_keys_they_were_measured_for_whatever_their_order() -> None:
+    """A monitor may hand per-layer figures before model-level ones; each value must keep its key."""
+    from lightning_diag.callbacks._base import Figures
+    from lightning_diag.keys import Key
+
+    class Ordered(DiagnosticCallback):
+        family = "ordered"
+        KEYS = (Key("a/{layer}", "per layer", rate="step"), Key("b", "model level", rate="step"))
+
+    monitor = Ordered()
+    keys, values = monitor._pack(Figures({"a/{layer}": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}, ["x", "y"]))
+    assert keys == ("ordered/b", "ordered/a/x", "ordered/a/y")
+    assert values.tolist() == pytest.approx([3.0, 1.0, 2.0])
