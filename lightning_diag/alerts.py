@@ -158,9 +158,14 @@ class Rule:
             self.fired = np.concatenate([self.fired, np.zeros(grow, dtype=bool)])
             self.active = np.concatenate([self.active, np.zeros(grow, dtype=bool)])
 
-    def update(self, step: int, keys: Sequence[str], values: np.ndarray) -> list[tuple[str, float]]:
-        """Evaluate the rule on ``values`` (one per key) seen at ``step``; returns the ``(key, value)`` that fire."""
-        slots = self.slots(keys)
+    def update(
+        self, step: int, keys: Sequence[str], values: np.ndarray, slots: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
+        """Evaluate the rule on ``values`` (one per key) seen at ``step``; returns the ``(key, value)`` that fire.
+
+        ``slots`` (from :meth:`slots`, which a caller may cache per key list) saves the lookup.
+        """
+        slots = self.slots(keys) if slots is None else slots
         hit = np.asarray(self.hits(values, slots), dtype=bool)
         start = np.where(hit, np.where(self.start[slots] < 0, step, self.start[slots]), -1)
         active = hit & (step - start + 1 >= self.patience)
@@ -317,7 +322,7 @@ class RuleBook:
 
     def __init__(self, source: str, builtin: Sequence[Rule] = (), user: Sequence[Rule] = ()) -> None:
         self.source, self.builtin, self.user = source, list(builtin), list(user)
-        self._index: dict[tuple[str, ...], list[np.ndarray]] = {}
+        self._index: dict[tuple[str, ...], list[tuple[np.ndarray, list[str], np.ndarray]]] = {}
 
     @property
     def rules(self) -> list[Rule]:
@@ -337,13 +342,16 @@ class RuleBook:
     def update(self, step: int, keys: Sequence[str], values: np.ndarray) -> list[Alert]:
         """Run every rule on the keys it watches; returns the alerts that fired, ordered by rule."""
         keys = tuple(keys)
-        if keys not in self._index:
-            self._index[keys] = [np.array([i for i, k in enumerate(keys) if r.watches(k)], dtype=np.int64)
-                                 for r in self.rules]  # fmt: skip
+        if keys not in self._index:  # once per key set: which keys each rule watches, and their state slots
+            self._index[keys] = []
+            for rule in self.rules:
+                index = np.array([i for i, k in enumerate(keys) if rule.watches(k)], dtype=np.int64)
+                watched = [keys[i] for i in index]
+                self._index[keys].append((index, watched, rule.slots(watched)))
         alerts = []
-        for rule, index in zip(self.rules, self._index[keys]):
+        for rule, (index, watched, slots) in zip(self.rules, self._index[keys]):
             if index.size:
-                fired = rule.update(step, [keys[i] for i in index], values[index])
+                fired = rule.update(step, watched, values[index], slots)
                 alerts += [rule.alert(self.source, key, step, value) for key, value in fired]
         return alerts
 
@@ -354,3 +362,4 @@ class RuleBook:
         for group, states in ((self.builtin, "builtin"), (self.user, "user")):
             for rule, rule_state in zip(group, state.get(states, [])):
                 rule.load_state_dict(rule_state)
+        self._index.clear()  # the rules' slots were replaced
