@@ -262,7 +262,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._check_calls(captured)
         called = sorted(captured)
         sigma, rank = self._measure_weights(called)
-        histograms = self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
+        # per_layer=False declares no hist/<layer> key, so it logs no histogram
+        histograms = self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
         moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)])
         order = [i for group in _buckets(captured) for i in group]
         moments = moments[torch.as_tensor(np.argsort(order), device=moments.device)]
