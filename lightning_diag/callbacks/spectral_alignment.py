@@ -337,11 +337,14 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
             if old is not None and abs(s - old) > _SIGMA_JUMP * max(abs(old), 1e-12):
                 self._refine.add(name)  # the top of the spectrum moved: iterate longer next check
             self._last_sigma[name] = s
-        finite = np.isfinite(collapse)
+        finite = np.isfinite(collapse)  # over the maps with a figure; none (NaN weights): NaN, never a healthy 0
+
+        def share(values: np.ndarray) -> float:
+            return float(np.mean(values[finite])) if finite.any() else float("nan")
+
         with np.errstate(invalid="ignore"):
-            return {"mean_collapse": float(collapse[finite].mean()) if finite.any() else float("nan"),
-                    "frac_collapsed": float(np.mean(collapse >= self.collapse_baseline.threshold)),
-                    "frac_flagged": float(flags.mean())}  # fmt: skip
+            collapsed = collapse >= self.collapse_baseline.threshold
+            return {"mean_collapse": share(collapse), "frac_collapsed": share(collapsed), "frac_flagged": share(flags)}
 
     # -- checkpoint state -------------------------------------------------------------------------
 
