@@ -350,7 +350,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
 
     def extra_state(self) -> dict[str, Any]:
         return {"v1": {k: v.cpu() for k, v in self._v1.items()}, "baseline": self.collapse_baseline.state_dict(),
-                "last_sigma": dict(self._last_sigma),
+                "last_sigma": dict(self._last_sigma), "refine": sorted(self._refine),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}  # fmt: skip
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -358,6 +358,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         if "baseline" in state:
             self.collapse_baseline.load_state_dict(state["baseline"])
         self._last_sigma = dict(state.get("last_sigma", {}))
+        self._refine = set(state.get("refine", []))  # s_1 jumped at the last check: the next one iterates longer
         for device, gen_state in state.get("generators", {}).items():
             self._generators[torch.device(device)] = torch.Generator(device=device)
             self._generators[torch.device(device)].set_state(gen_state)
