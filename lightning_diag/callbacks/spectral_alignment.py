@@ -144,14 +144,18 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
         if layer_rule not in LAYER_RULES:
             raise ValueError(f"`layer_rule` must be one of {LAYER_RULES}, got {layer_rule!r}")
-        for name, value, low, high in [("collapse_threshold", collapse_threshold, 0.0, 1.0),
-                                       ("baseline_rise", baseline_rise, -1e-12, 1.0),
-                                       ("baseline_alpha", baseline_alpha, 0.0, 1.0 - 1e-12),
-                                       ("mean_collapse_threshold", mean_collapse_threshold, 0.0, 1.0)]:  # fmt: skip
-            if value is None and name == "mean_collapse_threshold":
+        for name, value, allowed, inside in [
+            ("collapse_threshold", collapse_threshold, "(0, 1]", lambda v: 0 < v <= 1),
+            ("baseline_rise", baseline_rise, "[0, 1]", lambda v: 0 <= v <= 1),
+            ("baseline_alpha", baseline_alpha, "(0, 1)", lambda v: 0 < v < 1),
+            ("mean_collapse_threshold", mean_collapse_threshold, "(0, 1]", lambda v: 0 < v <= 1),
+        ]:  # fmt: skip
+            optional = name == "mean_collapse_threshold"
+            if value is None and optional:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-                raise ValueError(f"`{name}` must be a number in ({max(low, 0):g}, {high:.4g}], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):  # NaN is outside
+                none = "None or " if optional else ""
+                raise ValueError(f"`{name}` must be {none}a number in {allowed}, got {value!r}")
         self.include, self.exclude = validate_patterns("include", include), validate_patterns("exclude", exclude)
         self.check_every_n_steps, self.exclude_head, self.max_rows = check_every_n_steps, exclude_head, max_rows
         self.power_iterations, self.per_layer, self.layer_rule = power_iterations, per_layer, layer_rule
