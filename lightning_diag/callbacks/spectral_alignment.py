@@ -182,6 +182,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._head: tuple[str, nn.Module] | None = None
         self._call_order: list[str] | None = None
         self._armed, self._rank = False, 0
+        self._indices: dict[tuple[Any, ...], Tensor] = {}
 
     histograms = property(lambda self: self.per_layer and self.histogram_every_n_steps is not None)
 
@@ -270,7 +271,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         histograms = self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
         moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)])
         order = [i for group in _buckets(captured) for i in group]
-        moments = moments[torch.as_tensor(np.argsort(order), device=moments.device)]
+        moments = moments[self._index(np.argsort(order).tolist(), moments.device)]
         if trainer.world_size > 1:  # the sums add up across ranks: every rank gets the global figures
             moments = trainer.strategy.reduce(moments, reduce_op="sum")
         summary = summary_from_moments(moments)
@@ -297,7 +298,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
             refine = any(m.name in self._refine for m in maps)
             s, _, v = power_iteration(weights, v0, iters=_REFINE_ITERS if refine else self.power_iterations)
             self._v1.update({m.name: v[j] for j, m in enumerate(maps)})
-            index = torch.as_tensor(positions, device=sigma.device)
+            index = self._index(positions, sigma.device)
             sigma.index_copy_(0, index, s.to(sigma.dtype))
             rank.index_copy_(0, index, stable_rank(weights, s).to(sigma.dtype))
         self._refine.clear()
@@ -326,6 +327,14 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
             self.warn_once("head", f"`exclude_head=True` left out {self._head[0]!r}, the last nn.Linear registered, "
                            f"but it {how}. If the output head is another layer, pass `exclude_head=False, "
                            f"exclude=[<head name>]`.")  # fmt: skip
+
+    def _index(self, positions: Sequence[int], device: torch.device) -> Tensor:
+        """A device index tensor, built once per positions and device: a host-to-device copy at every check
+        would make the host wait for the device (``non_blocking=False`` copies synchronize the stream)."""
+        key = (tuple(positions), device)
+        if key not in self._indices:
+            self._indices[key] = torch.as_tensor(key[0], dtype=torch.long, device=device)
+        return self._indices[key]
 
     # -- deciding, on the host --------------------------------------------------------------------
 
