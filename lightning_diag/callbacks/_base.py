@@ -176,6 +176,7 @@ class DiagnosticCallback(Callback):
         self._logged_step = -1
         self._unacted: list[Alert] = []
         self._keys: dict[tuple[Any, ...], tuple[tuple[str, ...], np.ndarray]] = {}
+        self._device_index: dict[tuple[Any, ...], Tensor] = {}
 
     # -- identity, declarations -------------------------------------------------------------------
 
@@ -372,11 +373,14 @@ class DiagnosticCallback(Callback):
     def record(self, step: int, figures: Figures) -> None:
         """Hand one measurement to the base: its streams leave for the host now, the rest waits."""
         keys, values = self._pack(figures)
-        _, streams = self._keys[(tuple(figures.values), tuple(figures.layers))]
+        cache = (tuple(figures.values), tuple(figures.layers))
+        _, streams = self._keys[cache]
         if streams.size == len(keys):
             self._in_flight.append(HostCopy(step, keys, values))
-        elif streams.size:
-            index = torch.as_tensor(streams, device=values.device)
+        elif streams.size:  # the index is built on the device once: a blocking host-to-device copy would sync
+            if (cache, values.device) not in self._device_index:
+                self._device_index[(cache, values.device)] = torch.as_tensor(streams, device=values.device)
+            index = self._device_index[(cache, values.device)]
             self._in_flight.append(HostCopy(step, tuple(keys[i] for i in streams), values.index_select(0, index)))
         if streams.size < len(keys):  # figures read at the next logging step (the latest measurement's)
             self._held = _Held(step, keys, values)
