@@ -180,16 +180,18 @@ def linear_maps(
     ``q/k/v_proj_weight``), fed by the MHA's ``query``, ``key`` and ``value``. Not watchable, so
     left out: ``nn.MultiheadAttention.out_proj`` (MHA multiplies by its weight inside
     ``F.multi_head_attention_forward``, never calling it; its input is internal), and, with
-    ``exclude_head``, the last ``nn.Linear`` registered (the output head). Patterns match a map's
-    name or its module's name.
+    ``exclude_head``, the last ``nn.Linear`` registered that is not an ``out_proj`` (the output
+    head). Patterns match a map's name or its module's name.
 
     Example:
         >>> maps, head = linear_maps(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.Linear(4, 2)))
         >>> [m.name for m in maps], head[0]
         (['0', '1.q', '1.k', '1.v'], '2')
     """
-    head = last_linear(model) if exclude_head else None
     out_projs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    # The head is the last nn.Linear that is not an out_proj (never called, so never a model's output layer).
+    linears = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and id(m) not in out_projs]
+    head = linears[-1] if exclude_head and linears else None
     maps: list[LinearMap] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name and id(module) not in out_projs and (head is None or module is not head[1]):
