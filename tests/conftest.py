@@ -201,3 +201,26 @@ class ScriptedLoss(pl.LightningModule):
 def scripted_loss() -> type[ScriptedLoss]:
     """The :class:`ScriptedLoss` class: ``scripted_loss([2.0] * 50 + [9.0] * 50)``."""
     return ScriptedLoss
+
+
+def reachable_tensors(obj: Any) -> dict[int, torch.Tensor]:
+    """The tensors an object holds: reachable through its attributes, dicts, lists, tuples, sets
+    and plain objects, by id. Modules, trainers and optimizers are not entered (their parameters
+    are the model's, not the object's); a callback that leaks captured activations grows here."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found[id(item)] = item
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack += list(item)
+        elif not isinstance(item, (nn.Module, pl.Trainer, torch.optim.Optimizer, type)) and hasattr(item, "__dict__"):
+            stack += list(vars(item).values())
+    return found

@@ -8,15 +8,17 @@ numpy's SVD in float64.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import MemoryLogger, make_trainer
+from conftest import MemoryLogger, make_trainer, reachable_tensors
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -24,26 +26,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import DivergenceError
-from lightning_diag.callbacks.spectral_alignment import SpectralAlignmentMonitor, _LayerCollapse
+from lightning_diag.callbacks._base import HostFigures
+from lightning_diag.callbacks.spectral_alignment import SpectralAlignmentMonitor
 
-FIGURES = ("sign_diversity", "collapse", "mean_abs", "abs_mean", "std")
-
+SA = "spectral_alignment"
+FIGURES = ("sign_diversity", "collapse", "mean_abs", "abs_mean", "std", "sigma1", "stable_rank")
 
 # -- models and helpers -----------------------------------------------------------------------------
 
 
 class SeqModule(pl.LightningModule):
     """Sequence regressor on (B, 3, 6) inputs: ``a`` (6 -> 8), ``b``, ``c`` (8 -> 8, batched together),
-    tanh after each, then the head ``out`` (8 -> 1). Optional dropout draws from the global RNG."""
+    tanh after each, then the head ``out`` (8 -> 1). Optional dropout draws from the global RNG.
+    ``nan_step``: the loss of that step is NaN, so SGD makes every weight NaN from the next step on."""
 
-    def __init__(self, dropout: float = 0.0, n: int = 48, batch_size: int = 8, shuffle: bool = False) -> None:
+    def __init__(self, dropout: float = 0.0, n: int = 48, batch_size: int = 8, shuffle: bool = False,
+                 nan_step: int | None = None) -> None:  # fmt: skip
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.a, self.b, self.c, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
         self.drop = nn.Dropout(dropout)
         x = torch.randn(n, 3, 6, generator=g)
         self.data = TensorDataset(x, x.sum((1, 2)).sin().unsqueeze(1))
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.shuffle, self.nan_step = batch_size, shuffle, nan_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.a(x))
@@ -53,7 +58,8 @@ class SeqModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return nn.functional.mse_loss(self(x), y)
+        loss = nn.functional.mse_loss(self(x), y)
+        return loss * float("nan") if self.global_step == self.nan_step else loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -68,26 +74,34 @@ class Aligning(pl.LightningModule):
     From ``fault_step`` on (on rank ``fault_rank`` only, if set), the inputs get a mean offset along
     the top right singular vector v1 of ``net.0`` at that step, ``3 * 1.05**k`` after k steps: every
     row of ``net.0``'s input falls on one side of v1 at once, and SGD diverges some 40 steps later
-    (the curvature grows with the offset) until the loss is non-finite.
+    (the curvature grows with the offset) until the loss is non-finite. ``kick_step``: before that
+    step's forward a rank-one term turns ``net.1``'s top singular vector (its s_1 jumps).
     """
 
-    def __init__(self, fault_step: int | None = None, fault_rank: int | None = None, n: int = 640) -> None:
+    def __init__(self, fault_step: int | None = None, fault_rank: int | None = None, n: int = 640,
+                 batch_size: int = 64, kick_step: int | None = None) -> None:  # fmt: skip
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 16, bias=False),
                                  nn.Linear(16, 1, bias=False))  # fmt: skip
         x = torch.randn(n, 8, generator=g)
         self.data = TensorDataset(x, x @ torch.randn(8, 1, generator=g))
-        self.fault_step, self.fault_rank = fault_step, fault_rank
-        self.direction: torch.Tensor | None = None
+        self.fault_step, self.fault_rank, self.kick_step = fault_step, fault_rank, kick_step
+        self.batch_size = batch_size
+        self.register_buffer("direction", torch.zeros(8))  # a buffer: a resumed run keeps the fault's direction
         self.losses: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.global_step == self.kick_step:
+            with torch.no_grad():
+                w = self.net[1].weight
+                u, v = torch.ones(16) / 4, torch.linspace(-1, 1, 16) / torch.linspace(-1, 1, 16).norm()
+                w += 2 * torch.linalg.matrix_norm(w, 2) * torch.outer(u, v)
         k = self.global_step - self.fault_step if self.fault_step is not None else -1
         if k >= 0 and self.fault_rank in (None, self.global_rank):
-            if self.direction is None:
-                self.direction = torch.linalg.svd(self.net[0].weight.detach())[2][0]
+            if k == 0:
+                self.direction.copy_(torch.linalg.svd(self.net[0].weight.detach())[2][0])
             x = x + 3.0 * 1.05**k * self.direction
         loss = nn.functional.mse_loss(self.net(x), y)
         self.losses.append(loss.item())
@@ -97,14 +111,15 @@ class Aligning(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=64)
+        return DataLoader(self.data, batch_size=self.batch_size)
 
 
 class InputCapture(Callback):
-    """The test's own record of layer inputs (forward pre-hooks) and weights (after the monitor)."""
+    """The test's own record of module inputs (forward pre-hooks, first call of a step) and
+    weights (``weight(module)``, taken after the monitor's measurement)."""
 
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
+    def __init__(self, names: list[str], weight: Callable[[nn.Module], torch.Tensor] = lambda m: m.weight) -> None:
+        self.names, self.weight = names, weight
         self.inputs: dict[int, dict[str, torch.Tensor]] = {}
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.handles: list[Any] = []
@@ -122,7 +137,7 @@ class InputCapture(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         modules = dict(pl_module.named_modules())
-        self.weights[trainer.global_step] = {n: modules[n].weight.detach().double().clone() for n in self.names}
+        self.weights[trainer.global_step] = {n: self.weight(modules[n]).detach().double().clone() for n in self.names}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for handle in self.handles:
@@ -151,7 +166,18 @@ def _history(trainer: pl.Trainer) -> dict[str, list[tuple[int, float]]]:
 
 
 def _hooks(module: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) for m in module.modules())
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules())
+
+
+def _layers(log: dict[str, Any], figure: str = "sigma1") -> list[str]:
+    return sorted(k.rpartition("/")[2] for k in log if k.startswith(f"{SA}/{figure}/"))
+
+
+def _caught(run: Callable[[], Any]) -> tuple[Any, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run()
+    return result, [str(w.message) for w in caught]
 
 
 # -- figures against float64 references -------------------------------------------------------------
@@ -164,28 +190,29 @@ def test_per_layer_figures_match_float64_svd_of_the_weight_and_the_captured_inpu
                                        action="log")  # fmt: skip
     capture = InputCapture(["a", "b", "c"])
     log = _history(_fit(module, monitor, capture, max_steps=8))
-    assert sorted(s for s, _ in log["sigma1/a"]) == [1, 3, 5, 7]
-    assert "sigma1/out" not in log  # the head is excluded by default
+    assert [s for s, _ in log[f"{SA}/sigma1/a"]] == [1, 3, 5, 7]
+    assert _layers(log) == ["a", "b", "c"]  # the head is excluded by default
     for step in (1, 3, 5, 7):
         for name in ("a", "b", "c"):
             expected = _reference(capture.weights[step][name], capture.inputs[step][name])
             for figure, value in expected.items():
-                key = f"spectral_alignment/{figure}/{name}" if figure in FIGURES else f"{figure}/{name}"
+                key = f"{SA}/{figure}/{name}"
                 assert dict(log[key])[step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
-    mean = dict(log["spectral_alignment/mean_collapse"])
-    for step in (1, 3):
         layers = [_reference(capture.weights[step][n], capture.inputs[step][n])["collapse"] for n in "abc"]
-        assert mean[step] == pytest.approx(np.mean(layers), abs=1e-6)
+        assert dict(log[f"{SA}/mean_collapse"])[step] == pytest.approx(np.mean(layers), abs=1e-6)
+        frac = np.mean([c >= monitor.collapse_baseline.threshold for c in layers])
+        assert dict(log[f"{SA}/frac_collapsed"])[step] == pytest.approx(frac, abs=1e-12)
 
 
 def test_a_sign_flip_of_the_singular_vector_changes_no_logged_figure() -> None:
-    class FlipWarmStart(Callback):  # placed before the monitor: negates v1 before every check
+    class FlipWarmStart(Callback):  # placed before the monitor: negates the saved v1 before every check
         def __init__(self, monitor: SpectralAlignmentMonitor) -> None:
             self.monitor = monitor
 
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-            for group in self.monitor._groups or []:
-                group.v1 = -group.v1
+            state = self.monitor.state_dict()
+            state["v1"] = {name: -v for name, v in state["v1"].items()}
+            self.monitor.load_state_dict(state)
 
     logs = []
     for flip in (False, True):
@@ -193,7 +220,7 @@ def test_a_sign_flip_of_the_singular_vector_changes_no_logged_figure() -> None:
         monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=5, action="log")
         callbacks = [FlipWarmStart(monitor), monitor] if flip else [monitor]
         logs.append(_history(_fit(SeqModule(), *callbacks, max_steps=6)))
-    assert logs[0].keys() == logs[1].keys()
+    assert logs[0].keys() == logs[1].keys() and f"{SA}/sigma1/a" in logs[0]
     for key in logs[0]:
         # Equal up to float32 rounding: D = 1 - |2 p+ - 1| rounds p+ and 1 - p+ differently.
         assert [s for s, _ in logs[0][key]] == [s for s, _ in logs[1][key]]
@@ -204,33 +231,43 @@ def test_a_sign_flip_of_the_singular_vector_changes_no_logged_figure() -> None:
 # -- sampling hooks ---------------------------------------------------------------------------------
 
 
+class HeldTensors(Callback):
+    """After each backward (inputs sampled, not yet measured): how many tensors the monitor holds."""
+
+    def __init__(self, monitor: SpectralAlignmentMonitor) -> None:
+        self.monitor, self.held, self.hooks = monitor, {}, {}
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.held[trainer.global_step] = len(reachable_tensors(self.monitor))
+        self.hooks[trainer.global_step] = _hooks(pl_module)
+
+
 def test_hooks_sample_only_on_check_steps_and_are_all_removed_after_fit() -> None:
+    """One sample per layer on check steps only (the monitor holds 3 more tensors there, none
+    on the other steps), three hooks during the run, none and no sampled rows after it."""
     torch.manual_seed(0)
     module = SeqModule()
     monitor = SpectralAlignmentMonitor(check_every_n_steps=3, action="log")
-    sampled: list[tuple[int, int]] = []
-    capture = monitor._capture
-    monitor._capture = lambda index, x: (sampled.append((trainer.global_step, index)), capture(index, x))
-
-    class CountHooks(Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-            self.during = _hooks(pl_module)
-
-    counter = CountHooks()
-    trainer = make_trainer(callbacks=[monitor, counter], max_steps=9)
-    trainer.fit(module)
-    assert sorted(sampled) == [(s, i) for s in (2, 5, 8) for i in range(3)]  # 3 layers, once per check
-    assert counter.during == 3
-    assert _hooks(module) == 0 and not monitor._captured
+    held = HeldTensors(monitor)
+    log = _history(_fit(module, monitor, held, max_steps=9))
+    assert [s for s, _ in log[f"{SA}/collapse/a"]] == [2, 5, 8]
+    assert set(held.hooks.values()) == {4}  # a, b, c, and the head's (is it the last to run?)
+    assert [held.held[s] - held.held[s - 1] for s in (5, 8)] == [3, 3]  # the sampled rows of a, b and c
+    assert held.held[3] == held.held[4] == held.held[6] == held.held[7]  # nothing sampled off the checks
+    assert _hooks(module) == 0
+    assert len(reachable_tensors(monitor)) == held.held[4]  # rows dropped; the v1 warm starts remain
 
 
-def test_hooks_are_removed_when_the_run_raises() -> None:
+def test_hooks_are_removed_and_nothing_is_held_when_the_run_raises() -> None:
     torch.manual_seed(0)
     module = Aligning(fault_step=20)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=0, action="raise")
     with pytest.raises(DivergenceError):
         _fit(module, monitor, max_steps=60)
     assert _hooks(module) == 0
+    # No sampled rows are held; what remains is the v1 warm start of net.0 (8 inputs) and net.1 (16).
+    held = [t for t in reachable_tensors(monitor).values() if t.is_floating_point()]
+    assert sorted(tuple(t.shape) for t in held) == [(8,), (16,)]
 
 
 def test_gradient_accumulation_samples_one_micro_batch_per_optimizer_step() -> None:
@@ -239,9 +276,9 @@ def test_gradient_accumulation_samples_one_micro_batch_per_optimizer_step() -> N
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=100, action="log")
     capture = InputCapture(["a"])
     log = _history(_fit(module, monitor, capture, max_steps=3, accumulate_grad_batches=2))
-    assert [s for s, _ in log["sigma1/a"]] == [0, 1, 2]
+    assert [s for s, _ in log[f"{SA}/sigma1/a"]] == [0, 1, 2]
     # The sampled rows are the first micro-batch's: the test hook keeps that one (setdefault).
-    for step, value in log["spectral_alignment/mean_abs/a"]:
+    for step, value in log[f"{SA}/mean_abs/a"]:
         assert value == pytest.approx(_reference(capture.weights[step]["a"], capture.inputs[step]["a"])["mean_abs"],
                                       rel=1e-4)  # fmt: skip
 
@@ -250,7 +287,7 @@ def test_bf16_autocast_gives_finite_figures() -> None:
     torch.manual_seed(0)
     log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=3,
                         precision="bf16-mixed"))  # fmt: skip
-    assert [s for s, _ in log["sigma1/b"]] == [0, 1, 2]
+    assert [s for s, _ in log[f"{SA}/sigma1/b"]] == [0, 1, 2]
     for key, records in log.items():
         assert all(math.isfinite(v) for _, v in records), key
 
@@ -262,7 +299,9 @@ def test_monitor_leaves_training_bit_identical_and_the_global_rng_untouched() ->
         module = SeqModule(dropout=0.3, shuffle=True)  # dropout and shuffling draw from the global RNG
         _fit(module, *callbacks, max_steps=8)
         finals.append({n: p.detach().clone() for n, p in module.named_parameters()} | {"rng": torch.rand(3)})
-    assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
 
 
 def test_logging_steps_publish_the_latest_check_once_at_its_own_step() -> None:
@@ -270,7 +309,8 @@ def test_logging_steps_publish_the_latest_check_once_at_its_own_step() -> None:
     log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=5,
                                                               action="log"), max_steps=20))  # fmt: skip
     # checks at 1, 3, 5, ..., logging steps 4, 9, 14, 19 publish the checks of steps 3, 9, 13, 19
-    assert [s for s, _ in log["spectral_alignment/mean_collapse"]] == [3, 9, 13, 19]
+    for key in (f"{SA}/mean_collapse", f"{SA}/collapse/a", f"{SA}/std/a", f"{SA}/alerts"):
+        assert [s for s, _ in log[key]] == [3, 9, 13, 19], key
 
 
 # -- alerts -----------------------------------------------------------------------------------------
@@ -290,54 +330,131 @@ def test_inputs_driven_to_align_alert_before_the_loss_is_nonfinite_and_a_stable_
     faulty, monitor = runs[40]
     nonfinite = next(i for i, v in enumerate(faulty.losses) if not math.isfinite(v))
     first = monitor.alerts[0]
-    assert first.metric == "spectral_alignment/collapse/net.0" and first.severity == "warning"
-    assert 40 < first.step < nonfinite - 20  # patience 3 checks of 2 steps; the loss survives ~40 steps
-    model_alert = next(a for a in monitor.alerts if a.metric == "spectral_alignment/mean_collapse")
+    assert first.metric == f"{SA}/collapse/net.0" and first.severity == "warning"
+    assert 40 < first.step < nonfinite - 20  # patience 21 steps = 3 checks of 2 steps; the loss survives ~40 steps
+    assert first.acted_step == first.step  # on the CPU the action is taken at the step the rule fired
+    model_alert = next(a for a in monitor.alerts if a.metric == f"{SA}/mean_collapse")
     assert model_alert.severity == "critical" and model_alert.step < nonfinite
     assert "first first: net.0 (since step 41)" in model_alert.message
 
 
+def _host(step: int, layers: list[str], collapse: tuple[float, ...]) -> HostFigures:
+    return HostFigures(step, {}, tuple(layers), {"collapse/{layer}": np.array(collapse),
+                                                 "sigma1/{layer}": np.ones(len(layers))})  # fmt: skip
+
+
+def _run_rules(monitor: SpectralAlignmentMonitor, series: list[tuple[float, ...]]) -> list[tuple[str, int]]:
+    """Feed a collapse series through the monitor's host side (derive, then its rule book), one check per step."""
+    layers = ["ln_fed", "centred"]
+    alerts = []
+    for step, collapse in enumerate(series):
+        derived = monitor.derive(_host(step, layers, collapse))
+        keys = [f"{SA}/collapse/{n}" for n in layers] + [f"{SA}/{k}" for k in derived]
+        alerts += monitor.book.update(step, keys, np.array([*collapse, *derived.values()]))
+    return [(a.metric, a.step) for a in alerts]
+
+
 def test_a_layer_one_sided_by_construction_does_not_fire_but_a_rise_over_its_baseline_does() -> None:
-    rule = _LayerCollapse(0.9, 0.4, alpha=0.9, warmup=3, patience=2)
-    rule.bind(["spectral_alignment/collapse/ln_fed", "spectral_alignment/collapse/centred"])
     series = [(1.0, 0.2)] * 10 + [(1.0, 0.95)] * 3  # the first layer sits at 1 all along
-    for step, values in enumerate(series):
-        rule.update(torch.tensor(values), step)
-    alerts = rule.take(rule.pending().tolist(), "test")
-    assert [(a.metric, a.step) for a in alerts] == [("spectral_alignment/collapse/centred", 11)]
-    assert rule.baseline[1].item() == pytest.approx(0.2)  # hits are not absorbed
-    absolute = _LayerCollapse(0.9, None, alpha=0.9, warmup=3, patience=2)
-    absolute.bind(rule.keys)
-    for step, values in enumerate(series):
-        absolute.update(torch.tensor(values), step)
-    assert [a.step for a in absolute.take(absolute.pending().tolist(), "test")] == [1, 11]
+    kwargs = dict(baseline_alpha=0.9, baseline_warmup=3, patience=2, warmup_steps=0, mean_collapse_threshold=None)
+    monitor = SpectralAlignmentMonitor(**kwargs)
+    assert _run_rules(monitor, series) == [(f"{SA}/collapse/centred", 11)]
+    baseline = monitor.collapse_baseline.baseline
+    assert baseline.mean[1] == pytest.approx(0.2, abs=1e-12)  # hits are not absorbed
+    assert baseline.mean[0] == pytest.approx(1.0, abs=1e-12)
+    absolute = SpectralAlignmentMonitor(layer_rule="absolute", **kwargs)
+    assert _run_rules(absolute, series) == [(f"{SA}/collapse/ln_fed", 1), (f"{SA}/collapse/centred", 11)]
 
 
-def test_warmup_steps_mute_the_rules_but_not_the_figures() -> None:
+def test_warmup_steps_mute_the_rules_and_the_baselines_but_not_the_figures() -> None:
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=1000, mean_collapse_threshold=0.5,
                                        action="log")  # fmt: skip
     log = _history(_fit(Aligning(fault_step=10), monitor, max_steps=30))
     assert monitor.alerts == []
-    assert max(v for _, v in log["spectral_alignment/collapse/net.0"]) == 1.0
+    assert max(v for _, v in log[f"{SA}/collapse/net.0"]) == pytest.approx(1.0, abs=1e-12)
+    assert not monitor.collapse_baseline.baseline.ready.any()  # nothing learnt before warmup_steps
+    assert all(v == pytest.approx(0.0, abs=1e-12) for _, v in log[f"{SA}/frac_flagged"])
 
 
-def test_stop_action_ends_the_run_after_the_alerting_step() -> None:
+def test_stop_action_ends_the_run_at_the_alerting_step() -> None:
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, warmup_steps=0, action="stop")
     trainer = _fit(Aligning(fault_step=20), monitor, max_steps=60)
-    assert trainer.global_step == monitor.alerts[0].step + 1
+    alert = monitor.alerts[0]
+    assert trainer.global_step == alert.step + 1 and alert.acted_step == alert.step
+
+
+def test_nonfinite_weights_give_nan_figures_and_a_critical_alert() -> None:
+    """Issue 10, fault 5. Before: on a model whose weights had become NaN, the monitor kept logging
+    finite, healthy-looking collapse and sign-diversity figures (computed against the stale
+    singular vectors of the last finite weights), ``stable_rank`` 0.0, and raised nothing."""
+    torch.manual_seed(0)
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, action="log")  # default warm-up: NaN is never muted
+    log = _history(_fit(SeqModule(nan_step=2), monitor, max_steps=6))  # weights NaN from step 3 on
+    for name in "abc":
+        for figure in FIGURES:
+            series = dict(log[f"{SA}/{figure}/{name}"])
+            assert sorted(series) == list(range(6)), (figure, name)
+            assert all(math.isfinite(series[s]) for s in (0, 1, 2)), (figure, name)
+            assert all(math.isnan(series[s]) for s in (3, 4, 5)), (figure, name, series)
+        assert dict(log[f"{SA}/stable_rank/{name}"])[2] >= 1 - 1e-6
+    for figure in ("mean_collapse", "frac_collapsed", "frac_flagged"):
+        assert all(math.isnan(v) for s, v in log[f"{SA}/{figure}"] if s >= 3), figure
+    assert [(a.metric, a.step, a.severity, a.acted_step) for a in monitor.alerts] == [
+        (f"{SA}/sigma1/{name}", 3, "critical", 3) for name in "abc"]
+
+
+def test_weights_that_recover_from_nan_get_finite_figures_again() -> None:
+    """A NaN weight must not poison the warm start for good: once the weights are finite again
+    (a rollback restores them), so are the figures."""
+
+    class Restore(Callback):  # keeps the weights of step 0 and puts them back at step 5
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 0:
+                self.saved = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            if trainer.global_step == 5:
+                pl_module.load_state_dict(self.saved)
+
+    torch.manual_seed(0)
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=100, action="log")
+    capture = InputCapture(["a"])
+    log = _history(_fit(SeqModule(nan_step=2), Restore(), monitor, capture, max_steps=8))
+    assert all(math.isnan(v) for s, v in log[f"{SA}/sigma1/a"] if 3 <= s <= 4)
+    for step in (5, 6, 7):
+        expected = _reference(capture.weights[step]["a"], capture.inputs[step]["a"])
+        for figure in FIGURES:
+            assert dict(log[f"{SA}/{figure}/a"])[step] == pytest.approx(expected[figure], rel=1e-4, abs=1e-5), figure
+
+
+def test_alerts_after_the_last_logging_step_are_kept_and_logged_at_the_end_of_fit(tmp_path: Any) -> None:
+    """Issue 10, fault 4. Before: figures reached the host only at logging steps, so a 12-step run
+    with ``log_every_n_steps=5`` whose weights turned NaN at step 10 ended with an empty
+    ``callback.alerts`` and nothing logged after step 9."""
+    torch.manual_seed(0)
+    memory, csv = MemoryLogger(), CSVLogger(tmp_path, name="csv", version=0)
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, every_n_steps=5, action="log")
+    _fit(SeqModule(nan_step=9), monitor, max_steps=12, logger=[memory, csv])
+    assert [(a.metric, a.step, a.acted_step) for a in monitor.alerts] == [(f"{SA}/sigma1/{n}", 10, 10) for n in "abc"]
+    counts = memory.history[f"{SA}/alerts"]  # logged when the alerts fire, and with the last step's figures
+    assert [s for s, _ in counts] == [4, 9, 10, 11] and [v for _, v in counts] == pytest.approx([0, 0, 3, 3], abs=1e-12)
+    assert [s for s, _ in memory.history[f"{SA}/sigma1/a"]] == [4, 9, 11]  # the last step's figures, at the end
+    assert math.isnan(memory.history[f"{SA}/sigma1/a"][-1][1])
+    lines = (tmp_path / "csv" / "version_0" / "lightning_diag_alerts.jsonl").read_text().splitlines()
+    assert [(r["metric"], r["step"], r["severity"]) for r in map(json.loads, lines)] == [
+        (f"{SA}/sigma1/{n}", 10, "critical") for n in "abc"]
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
 def _resume_run(tmp_path: Any, stop_epoch: int | None) -> tuple[SpectralAlignmentMonitor, MemoryLogger]:
-    """6 epochs of 10 steps, inputs aligned from step 30; optionally interrupted after ``stop_epoch``."""
+    """6 epochs of 10 steps, inputs aligned from step 30, ``net.1`` turned at step 39 (its s_1 jumps,
+    so the first check after the checkpoint refines v1); optionally interrupted after ``stop_epoch``."""
 
     def parts() -> tuple[Aligning, SpectralAlignmentMonitor]:
-        return Aligning(fault_step=30), SpectralAlignmentMonitor(check_every_n_steps=2, max_rows=32, warmup_steps=0,
-                                                                 mean_collapse_threshold=0.5, action="log")  # fmt: skip
+        return Aligning(fault_step=30, kick_step=39), SpectralAlignmentMonitor(
+            check_every_n_steps=2, max_rows=32, warmup_steps=0, mean_collapse_threshold=0.5, action="log")
 
     torch.manual_seed(0)
     module, monitor = parts()
@@ -352,14 +469,35 @@ def _resume_run(tmp_path: Any, stop_epoch: int | None) -> tuple[SpectralAlignmen
     return monitor, logger
 
 
+def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=where)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
 def test_checkpoint_resume_continues_warm_start_sampling_baselines_and_alerts(tmp_path: Any) -> None:
-    (straight, straight_log), (resumed, resumed_log) = _resume_run(tmp_path, None), _resume_run(tmp_path, 3)
-    assert straight.alerts and resumed.alerts == straight.alerts
-    for key in ("spectral_alignment/collapse/net.1", "sigma1/net.0", "spectral_alignment/std/net.1"):
-        assert resumed_log.history[key] == straight_log.history[key], key
-    torch.testing.assert_close(resumed._layer_rule.baseline, straight._layer_rule.baseline)
-    for a, b in zip(resumed._groups, straight._groups):
-        torch.testing.assert_close(a.v1, b.v1)
+    (straight, straight_log), (resumed, resumed_log) = _resume_run(tmp_path, None), _resume_run(tmp_path, 4)
+    assert straight.alerts and [a.as_dict() for a in resumed.alerts] == [a.as_dict() for a in straight.alerts]
+    keys = [k for k in straight_log.history if k.startswith(f"{SA}/")]
+    assert f"{SA}/sigma1/net.1" in keys and resumed_log.history.keys() == straight_log.history.keys()
+    for key in keys:
+        straight_series, resumed_series = straight_log.history[key], resumed_log.history[key]
+        assert [s for s, _ in resumed_series] == [s for s, _ in straight_series], key
+        np.testing.assert_allclose([v for _, v in resumed_series], [v for _, v in straight_series], rtol=1e-6,
+                                   atol=1e-9, err_msg=key)  # fmt: skip
+    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert torch.load(tmp_path / "interrupted.ckpt", weights_only=True)["callbacks"]  # plain lists and tensors
 
 
 # -- TensorBoard ------------------------------------------------------------------------------------
@@ -373,10 +511,11 @@ def test_histograms_reach_tensorboard_at_their_own_cadence(tmp_path: Any) -> Non
     _fit(SeqModule(), monitor, max_steps=12, logger=tensorboard)
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
     events.Reload()
-    assert set(events.Tags()["histograms"]) == {f"spectral_alignment/hist/{n}" for n in "abc"}
-    # the first check at or after steps 4 and 9 (0-based: 5th and 10th step)
-    assert [e.step for e in events.Histograms("spectral_alignment/hist/a")] == [5, 9]
-    assert "spectral_alignment/mean_collapse" in events.Tags()["scalars"]
+    # a (6 inputs) and b, c (8 inputs) are measured in two batches: each gets its histogram
+    assert set(events.Tags()["histograms"]) == {f"{SA}/hist/{n}" for n in "abc"}
+    for name in "abc":  # the first check at or after steps 4 and 9 (0-based: 5th and 10th step)
+        assert [e.step for e in events.Histograms(f"{SA}/hist/{name}")] == [5, 9]
+    assert f"{SA}/mean_collapse" in events.Tags()["scalars"]
 
 
 # -- odd models, layer selection and bad arguments --------------------------------------------------
@@ -399,24 +538,22 @@ class ConvOnly(pl.LightningModule):
 
 
 def test_model_without_linear_layer_warns_once_and_does_nothing() -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = _fit(ConvOnly(), SpectralAlignmentMonitor(check_every_n_steps=1), max_steps=4)
+    trainer, shown = _caught(lambda: _fit(ConvOnly(), SpectralAlignmentMonitor(check_every_n_steps=1), max_steps=4))
     assert trainer.global_step == 4
-    assert len([w for w in caught if "no nn.Linear layer" in str(w.message)]) == 1
-    assert not [k for k in _history(trainer) if "spectral" in k or "sigma1" in k]
+    assert len([m for m in shown if "no nn.Linear or nn.MultiheadAttention" in m]) == 1
+    assert not [k for k in _history(trainer) if k.startswith(f"{SA}/")]
 
 
 class WithAttention(SeqModule):
-    """``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling ``out_proj``.
+    """``a``, then self-attention ``attn`` (``nn.MultiheadAttention``, which multiplies by
+    ``out_proj.weight`` without calling ``out_proj``), then ``b``, ``c`` and the head ``out``
+    (registered last). ``unused`` is an ``nn.Linear`` that ``forward`` never calls."""
 
-    ``head_last``: register ``out`` again after ``attn``, so that it is the last ``nn.Linear``."""
-
-    def __init__(self, head_last: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
+        self.unused = nn.Linear(8, 8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        if head_last:
-            self.out = self._modules.pop("out")
+        self.out = self._modules.pop("out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.a(x))
@@ -424,26 +561,84 @@ class WithAttention(SeqModule):
         return self.out(torch.tanh(self.c(torch.tanh(self.b(h))))).mean(1)
 
 
-def test_layer_never_called_through_forward_gets_nan_figures_and_one_warning() -> None:
+def test_multihead_attention_is_watched_through_the_q_k_v_blocks_of_its_in_projection() -> None:
+    """Issue 10, fault 6. Before: ``attn.out_proj`` was selected though never called (MHA uses its
+    weight inside ``F.multi_head_attention_forward``), so its figures were NaN for the whole run,
+    and the in-projection, where the attention's inputs meet a weight, was not watched at all."""
     torch.manual_seed(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        log = _history(_fit(WithAttention(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log"),
-                            max_steps=3))  # fmt: skip
-    assert len([w for w in caught if "no input reached ['attn.out_proj']" in str(w.message)]) == 1
-    assert all(math.isnan(v) for _, v in log["spectral_alignment/collapse/attn.out_proj"])
-    assert all(math.isfinite(v) for _, v in log["sigma1/attn.out_proj"])
-    assert all(math.isfinite(v) for _, v in log["spectral_alignment/mean_collapse"])
+    # s_2 / s_1 = 0.96 for W_q at initialisation: 500 iterations converge v1 to float32 precision
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=500, action="log")
+    capture = InputCapture(["attn"], weight=lambda m: m.in_proj_weight)
+    log, shown = _caught(lambda: _history(_fit(WithAttention(), monitor, capture, max_steps=3)))
+    assert _layers(log) == ["a", "attn.k", "attn.q", "attn.v", "b", "c"]  # no out_proj, no head, no unused
+    assert not [k for k in log if "out_proj" in k or "unused" in k]
+    for step in range(3):
+        for i, part in enumerate("qkv"):
+            rows = capture.weights[step]["attn"][8 * i : 8 * (i + 1)]  # W_q, W_k, W_v: blocks of in_proj_weight
+            expected = _reference(rows, capture.inputs[step]["attn"])  # self-attention: query = key = value
+            for figure, value in expected.items():
+                key = f"{SA}/{figure}/attn.{part}"
+                assert dict(log[key])[step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
+    for key, records in log.items():
+        assert all(math.isfinite(v) for _, v in records), key
+    assert len([m for m in shown if "no input reached ['unused']" in m]) == 1  # one warning, not one per check
+    assert not [m for m in shown if "exclude_head" in m]  # out_proj is not taken for the output head
+
+
+class AttentionOnly(pl.LightningModule):
+    """Self-attention and nothing else (its only ``nn.Linear`` is ``out_proj``). From ``fault_step``
+    on, every input token gets a large common offset, so all rows fall on one side of each v1."""
+
+    def __init__(self, fault_step: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        x = torch.randn(64, 4, 8, generator=g)
+        self.data = TensorDataset(x, x.sum(-1))
+        self.offset = 30 * nn.functional.normalize(torch.randn(8, generator=g), dim=0)
+        self.fault_step = fault_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = x + self.offset if self.global_step >= self.fault_step else x
+        return nn.functional.mse_loss(self.attn(x, x, x, need_weights=False)[0].sum(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16)
+
+
+def test_attention_only_model_has_a_finite_mean_collapse_and_its_model_level_rule_fires() -> None:
+    """Issue 10, fault 6. Before: in an attention-only model the one watched map was the never-called
+    ``out_proj``, so ``mean_collapse`` was NaN at every check and the model-level rule could never fire."""
+    torch.manual_seed(0)
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, warmup_steps=0, layer_rule="none",
+                                       mean_collapse_patience=3, action="log")  # fmt: skip
+    log, shown = _caught(lambda: _history(_fit(AttentionOnly(fault_step=4), monitor, max_steps=8)))
+    assert _layers(log) == ["attn.k", "attn.q", "attn.v"]
+    mean = dict(log[f"{SA}/mean_collapse"])
+    assert sorted(mean) == list(range(8)) and all(math.isfinite(v) for v in mean.values())
+    assert max(mean[s] for s in range(4)) < 0.8 <= min(mean[s] for s in range(4, 8))
+    assert [(a.metric, a.step, a.severity) for a in monitor.alerts] == [(f"{SA}/mean_collapse", 6, "critical")]
+    assert not [m for m in shown if "lightning_diag" in m]  # nothing to warn about: every map is called
 
 
 def test_a_registered_last_linear_that_is_not_the_output_head_is_reported_once() -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        log = _history(_fit(WithAttention(head_last=False), SpectralAlignmentMonitor(check_every_n_steps=1,
-                            action="log"), max_steps=3))  # fmt: skip
-    shown = [str(w.message) for w in caught if "`exclude_head=True` left out 'attn.out_proj'" in str(w.message)]
-    assert len(shown) == 1 and "was not called through forward()" in shown[0]
-    assert "sigma1/out" in log
+    class AuxLast(SeqModule):  # `aux` is registered after the head but runs first
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.aux(x))
+
+    log, shown = _caught(lambda: _history(_fit(AuxLast(), SpectralAlignmentMonitor(check_every_n_steps=1,
+                                                                                   action="log"), max_steps=3)))
+    reported = [m for m in shown if "`exclude_head=True` left out 'aux'" in m]
+    assert len(reported) == 1 and "ran before ['a', 'b', 'c', 'out']" in reported[0]
+    assert _layers(log) == ["a", "b", "c", "out"]
 
 
 @pytest.mark.parametrize(
@@ -453,63 +648,114 @@ def test_a_registered_last_linear_that_is_not_the_output_head_is_reported_once()
         ({"exclude_head": False}, ["a", "b", "c", "out"]),
         ({"include": ["b", "c"]}, ["b", "c"]),
         ({"exclude": ["a"]}, ["b", "c"]),
+        ({"per_layer": False}, ["a", "b", "c"]),
     ],
 )
 def test_layer_selection(kwargs: dict[str, Any], layers: list[str]) -> None:
     log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
                         max_steps=1))  # fmt: skip
-    assert sorted(k.rpartition("/")[2] for k in log if k.startswith("sigma1/")) == layers
+    assert _layers(log) == _layers(log, "collapse") == layers
+    assert bool(_layers(log, "std")) == kwargs.get("per_layer", True)  # per_layer=False: collapse and s_1 only
+
+
+def test_selection_by_pattern_reaches_attention_blocks() -> None:
+    for kwargs, layers in [({"include": ["attn"]}, ["attn.k", "attn.q", "attn.v"]),
+                           ({"include": ["attn.q"]}, ["attn.q"]),
+                           ({"exclude": ["attn.*", "unused"]}, ["a", "b", "c"])]:  # fmt: skip
+        log = _history(_fit(WithAttention(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
+                            max_steps=1))  # fmt: skip
+        assert _layers(log) == layers, kwargs
 
 
 def test_frozen_layers_are_not_watched() -> None:
     module = SeqModule()
     module.b.requires_grad_(False)
     log = _history(_fit(module, SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=1))
-    assert sorted(k.rpartition("/")[2] for k in log if k.startswith("sigma1/")) == ["a", "c"]
+    assert _layers(log) == ["a", "c"]
 
 
 def test_include_matching_nothing_raises_value_error_listing_the_candidates() -> None:
-    with pytest.raises(ValueError, match=r"matches no watched nn.Linear layer; the candidates are \['a', 'b', 'c'\]"):
+    with pytest.raises(ValueError, match=r"matches no watchable layer; the candidates are \['a', 'b', 'c'\]"):
         _fit(SeqModule(), SpectralAlignmentMonitor(include=["blocks.*"]), max_steps=1)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({"layer_rule": "relative"}, "one of ('baseline', 'absolute', 'none'), got 'relative'"),
+        ({"layer_rule": "relative"}, "`layer_rule` must be one of ('baseline', 'absolute', 'none'), got 'relative'"),
         ({"check_every_n_steps": 0}, "`check_every_n_steps` must be an int >= 1, got 0"),
         ({"max_rows": 1.5}, "`max_rows` must be an int >= 1, got 1.5"),
-        ({"collapse_threshold": 1.5}, "`collapse_threshold` must be in (0, 1], got 1.5"),
-        ({"mean_collapse_threshold": 0.0}, "`mean_collapse_threshold` must be None or in (0, 1], got 0.0"),
-        ({"baseline_alpha": 1.0}, "`baseline_alpha` must be in (0, 1), got 1.0"),
+        ({"patience": 0}, "`patience` must be an int >= 1, got 0"),
+        ({"collapse_threshold": 1.5}, "`collapse_threshold` must be a number in (0, 1], got 1.5"),
+        ({"collapse_threshold": float("nan")}, "`collapse_threshold` must be a number in (0, 1], got nan"),
+        ({"baseline_rise": -0.1}, "`baseline_rise` must be a number in [0, 1], got -0.1"),
+        ({"mean_collapse_threshold": 0.0}, "`mean_collapse_threshold` must be None or a number in (0, 1], got 0.0"),
+        ({"baseline_alpha": 1.0}, "`baseline_alpha` must be a number in (0, 1), got 1.0"),
         ({"histogram_every_n_steps": 0}, "`histogram_every_n_steps` must be None or an int >= 1, got 0"),
         ({"warmup_steps": -1}, "`warmup_steps` must be an int >= 0, got -1"),
+        ({"seed": "x"}, "`seed` must be an int >= 0, got 'x'"),  # issue 10, fault 7: accepted before
         ({"include": [""]}, "`include` must be None or glob patterns"),
         ({"action": "email"}, "`action` must be one of ('log', 'warn', 'stop', 'raise')"),
+        ({"rules": "spectral_alignment/mean_collapse"}, "`rules` must be a rule or a list of rules"),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_the_allowed_values(kwargs: dict[str, Any], shown: str) -> None:
+def test_bad_arguments_raise_value_error_naming_the_value_and_the_allowed_values(kwargs: dict[str, Any],
+                                                                                 shown: str) -> None:
     with pytest.raises(ValueError) as error:
         SpectralAlignmentMonitor(**kwargs)
     assert shown in str(error.value)
 
 
+@pytest.mark.parametrize("kwargs", [{"baseline_rise": 0.0}, {"baseline_alpha": 0.5}, {"mean_collapse_threshold": None},
+                                    {"collapse_threshold": 1.0}, {"seed": 7}])  # fmt: skip
+def test_the_edges_of_the_allowed_ranges_are_accepted(kwargs: dict[str, Any]) -> None:
+    SpectralAlignmentMonitor(**kwargs)
+
+
 # -- distributed ------------------------------------------------------------------------------------
+
+
+def _ddp() -> DDPStrategy:
+    return DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path: Any) -> None:
+    """The SA statistics are sums over ranks: two ranks of 32 rows log the figures of one process
+    with the 64 rows (the DistributedSampler interleaves, so each step sees the same global batch).
+    Before, each rank measured its own rows and rank 0 logged rank-local figures."""
+
+    def monitor() -> SpectralAlignmentMonitor:
+        return SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, power_iterations=100, action="log")
+
+    torch.manual_seed(0)
+    single = _history(_fit(Aligning(n=256, batch_size=64), monitor(), max_steps=8))
+    torch.manual_seed(0)
+    csv = CSVLogger(tmp_path, name="ddp", version=0)
+    _fit(Aligning(n=256, batch_size=32), monitor(), max_steps=8, devices=2, strategy=_ddp(), logger=csv)
+    rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
+    keys = [k for k in single if k.startswith(f"{SA}/") and k != f"{SA}/alerts"]
+    assert f"{SA}/std/net.1" in keys and set(keys) <= set(rows.dtype.names)
+    for key in keys:
+        logged = [(int(s), v) for s, v in zip(rows["step"], rows[key]) if not math.isnan(v)]
+        assert [s for s, _ in logged] == [s for s, _ in single[key]] == [1, 3, 5, 7], key
+        np.testing.assert_allclose([v for _, v in logged], [v for _, v in single[key]], rtol=1e-4, atol=1e-6,
+                                   err_msg=key)  # fmt: skip
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_stop_decision_is_shared_when_only_one_rank_sees_the_collapse(tmp_path: Any) -> None:
     torch.manual_seed(0)
-    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, warmup_steps=0, action="stop")
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    # Only rank 1's inputs are aligned: rank 0 logs nothing alarming but must stop with rank 1.
-    _fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=strategy, logger=csv)
+    # Only rank 1's inputs are aligned; the figures are global, so both ranks see its collapse and stop together.
+    _fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=_ddp(), logger=csv)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
-    steps = rows["step"][np.isfinite(rows["spectral_alignment/mean_collapse"])]
+    steps = rows["step"][np.isfinite(rows[f"{SA}/mean_collapse"])]
     assert steps.max() < 30  # stopped within a few checks of the fault, on both ranks (or it would hang)
-    assert np.nanmax(rows["alerts/SpectralAlignmentMonitor"]) == 0  # rank 0's own figures raised nothing
+    assert np.nanmax(rows[f"{SA}/alerts"]) >= 1  # rank 0 logs the global figures, rank 1's collapse included
 
 
 # -- a real divergence, and CUDA --------------------------------------------------------------------
@@ -541,33 +787,35 @@ def test_tiny_transformer_lr_ramp_alerts_before_the_explosion_and_a_small_consta
     assert results["stable"] == (None, [])
     explosion, alerts = results["ramp"]
     assert explosion is not None and alerts and alerts[0].step < explosion
-    assert any(a.metric == "spectral_alignment/mean_collapse" and a.step < explosion for a in alerts)
+    assert any(a.metric == f"{SA}/mean_collapse" and a.step < explosion for a in alerts)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_sync_on_steps_that_do_not_log_on_cuda() -> None:
+    """Every hook of the monitor runs under ``set_sync_debug_mode("error")`` on steps that do not log
+    (checks included: their figures leave for the host by a non-blocking copy)."""
     checked: list[int] = []
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=6, max_rows=8, action="log")
-    hook, capture = monitor.on_before_optimizer_step, monitor._capture
 
-    def strict(call: Any) -> Any:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return call()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-    def on_before_optimizer_step(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        step = trainer.global_step  # the first check moves rule state to the device once
-        if step > 1 and not monitor.is_logging_step(trainer, step):
+    def strict(hook: Callable[..., Any]) -> Callable[..., Any]:
+        def run(trainer: pl.Trainer, *args: Any) -> Any:
+            step = trainer.global_step
+            logging = any(s % 6 == 5 for s in (step - 1, step))  # a logging step's hooks, or the next step's start
+            if step <= 1 or logging:  # the first check allocates and builds the device index tensors once
+                return hook(trainer, *args)
             checked.append(step)
-            return strict(lambda: hook(trainer, pl_module, optimizer))
-        return hook(trainer, pl_module, optimizer)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(trainer, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
 
-    monitor.on_before_optimizer_step = on_before_optimizer_step  # Lightning looks hooks up on the instance
-    monitor._capture = lambda index, x: strict(lambda: capture(index, x))
+        return run
+
+    for name in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
+        setattr(monitor, name, strict(getattr(monitor, name)))  # Lightning looks hooks up on the instance
     trainer = make_trainer(callbacks=[monitor], max_steps=12, accelerator="gpu")
     trainer.fit(SeqModule())
-    assert checked == [2, 3, 4, 6, 7, 8, 9, 10]
-    assert [s for s, _ in trainer.logger.history["sigma1/a"]] == [5, 11]
+    assert {2, 3, 4, 8, 9, 10} <= set(checked)
+    assert [s for s, _ in trainer.logger.history[f"{SA}/sigma1/a"]] == [5, 11]
