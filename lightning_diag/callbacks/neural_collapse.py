@@ -177,6 +177,7 @@ class NCTracker(DiagnosticCallback):
         self._captured: list[Tensor] = []
         self._decision: tuple[Tensor, Tensor | None] | None = None  # (W, b) of the forward being captured
         self._measured = False
+        self._probe_step = -1  # trainer.global_step of the last probe
 
     @property
     def source(self) -> str:
@@ -196,7 +197,7 @@ class NCTracker(DiagnosticCallback):
             self.attach(trainer, pl_module)
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._measured = False
+        self._measured, self._probe_step = False, -1
         named = ("classifier", self.classifier) if self.classifier is not None else None
         head = find_module(pl_module, self.classifier, "classifier") if named else (last_linear(pl_module) or (None, None))[1]
         if head is None:
@@ -275,14 +276,16 @@ class NCTracker(DiagnosticCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.data == "train":
             self._end_batch(pl_module, batch)
-        if self.probe_every_n_steps is not None and self._probes.at(trainer.global_step - 1):
+        # Once per optimizer step: under gradient accumulation the batches that do not step see the same global_step.
+        step = trainer.global_step
+        if self.probe_every_n_steps is not None and step > 0 and self._probes.at(step - 1) and step != self._probe_step:
             self._probe(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data == "train" and self._armed:
             self._finish(trainer)
         elif not isinstance(self.data, str) and self._epochs.at(trainer.current_epoch):
-            if not self._probes.at(trainer.global_step - 1):  # not twice at one step
+            if trainer.global_step != self._probe_step:  # not twice at one step
                 self._probe(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -295,6 +298,7 @@ class NCTracker(DiagnosticCallback):
         """One evaluation on the probe loader (two passes with ``nc4="exact"``); training unchanged."""
         if self._head is None:
             return
+        self._probe_step = trainer.global_step
         self._begin()
         with _probe_mode(pl_module):
             for batch in self._probe_batches(trainer, pl_module):
