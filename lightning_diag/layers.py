@@ -129,13 +129,16 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return linears[-1] if linears else None
 
 
-def find_module(model: nn.Module, name: str, argument: str) -> nn.Module:
-    """The module called ``name``; a ``ValueError`` naming ``argument`` and listing the modules otherwise."""
+def find_module(model: nn.Module, name: str, argument: str, *, matrix: bool = False) -> nn.Module:
+    """The module called ``name``; otherwise a ``ValueError`` naming ``argument`` and listing the candidates:
+    the modules with a 2-D ``weight`` if ``matrix`` (a classifier), else every module (a feature layer)."""
     modules = dict(model.named_modules())
     if name not in modules:
-        with_weight = [n for n, m in modules.items() if isinstance(getattr(m, "weight", None), torch.Tensor)]
-        raise ValueError(f"`{argument}={name!r}` is not a module of the model; modules with a weight are: "
-                         f"{with_weight[:50]}")  # fmt: skip
+        what, candidates = "modules", [n for n in modules if n]
+        if matrix:
+            what = "modules with a 2-D weight"
+            candidates = [n for n in candidates if getattr(getattr(modules[n], "weight", None), "ndim", 0) == 2]
+        raise ValueError(f"`{argument}={name!r}` is not a module of the model; {what} are: {candidates[:50]}")
     return modules[name]
 
 

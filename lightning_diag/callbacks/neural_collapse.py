@@ -198,8 +198,10 @@ class NCTracker(DiagnosticCallback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measured, self._probe_step = False, -1
-        named = ("classifier", self.classifier) if self.classifier is not None else None
-        head = find_module(pl_module, self.classifier, "classifier") if named else (last_linear(pl_module) or (None, None))[1]
+        if self.classifier is not None:
+            head = find_module(pl_module, self.classifier, "classifier", matrix=True)
+        else:
+            head = (last_linear(pl_module) or (None, None))[1]
         if head is None:
             self.warn_once("no-classifier", "the model has no nn.Linear to take as the classifier; doing nothing "
                                             "(name the head with `classifier=`)")  # fmt: skip
