@@ -493,6 +493,8 @@ def _check_data(data: Any) -> None:
         return
     if not isinstance(data, Iterable) or isinstance(data, Iterator):  # iter() of an iterator would consume it
         raise ValueError(f"`data` must be one of {DATA_SOURCES} or a re-iterable DataLoader, got {data!r}")
+    if isinstance(data, Sequence) and not data:
+        raise ValueError(f"`data` is an empty {type(data).__name__}: a probe needs at least one (input, label) batch")
     first = next(iter(data), None) if isinstance(data, Sequence) else None
     if isinstance(data, Sequence) and not (isinstance(first, (Mapping, Tensor)) or (
             isinstance(first, (tuple, list)) and len(first) >= 2)):  # fmt: skip
