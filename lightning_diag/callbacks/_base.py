@@ -177,6 +177,7 @@ class DiagnosticCallback(Callback):
         self._unacted: list[Alert] = []
         self._keys: dict[tuple[Any, ...], tuple[tuple[str, ...], np.ndarray]] = {}
         self._device_index: dict[tuple[Any, ...], Tensor] = {}
+        self._logged_only: dict[tuple[str, ...], np.ndarray] = {}
 
     # -- identity, declarations -------------------------------------------------------------------
 
@@ -426,7 +427,9 @@ class DiagnosticCallback(Callback):
         if held is not None:
             parts = [(held.keys, held.values), *held.extra]
             flat = torch.cat([v.reshape(-1).to(torch.float64) for _, v in parts]).tolist()  # the one host read
-            metrics.update(zip([k for keys, _ in parts for k in keys], flat))
+            keys = tuple(k for keys, _ in parts for k in keys)
+            metrics.update(zip(keys, flat))
+            self._rules_on_logged(trainer, held.step, step, keys, flat)
             step = held.step
         if self._host is not None and self._host[0] == step:
             metrics.update(zip(self._host[1], self._host[2].tolist()))
@@ -437,6 +440,17 @@ class DiagnosticCallback(Callback):
         write_dashboard_once(trainer, lambda: custom_scalars_layout(diagnostic_callbacks(trainer)))
         show_alert_count(trainer, total_alerts)
         log_metrics(trainer, metrics, step)
+
+    def _rules_on_logged(self, trainer: pl.Trainer, step: int, now: int, keys: tuple[str, ...], values: list[float]
+                         ) -> None:
+        """The rules on logging-rate figures, which reach the host only here (the streams were ruled on already)."""
+        if keys not in self._logged_only:
+            self._logged_only[keys] = np.array([i for i, k in enumerate(keys) if self._rate(k) not in STREAM_RATES],
+                                               dtype=np.int64)  # fmt: skip
+        index = self._logged_only[keys]
+        alerts = self.book.update(step, [keys[i] for i in index], np.asarray(values, dtype=np.float64)[index])
+        if alerts:
+            self._raise(trainer, alerts, now, act=True)
 
     # -- alerts and actions -----------------------------------------------------------------------
 
