@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import DivergenceError
+from lightning_diag import Above, DivergenceError
 from lightning_diag.callbacks._base import HostFigures
 from lightning_diag.callbacks.spectral_alignment import SpectralAlignmentMonitor
 
@@ -385,6 +385,17 @@ def test_stop_action_ends_the_run_at_the_alerting_step() -> None:
     assert trainer.global_step == alert.step + 1 and alert.acted_step == alert.step
 
 
+def test_a_user_rule_on_a_logging_rate_figure_fires_when_the_figure_is_logged() -> None:
+    """``std/<layer>`` reaches the host only on logging steps: the rule sees the check published there."""
+    torch.manual_seed(0)
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=5, action="log",
+                                       rules=[Above(f"{SA}/std/b", 0.0, severity="info")])  # fmt: skip
+    log = _history(_fit(SeqModule(), monitor, max_steps=10))
+    (alert,) = monitor.alerts  # one streak, one alert
+    assert (alert.metric, alert.step, alert.severity) == (f"{SA}/std/b", 3, "info")  # the check logged at step 4
+    assert alert.value == pytest.approx(dict(log[f"{SA}/std/b"])[3], rel=1e-12)
+
+
 def test_nonfinite_weights_give_nan_figures_and_a_critical_alert() -> None:
     """Issue 10, fault 5. Before: on a model whose weights had become NaN, the monitor kept logging
     finite, healthy-looking collapse and sign-diversity figures (computed against the stale
@@ -516,6 +527,12 @@ def test_histograms_reach_tensorboard_at_their_own_cadence(tmp_path: Any) -> Non
     for name in "abc":  # the first check at or after steps 4 and 9 (0-based: 5th and 10th step)
         assert [e.step for e in events.Histograms(f"{SA}/hist/{name}")] == [5, 9]
     assert f"{SA}/mean_collapse" in events.Tags()["scalars"]
+    quiet = TensorBoardLogger(tmp_path, name="per_layer_off", version=0)  # declares no hist/<layer>: logs none
+    _fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, histogram_every_n_steps=5, per_layer=False,
+                                               action="log"), max_steps=12, logger=quiet)  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "per_layer_off" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert events.Tags()["histograms"] == [] and f"{SA}/collapse/a" in events.Tags()["scalars"]
 
 
 # -- odd models, layer selection and bad arguments --------------------------------------------------
