@@ -254,8 +254,15 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         if x.device not in self._generators:
             self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed + self._rank)
         idx = torch.randint(n, (self.max_rows,), device=x.device, generator=self._generators[x.device])
-        # Gather the rows in place of flattening first: a non-contiguous input would be copied whole.
-        return x[torch.unravel_index(idx, x.shape[:-1])] if x.ndim > 2 else x.index_select(0, idx)
+        if x.ndim == 2:
+            return x.index_select(0, idx)
+        # Gather the rows in place of flattening first: a non-contiguous input would be copied whole. Unravelled
+        # with Python ints: torch.unravel_index puts its divisors on the device with a blocking copy (a sync).
+        index = []
+        for size in reversed(x.shape[1:-1]):
+            index.append(idx % size)
+            idx = idx // size
+        return x[(idx, *reversed(index))]
 
     # -- a check ----------------------------------------------------------------------------------
 
