@@ -836,3 +836,22 @@ def test_no_host_sync_on_steps_that_do_not_log_on_cuda() -> None:
     trainer.fit(SeqModule())
     assert {2, 3, 4, 8, 9, 10} <= set(checked)
     assert [s for s, _ in trainer.logger.history[f"{SA}/sigma1/a"]] == [5, 11]
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_compiled_model_gives_the_figures_of_the_eager_one(backend: str) -> None:
+    """The forward pre-hooks see the inputs of a ``torch.compile``-d model (dynamo traces the hooks)."""
+    logs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = SeqModule()
+        monitor = SpectralAlignmentMonitor(check_every_n_steps=2, max_rows=64, action="log")
+        logs.append(_history(_fit(torch.compile(module, backend=backend) if compiled else module, monitor,
+                                  max_steps=6)))  # fmt: skip
+        assert _hooks(module) == 0
+    eager, compiled_log = logs
+    assert eager.keys() == compiled_log.keys() and f"{SA}/std/c" in eager
+    for key in eager:
+        assert [s for s, _ in compiled_log[key]] == [s for s, _ in eager[key]], key
+        np.testing.assert_allclose([v for _, v in compiled_log[key]], [v for _, v in eager[key]], rtol=1e-5,
+                                   atol=1e-6, err_msg=key)  # fmt: skip
