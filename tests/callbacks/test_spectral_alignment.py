@@ -845,9 +845,22 @@ def test_no_host_sync_on_steps_that_do_not_log_on_cuda() -> None:
 
     for name in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
         setattr(monitor, name, strict(getattr(monitor, name)))  # Lightning looks hooks up on the instance
+    sample, samples = monitor._sample, []  # the forward pre-hooks' row sampling (24 rows, 8 kept: a random gather)
+
+    def strict_sample(x: torch.Tensor) -> torch.Tensor:
+        samples.append(len(samples))
+        if len(samples) <= 3:  # the first check creates the device generator
+            return sample(x)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return sample(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monitor._sample = strict_sample
     trainer = make_trainer(callbacks=[monitor], max_steps=12, accelerator="gpu")
     trainer.fit(SeqModule())
-    assert {2, 3, 4, 8, 9, 10} <= set(checked)
+    assert {2, 3, 4, 8, 9, 10} <= set(checked) and len(samples) == 6 * 3  # 6 checks, inputs of a, b, c
     assert [s for s, _ in trainer.logger.history[f"{SA}/sigma1/a"]] == [5, 11]
 
 
