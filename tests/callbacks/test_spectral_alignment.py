@@ -249,7 +249,7 @@ class HeldTensors(Callback):
 
 def test_hooks_sample_only_on_check_steps_and_are_all_removed_after_fit() -> None:
     """One sample per layer on check steps only (the monitor holds 3 more tensors there, none
-    on the other steps), three hooks during the run, none and no sampled rows after it."""
+    on the other steps), four hooks during the run (a, b, c, the head), none and no sampled rows after it."""
     torch.manual_seed(0)
     module = SeqModule()
     monitor = SpectralAlignmentMonitor(check_every_n_steps=3, action="log")
