@@ -132,6 +132,8 @@ def test_logged_metrics_equal_one_shot_metrics_of_the_validation_features() -> N
     x, y = module.val_set.tensors
     assert [s for s, _ in _series(log, "nc/nc1")] == [s for s, _ in snaps.states] == [4, 8, 12]
     assert [s for s, _ in _series(log, "nc/nc4")] == [8, 12]  # lagged: no previous means at the first evaluation
+    for key in log.history:  # every logged key is declared, once
+        assert key == "nc/alerts" or len([k for k in tracker.declared_keys() if k.matches(key, "nc")]) == 1, key
     previous = None
     for i, (step, state) in enumerate(snaps.states):
         h, w, b = _eval_features(module, state, x)

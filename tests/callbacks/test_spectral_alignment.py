@@ -197,6 +197,8 @@ def test_per_layer_figures_match_float64_svd_of_the_weight_and_the_captured_inpu
     log = _history(_fit(module, monitor, capture, max_steps=8))
     assert [s for s, _ in log[f"{SA}/sigma1/a"]] == [1, 3, 5, 7]
     assert _layers(log) == ["a", "b", "c"]  # the head is excluded by default
+    for key in log:  # every logged key is declared, once
+        assert key == f"{SA}/alerts" or len([k for k in monitor.declared_keys() if k.matches(key, SA)]) == 1, key
     for step in (1, 3, 5, 7):
         for name in ("a", "b", "c"):
             expected = _reference(capture.weights[step][name], capture.inputs[step][name])
