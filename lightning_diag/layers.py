@@ -153,6 +153,10 @@ class LinearMap:
         input: index of that input among the module's positional arguments (``0``; the MHA's
             ``query``, ``key``, ``value`` are 0, 1, 2); ``input_name`` is its keyword name.
         param: attribute of ``module`` holding the weight; ``rows`` the rows of it that are ``W``.
+        kind: how input rows are formed: ``"rows"`` (the input's last dimension: Linear, the
+            in-projection, a recurrent layer's input-to-hidden weight, whose packed sequences
+            give their ``.data``) or ``"patches"`` (``nn.Conv2d``: unfolded patches, ``W``
+            reshaped to ``(out_channels, in_channels * kh * kw)``).
     """
 
     name: str
@@ -161,9 +165,16 @@ class LinearMap:
     input_name: str = "input"
     param: str = "weight"
     rows: tuple[int, int] | None = None
+    kind: str = "rows"
+
+    def parameter(self) -> Tensor:
+        return getattr(self.module, self.param)
 
     def weight(self) -> Tensor:
-        w = getattr(self.module, self.param)
+        """``W`` as a 2-D ``(d_out, d_in)`` view."""
+        w = self.parameter()
+        if self.kind == "patches":
+            return w.flatten(1)
         return w if self.rows is None else w[self.rows[0] : self.rows[1]]
 
 
@@ -178,11 +189,15 @@ def linear_maps(
 ) -> tuple[list[LinearMap], tuple[str, nn.Module] | None]:
     """Every linear map of the model whose input a forward pre-hook can see, and the excluded head.
 
-    ``nn.Linear`` layers (trainable 2-D weight), and the query, key and value blocks of each
+    Watched: ``nn.Linear`` layers (trainable 2-D weight); the query, key and value blocks of each
     ``nn.MultiheadAttention`` in-projection (packed ``in_proj_weight`` or separate
-    ``q/k/v_proj_weight``), fed by the MHA's ``query``, ``key`` and ``value``. Not watchable, so
-    left out: ``nn.MultiheadAttention.out_proj`` (MHA multiplies by its weight inside
-    ``F.multi_head_attention_forward``, never calling it; its input is internal), and, with
+    ``q/k/v_proj_weight``), fed by the MHA's ``query``, ``key`` and ``value``; ``nn.Conv2d``
+    (``groups=1``, zero padding) on its unfolded input patches; and the input-to-hidden weight of
+    the first layer of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (``<rnn>.ih_l0``, ``<rnn>.ih_l0_reverse``),
+    fed by the module's input. Not watchable, so left out: ``nn.MultiheadAttention.out_proj`` (MHA
+    multiplies by its weight inside ``F.multi_head_attention_forward``; its input is internal);
+    the recurrent hidden-to-hidden weights and the input weights of deeper recurrent layers
+    (their inputs are internal states); grouped or non-zero-padded convolutions; with
     ``exclude_head``, the last ``nn.Linear`` registered that is not an ``out_proj`` (the output
     head). Patterns match a map's name or its module's name.
 
@@ -207,6 +222,13 @@ def linear_maps(
                 param, rows = ("in_proj_weight", (i * e, (i + 1) * e)) if packed else (f"{part}_proj_weight", None)
                 if getattr(module, param).requires_grad:
                     maps.append(LinearMap(f"{name}.{part}" if name else part, module, i, _MHA_INPUTS[i], param, rows))
+        elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+            if module.weight.requires_grad and isinstance(module.padding, tuple):  # "same"/"valid" strings: skip
+                maps.append(LinearMap(name or "conv", module, kind="patches"))
+        elif isinstance(module, nn.RNNBase):
+            for param in ("weight_ih_l0", "weight_ih_l0_reverse"):
+                if isinstance(getattr(module, param, None), Tensor) and getattr(module, param).requires_grad:
+                    maps.append(LinearMap(f"{name}.{param[7:]}" if name else param[7:], module, param=param))
     chosen = [m for m in maps if _keep(m, include, exclude)]
     if include and not chosen:
         raise ValueError(f"`include={list(include)}` matches no watchable layer; the candidates are "
@@ -215,7 +237,7 @@ def linear_maps(
 
 
 def _keep(m: LinearMap, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    owner = m.name.rpartition(".")[0] if m.param != "weight" else m.name
+    owner = m.name.rpartition(".")[0] if m.param != "weight" else m.name  # "blocks.0.attn" for "blocks.0.attn.q"
     names = (m.name, owner)
     return (include is None or any(matches(n, include) for n in names)) and not (
         exclude and any(matches(n, exclude) for n in names))

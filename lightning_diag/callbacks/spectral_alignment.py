@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Alert, NonFinite, Rule, Severity
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
+from lightning_diag.callbacks._sharding import DTensor, Sharding, is_row_sharded, sharding_of, sum_over_ranks, weight_rows
 from lightning_diag.callbacks._trainer import has_tensorboard, log_histogram
 from lightning_diag.keys import Key
 from lightning_diag.layers import LinearMap, linear_maps, validate_patterns
 from lightning_diag.metrics.spectral import (
-    CollapseBaseline, alignment_moments, power_iteration, spectral_alignment, stable_rank, summary_from_moments,
+    CollapseBaseline, alignment_moments, stable_rank, summary_from_moments, top_singular,
 )  # fmt: skip
 
 __all__ = ["SpectralAlignmentMonitor"]
@@ -61,7 +64,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     ``baseline_rise`` above the map's own EMA baseline
     (:class:`~lightning_diag.metrics.spectral.CollapseBaseline`) for ``patience`` steps.
     Model level (critical): the mean collapse over maps at least ``mean_collapse_threshold`` for
-    ``mean_collapse_patience`` steps; the message names the maps past their baseline, first first.
+    ``mean_collapse_patience`` steps; the message names the maps past their baseline, earliest first.
     Non-finite weights (critical): NaN figures, never stale ones. No rule fires before
     ``warmup_steps``. Calibration and why these defaults: ``docs/calibration.md``.
 
@@ -164,25 +167,27 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                                                   alpha=baseline_alpha, warmup=baseline_warmup)  # fmt: skip
         self._flags: dict[str, bool] = {}
         self._layer_rule = _LayerCollapse(self._flags, collapse_threshold, patience, baseline_rise, layer_rule)
-        self._builtin_rules = [NonFinite("spectral_alignment/sigma1/*", severity="critical")]
+        self._nonfinite = NonFinite("spectral_alignment/sigma1/*", severity="critical")
+        self._builtin_rules = [self._nonfinite]
         if layer_rule != "none":
             self._builtin_rules.append(self._layer_rule)
         if mean_collapse_threshold is not None:
             self._builtin_rules.append(_MeanCollapse(mean_collapse_threshold, mean_collapse_patience, self._layer_rule))
         self._histograms = Cadence(histogram_every_n_steps)
-        self._checks = Cadence(check_every_n_steps)
+        self.checks = Cadence(check_every_n_steps)
         self._maps: list[LinearMap] = []
+        self._groups: list[_Group] = []
+        self._solo: dict[int, _Group] = {}  # maps measured one by one (ragged row counts), by index
+        self._sharding = Sharding("none")
         self._handles: list[Any] = []
         self._captured: dict[int, Tensor] = {}
-        self._armed_step = -1
-        self._v1: dict[str, Tensor] = {}  # warm starts by map name (checkpointed)
+        self._loaded_v: dict[str, Tensor] = {}  # warm starts from a checkpoint, by map name
+        self._refine_loaded: set[str] = set()
         self._last_sigma: dict[str, float] = {}
-        self._refine: set[str] = set()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._head: tuple[str, nn.Module] | None = None
         self._call_order: list[str] | None = None
-        self._armed, self._rank = False, 0
-        self._indices: dict[tuple[Any, ...], Tensor] = {}
+        self._armed, self._rank, self._histogram_now = False, 0, False
 
     histograms = property(lambda self: self.per_layer and self.histogram_every_n_steps is not None)
 
@@ -190,20 +195,36 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude, exclude_head=self.exclude_head)
 
-    # -- set-up: the maps and their hooks ---------------------------------------------------------
+    # -- set-up: the maps, their groups and hooks ------------------------------------------------
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._maps, self._head = linear_maps(pl_module, self.include, self.exclude, self.exclude_head)
-        self.layers, self._rank = [m.name for m in self._maps], trainer.global_rank
-        if not self._maps:
-            self.warn_once("no-layers", "the model has no nn.Linear or nn.MultiheadAttention to watch; doing nothing")
+        maps, self._head = linear_maps(pl_module, self.include, self.exclude, self.exclude_head)
+        sharded = [m for m in maps if isinstance(m.parameter(), DTensor)]
+        if any(m.rows is not None or not is_row_sharded(m.parameter()) for m in sharded):
+            skipped = [m.name for m in sharded if m.rows is not None or not is_row_sharded(m.parameter())]
+            self.warn_once("sharded-blocks", f"not watched under this sharding (blocks of a sharded in-projection, or "
+                                             f"weights not split by rows): {skipped[:10]}")  # fmt: skip
+            maps = [m for m in maps if m.name not in skipped]
+        self._maps, self.layers, self._rank = maps, [m.name for m in maps], trainer.global_rank
+        self._sharding = sharding_of(trainer, [m.parameter() for m in maps], self.layers) if maps else Sharding("none")
+        if not maps:
+            self.warn_once("no-layers", "the model has no nn.Linear, nn.MultiheadAttention, nn.Conv2d or recurrent "
+                                        "input weight to watch; doing nothing")  # fmt: skip
             return
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, m in enumerate(maps):  # equal global shape and placement: one batched power iteration
+            p = m.parameter()
+            shape = tuple(p.shape) if m.rows is None else (m.rows[1] - m.rows[0], *p.shape[1:])
+            groups.setdefault((shape, p.dtype, str(p.device), m.kind, str(getattr(p, "placements", ""))), []).append(index)
+        self._groups = [_Group(indices, self._warm_start(indices), any(maps[i].name in self._refine_loaded for i in indices))
+                        for indices in groups.values()]  # fmt: skip
+        self._solo = {}
         by_module: dict[int, list[int]] = {}
-        for index, m in enumerate(self._maps):
+        for index, m in enumerate(maps):
             by_module.setdefault(id(m.module), []).append(index)
         for indices in by_module.values():
             hook = self._make_hook(indices)
-            self._handles.append(self._maps[indices[0]].module.register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(maps[indices[0]].module.register_forward_pre_hook(hook, with_kwargs=True))
         if self._head is not None:  # to check, at the first check, that the head is the last one to run
             self._call_order = []
             self._handles.append(self._head[1].register_forward_pre_hook(self._note_head))
@@ -211,49 +232,58 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._call_order, self._armed_step = [], None, -1
+        self._handles, self._call_order = [], None
         self._captured.clear()
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._histograms.start(trainer.global_step)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        step = trainer.global_step
-        if self._handles and self._checks.at(step) and self._armed_step != step:  # first micro-batch only
-            self._captured.clear()
-            self._armed_step, self._armed = step, True
+    def is_check_step(self, step: int) -> bool:
+        # Adaptive cadence: while a rule's condition holds but has not yet fired, check every step, so
+        # an alert comes `patience` steps after the condition began, not `patience` checks.
+        return bool(self._handles) and (self.checks.at(step) or self._streak_pending())
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._armed = False  # a forward recomputed in backward (activation checkpointing) is not sampled
+    def arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._captured.clear()
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False  # also before the backward: a recomputed forward (checkpointing) is not sampled
 
     def _make_hook(self, indices: list[int]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if not getattr(self, "_armed", False) or indices[0] in self._captured:
+            if not self._armed or indices[0] in self._captured:
                 return
             rows: dict[int, Tensor] = {}  # id(input) -> sampled rows: q, k, v of self-attention share one sample
-            for i in indices:
-                m = self._maps[i]
-                x = args[m.input] if len(args) > m.input else kwargs.get(m.input_name)
-                if isinstance(x, Tensor) and x.ndim > 0:
-                    self._captured[i] = rows[id(x)] = rows.get(id(x)) if id(x) in rows else self._sample(x)
-                if self._call_order is not None:
-                    self._call_order.append(m.name)
+            with torch.no_grad():
+                for i in indices:
+                    m = self._maps[i]
+                    x = args[m.input] if len(args) > m.input else kwargs.get(m.input_name)
+                    x = getattr(x, "data", x) if type(x).__name__ == "PackedSequence" else x
+                    if isinstance(x, Tensor) and x.ndim > 0:
+                        self._captured[i] = rows[id(x)] = rows.get(id(x)) if id(x) in rows else self._sample(m, x)
+                    if self._call_order is not None:
+                        self._call_order.append(m.name)
 
         return hook
 
     def _note_head(self, module: nn.Module, args: Any) -> None:
-        if getattr(self, "_armed", False) and self._call_order is not None:
+        if self._armed and self._call_order is not None:
             self._call_order.append("")
 
-    def _sample(self, x: Tensor) -> Tensor:
-        x = x.detach()
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + self._rank)
+        return self._generators[device]
+
+    def _sample(self, m: LinearMap, x: Tensor) -> Tensor:
+        """At most ``max_rows`` random input rows of map ``m`` (unfolded patches for a convolution)."""
+        if m.kind == "patches":
+            x = self._patches(m.module, x)  # type: ignore[arg-type]
         n = x.numel() // max(x.shape[-1], 1)
         if n <= self.max_rows:
             return x.reshape(n, x.shape[-1]).clone()
-        if x.device not in self._generators:
-            self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed + self._rank)
-        idx = torch.randint(n, (self.max_rows,), device=x.device, generator=self._generators[x.device])
+        idx = torch.randint(n, (self.max_rows,), device=x.device, generator=self._generator(x.device))
         if x.ndim == 2:
             return x.index_select(0, idx)
         # Gather the rows in place of flattening first: a non-contiguous input would be copied whole. Unravelled
@@ -264,61 +294,96 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
             idx = idx // size
         return x[(idx, *reversed(index))]
 
+    def _patches(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """The input patches of enough random images for ``max_rows`` rows: ``(images * L, C * kh * kw)``."""
+        x = x.unsqueeze(0) if x.ndim == 3 else x
+        per_image = max(1, _conv_positions(conv, x.shape[-2:]))
+        images = min(x.shape[0], -(-self.max_rows // per_image))
+        if images < x.shape[0]:
+            x = x.index_select(0, torch.randperm(x.shape[0], device=x.device, generator=self._generator(x.device))[:images])
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (images, C*kh*kw, L)
+        return cols.transpose(1, 2)
+
     # -- a check ----------------------------------------------------------------------------------
 
-    def measures(self, step: int) -> bool:
-        return self._armed_step == step and bool(self._captured)
-
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures:
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures | None:
         captured, self._captured, self._armed = self._captured, {}, False
         self._check_calls(captured)
-        called = sorted(captured)
-        sigma, rank = self._measure_weights(called)
-        # per_layer=False declares no hist/<layer> key, so it logs no histogram
-        histograms = self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
-        moments = torch.cat([self._moments(trainer, captured, g, histograms) for g in _buckets(captured)])
-        order = [i for group in _buckets(captured) for i in group]
-        moments = moments[self._index(np.argsort(order).tolist(), moments.device)]
-        if trainer.world_size > 1:  # the sums add up across ranks: every rank gets the global figures
-            moments = trainer.strategy.reduce(moments, reduce_op="sum")
-        summary = summary_from_moments(moments)
-        broken = ~torch.isfinite(sigma)  # non-finite weights: NaN figures, never ones against a stale v_1
-        values = {f"{name}/{{layer}}": torch.where(broken, float("nan"), getattr(summary, name)) for name in _SUMMARY}
-        values.update({"sigma1/{layer}": sigma, "stable_rank/{layer}": rank})
-        if not self.per_layer:
-            values = {k: v for k, v in values.items() if k in ("collapse/{layer}", "sigma1/{layer}")}
-        return Figures(values, [self._maps[i].name for i in called])
+        if not captured:
+            return None
+        full = self.per_layer and self._full_figures(trainer.global_step)
+        self._histogram_now = full and self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
+        parts = [self._measure_group(trainer, g, captured, full) for g in self._groups]
+        parts = [p for p in parts if p is not None]
+        names = [self._maps[i].name for indices, _ in parts for i in indices]
+        figures = {k: torch.cat([p[k] for _, p in parts]) for k in parts[0][1]}
+        counts = figures.pop("counts")  # (M, 2) or the (M, 6) moments: sums over the ranks' own rows
+        if trainer.world_size > 1:
+            counts = sum_over_ranks(counts)
+        broken = ~torch.isfinite(figures["sigma1/{layer}"])  # non-finite weights: NaN figures, never stale ones
+        if counts.shape[1] == 2:  # signed count and unsigned count of the rows' signs
+            figures["collapse/{layer}"] = torch.where(broken, float("nan"), counts[:, 0].abs() / counts[:, 1])
+        else:
+            summary = summary_from_moments(counts)
+            figures.update({f"{k}/{{layer}}": torch.where(broken, float("nan"), getattr(summary, k)) for k in _SUMMARY})
+        return Figures(figures, names)
 
-    def _measure_weights(self, called: list[int]) -> tuple[Tensor, Tensor]:
-        """Warm-started power iteration per group of equal-shape weights: ``s_1`` and stable rank per map."""
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for position, i in enumerate(called):
-            w = self._maps[i].weight()
-            groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(position)
-        sigma = torch.empty(len(called), device=self._maps[called[0]].weight().device)
-        rank = torch.empty_like(sigma)
-        for positions in groups.values():
-            maps = [self._maps[called[p]] for p in positions]
-            weights = torch.stack([m.weight().detach() for m in maps])
-            warm = [self._v1.get(m.name) for m in maps]
-            v0 = torch.stack(warm).to(weights.device) if all(v is not None for v in warm) else None  # type: ignore[arg-type]
-            refine = any(m.name in self._refine for m in maps)
-            s, _, v = power_iteration(weights, v0, iters=_REFINE_ITERS if refine else self.power_iterations)
-            self._v1.update({m.name: v[j] for j, m in enumerate(maps)})
-            index = self._index(positions, sigma.device)
-            sigma.index_copy_(0, index, s.to(sigma.dtype))
-            rank.index_copy_(0, index, stable_rank(weights, s).to(sigma.dtype))
-        self._refine.clear()
-        return sigma, rank
+    def _full_figures(self, step: int) -> bool:
+        """Whether this check's figures are the ones the next logging step logs (then they are all computed)."""
+        log_every = self._log_cadence.every or 1
+        next_log = step + (log_every - 1 - step % log_every)
+        next_check = step + 1 + (self.check_every_n_steps - 1 - (step + 1) % self.check_every_n_steps)
+        return next_log < next_check
 
-    def _moments(self, trainer: pl.Trainer, captured: dict[int, Tensor], group: list[int], histograms: bool) -> Tensor:
-        """SA sufficient statistics of maps whose sampled inputs have equal shape: one batched pass."""
-        inputs = torch.stack([captured[i] for i in group])
-        vectors = torch.stack([self._v1[self._maps[i].name] for i in group]).to(inputs.device)
-        alignment = spectral_alignment(inputs, vectors)
-        for i, values in zip(group, alignment) if histograms else ():
-            log_histogram(trainer, f"{self.family}/hist/{self._maps[i].name}", values, trainer.global_step)
-        return alignment_moments(alignment)
+    def _measure_group(
+        self, trainer: pl.Trainer, group: _Group, captured: dict[int, Tensor], full: bool
+    ) -> tuple[list[int], dict[str, Tensor]] | None:
+        """One batched power iteration and one batched projection for the group's maps that were called."""
+        called = [i for i in group.maps if i in captured]
+        rows = {captured[i].shape for i in called}
+        if not called or len(rows) > 1:  # a map not called, or maps fed different row counts: no batch
+            if called:
+                self.warn_once("ragged", "maps of one weight shape saw different numbers of input rows; they are "
+                                         "measured one by one")  # fmt: skip
+            return self._measure_one_by_one(trainer, group, called, captured, full) if called else None
+        parent, positions = group, [group.maps.index(i) for i in called]
+        if called != group.maps:  # some maps were not called: iterate on the others, then write their vectors back
+            group = _Group(called, None if parent.v is None else parent.v[positions], parent.refine)
+        weights = torch.stack([self._weight_rows(i) for i in called]).float()
+        sharded = self._sharding.reduces
+        sigma, group.v = top_singular(weights, group.v, iters=_REFINE_ITERS if group.refine else self.power_iterations,
+                                      all_reduce_sum=self._sharding.all_reduce_sum if sharded else None)  # fmt: skip
+        parent.refine = group.refine = False
+        if group is not parent and parent.v is not None:
+            parent.v[positions] = group.v
+        inputs = torch.stack([captured[i] for i in called]).to(group.v.dtype)
+        projection = torch.bmm(inputs, group.v).squeeze(-1)  # (B, N): the sign of SA_t, unnormalised
+        out = {"sigma1/{layer}": sigma}
+        if full:
+            alignment = (projection / torch.linalg.vector_norm(inputs, dim=-1).clamp_min(1e-30)).clamp(-1.0, 1.0)
+            out["counts"] = alignment_moments(alignment)
+            out["stable_rank/{layer}"] = stable_rank(weights, sigma, all_reduce_sum=self._sharding.all_reduce_sum
+                                                     if sharded else None)  # fmt: skip
+            if self._histogram_now:
+                for i, values in zip(called, alignment):
+                    log_histogram(trainer, f"{self.family}/hist/{self._maps[i].name}", values, trainer.global_step)
+        else:
+            signs = torch.sign(projection)
+            out["counts"] = torch.stack([signs.sum(-1), signs.abs().sum(-1)], dim=-1).double()
+        return called, out
+
+    def _measure_one_by_one(
+        self, trainer: pl.Trainer, group: _Group, called: list[int], captured: dict[int, Tensor], full: bool
+    ) -> tuple[list[int], dict[str, Tensor]]:
+        solo = [self._solo.setdefault(i, _Group([i], self._warm_start([i]))) for i in called]
+        parts = [self._measure_group(trainer, g, {i: captured[i]}, full) for g, i in zip(solo, called)]
+        return called, {k: torch.cat([p[1][k] for p in parts if p is not None]) for k in parts[0][1]}  # type: ignore[index]
+
+    def _weight_rows(self, index: int) -> Tensor:
+        m = self._maps[index]
+        if not self._sharding.reduces:
+            return m.weight()
+        return weight_rows(m.parameter(), self._sharding.owns(index)).flatten(1)  # this rank's rows, or none
 
     def _check_calls(self, captured: dict[int, Tensor]) -> None:
         missing = [m.name for i, m in enumerate(self._maps) if i not in captured]
@@ -335,13 +400,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                            f"but it {how}. If the output head is another layer, pass `exclude_head=False, "
                            f"exclude=[<head name>]`.")  # fmt: skip
 
-    def _index(self, positions: Sequence[int], device: torch.device) -> Tensor:
-        """A device index tensor, built once per positions and device: a host-to-device copy at every check
-        would make the host wait for the device (``non_blocking=False`` copies synchronize the stream)."""
-        key = (tuple(positions), device)
-        if key not in self._indices:
-            self._indices[key] = torch.as_tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
+    def _streak_pending(self) -> bool:
+        return any(bool(((r.start >= 0) & ~r.fired).any()) for r in self.book.builtin if r is not self._nonfinite)
 
     # -- deciding, on the host --------------------------------------------------------------------
 
@@ -352,11 +412,14 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self._flags.clear()
         self._flags.update(zip(host.layers, flags.tolist()))
         self._layer_rule.armed = self._mean_armed = armed
+        jumped = set()
         for name, s in zip(host.layers, sigma.tolist()):
             old = self._last_sigma.get(name)
             if old is not None and abs(s - old) > _SIGMA_JUMP * max(abs(old), 1e-12):
-                self._refine.add(name)  # the top of the spectrum moved: iterate longer next check
+                jumped.add(name)  # the top of the spectrum moved: iterate longer next check
             self._last_sigma[name] = s
+        for group in [*self._groups, *self._solo.values()]:
+            group.refine |= any(self._maps[i].name in jumped for i in group.maps)
         finite = np.isfinite(collapse)  # over the maps with a figure; none (NaN weights): NaN, never a healthy 0
 
         def share(values: np.ndarray) -> float:
@@ -368,29 +431,55 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
 
     # -- checkpoint state -------------------------------------------------------------------------
 
+    def _warm_start(self, indices: list[int]) -> Tensor | None:
+        vectors = [self._loaded_v.get(self._maps[i].name) for i in indices]
+        if any(v is None for v in vectors):
+            return None
+        device = self._maps[indices[0]].parameter().device
+        return torch.stack(vectors).to(device=device, dtype=torch.float32).unsqueeze(-1)  # type: ignore[arg-type]
+
     def extra_state(self) -> dict[str, Any]:
-        return {"v1": {k: v.cpu() for k, v in self._v1.items()}, "baseline": self.collapse_baseline.state_dict(),
-                "last_sigma": dict(self._last_sigma), "refine": sorted(self._refine),
+        v1, refine = dict(self._loaded_v), []
+        for group in [*self._groups, *self._solo.values()]:
+            names = [self._maps[i].name for i in group.maps]
+            if group.v is not None:
+                v1.update({name: v.squeeze(-1).cpu() for name, v in zip(names, group.v)})
+            refine += names if group.refine else []
+        return {"v1": v1, "baseline": self.collapse_baseline.state_dict(), "last_sigma": dict(self._last_sigma),
+                "refine": sorted(refine),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}  # fmt: skip
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._v1 = {k: v.clone() for k, v in state.get("v1", {}).items()}
+        self._loaded_v = {k: v.clone() for k, v in state.get("v1", {}).items()}
         if "baseline" in state:
             self.collapse_baseline.load_state_dict(state["baseline"])
         self._last_sigma = dict(state.get("last_sigma", {}))
-        self._refine = set(state.get("refine", []))  # s_1 jumped at the last check: the next one iterates longer
+        self._refine_loaded = set(state.get("refine", []))  # s_1 jumped at the last check: iterate longer next
         for device, gen_state in state.get("generators", {}).items():
             self._generators[torch.device(device)] = torch.Generator(device=device)
             self._generators[torch.device(device)].set_state(gen_state)
 
 
-def _buckets(captured: dict[int, Tensor]) -> list[list[int]]:
-    """Maps whose sampled inputs have equal shape, dtype and device: one batched SA pass each."""
-    by_shape: dict[tuple[Any, ...], list[int]] = {}
-    for i in sorted(captured):
-        x = captured[i]
-        by_shape.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
-    return list(by_shape.values())
+@dataclass
+class _Group:
+    """Watched maps of equal weight shape (and dtype, device, placement): one batched power iteration.
+
+    ``v`` holds their top right singular vectors ``(B, d_in, 1)`` from the last check (the warm
+    start of the next one; ``None``: a cold start); ``refine`` asks for a longer iteration after
+    ``s_1`` jumped.
+    """
+
+    maps: list[int]
+    v: Tensor | None = None
+    refine: bool = False
+
+
+def _conv_positions(conv: nn.Conv2d, size: Any) -> int:
+    """Output positions per image of a 2-D convolution on inputs of spatial ``size``."""
+    count = 1
+    for n, k, s, p, d in zip(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation):  # type: ignore[arg-type]
+        count *= max(0, (n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return count
 
 
 class _LayerCollapse(Rule):
@@ -411,7 +500,7 @@ class _LayerCollapse(Rule):
 
 
 class _MeanCollapse(Above):
-    """Model-level rule on the mean collapse; its alert names the maps past their own rule, first first."""
+    """Model-level rule on the mean collapse; its alert names the maps past their own baseline, earliest first."""
 
     relation = "at or above"
 
@@ -428,5 +517,6 @@ class _MeanCollapse(Above):
         since = sorted((int(s), k.rpartition("/")[2]) for k, s in zip(rule.keys, rule.start) if s >= 0)
         listed = ", ".join(f"{name} (since step {s})" for s, name in since[:_LISTED_LAYERS])
         more = f" and {len(since) - _LISTED_LAYERS} more" if len(since) > _LISTED_LAYERS else ""
-        detail = f"; maps collapsing, first first: {listed}{more}" if since else "; no single map past its own baseline"
+        detail = (f"; maps past their baseline, in the order they collapsed: {listed}{more}" if since
+                  else "; no single map past its own baseline")  # fmt: skip
         return Alert(**{**alert.as_dict(), "message": alert.message + detail})

@@ -45,6 +45,7 @@ __all__ = [
     "spectral_alignment",
     "stable_rank",
     "summary_from_moments",
+    "top_singular",
 ]
 
 # Iterations used when there is no warm start: a random start is far from v_1, and the error
@@ -209,6 +210,45 @@ def row_sharded_power_iteration(
     if single:
         return sigma[0], u[0], v[0]
     return sigma, u, v
+
+
+def top_singular(
+    weights: Tensor, v: Tensor | None, *, iters: int, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The lean warm-started power iteration a monitor runs at every check: ``(sigma_1, v_1)``.
+
+    The iterate of :func:`row_sharded_power_iteration` (``v <- normalise(W^T W v)``, the local rows
+    of a row-sharded ``W`` summed with ``all_reduce_sum``), with the vector kept as ``(B, d_in, 1)``
+    between calls so that an iteration is 6 kernels: two ``bmm``, a norm, a division, a comparison
+    and a ``where`` (a zero or non-finite ``W^T W v`` keeps the previous ``v``, never NaN).
+
+    Args:
+        weights: ``(B, d_out_i, d_in)`` (this rank's rows), float32 at least.
+        v: ``(B, d_in, 1)`` unit start vectors (the previous call's), or ``None`` for the fixed-seed
+            cold start of :func:`power_iteration` and at least 20 iterations.
+        iters: iterations (>= 0).
+        all_reduce_sum: the sum over ranks of row-sharded weights (``None``: one rank).
+
+    Returns:
+        ``sigma_1`` ``(B,)`` (NaN for non-finite weights, 0 for zero ones) and ``v_1`` ``(B, d_in, 1)``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 1.0])).unsqueeze(0)
+        >>> sigma, v = top_singular(w, None, iters=20)
+        >>> round(float(sigma[0]), 4), v.squeeze(-1).abs().round(decimals=4).tolist()
+        (3.0, [[1.0, 0.0]])
+    """
+    reduce = all_reduce_sum if all_reduce_sum is not None else (lambda t: t)
+    if v is None:
+        start, iters = _start_vector(weights, None, iters, single=False)
+        v = start.unsqueeze(-1)
+    w_t = weights.mT
+    for _ in range(iters):
+        z = reduce(torch.bmm(w_t, torch.bmm(weights, v)))
+        norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+        v = torch.where(norm > 0, z / norm, v)
+    sigma = reduce(torch.bmm(weights, v).square().sum((1, 2))).sqrt()
+    return sigma, v
 
 
 def _start_vector(w: Tensor, v0: Tensor | None, iters: int, single: bool) -> tuple[Tensor, int]:
@@ -386,7 +426,7 @@ def summary_from_moments(moments: Tensor) -> AlignmentSummary:
     )
 
 
-def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
+def stable_rank(weights: Tensor, sigma1: Tensor, *, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Stable rank ``||W||_F^2 / s_1^2`` (between 1 and rank(W); MSign, arXiv 2602.01734).
 
     A drop towards 1 means one direction dominates W, the same pathology SA looks for. With
@@ -394,8 +434,9 @@ def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
     bound that is exact once the iteration has converged.
 
     Args:
-        weights: ``(d_out, d_in)`` or ``(B, d_out, d_in)``.
+        weights: ``(d_out, d_in)`` or ``(B, d_out, d_in)`` (this rank's rows, with ``all_reduce_sum``).
         sigma1: ``()`` or ``(B,)`` top singular values.
+        all_reduce_sum: the sum over ranks, for row-sharded weights (``None``: one rank).
 
     Returns:
         ``()`` or ``(B,)``, float32 at least; 0 for a zero matrix (``sigma1 == 0``), NaN for a
@@ -413,6 +454,8 @@ def stable_rank(weights: Tensor, sigma1: Tensor) -> Tensor:
         )
     dtype = _compute_dtype(weights, sigma1)
     frob_sq = weights.detach().to(dtype).square().sum((-2, -1))
+    if all_reduce_sum is not None:  # row-sharded weights: the squares of every rank's rows
+        frob_sq = all_reduce_sum(frob_sq)
     s_sq = sigma1.detach().to(dtype).square()
     ratio = torch.where(s_sq > 0, frob_sq / s_sq.clamp_min(torch.finfo(dtype).tiny), 0.0)
     return torch.where(torch.isfinite(s_sq) & torch.isfinite(frob_sq), ratio, float("nan"))

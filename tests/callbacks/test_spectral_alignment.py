@@ -272,9 +272,10 @@ def test_hooks_are_removed_and_nothing_is_held_when_the_run_raises() -> None:
     with pytest.raises(DivergenceError):
         _fit(module, monitor, max_steps=60)
     assert _hooks(module) == 0
-    # No sampled rows are held; what remains is the v1 warm start of net.0 (8 inputs) and net.1 (16).
+    # No sampled rows are held; what remains is the v1 warm start of net.0 (8 inputs) and net.1 (16),
+    # each kept as its weight group's (maps, d_in, 1) stack.
     held = [t for t in reachable_tensors(monitor).values() if t.is_floating_point()]
-    assert sorted(tuple(t.shape) for t in held) == [(8,), (16,)]
+    assert sorted(tuple(t.shape) for t in held) == [(1, 8, 1), (1, 16, 1)]
 
 
 def test_gradient_accumulation_samples_one_micro_batch_per_optimizer_step() -> None:
@@ -328,8 +329,9 @@ def test_inputs_driven_to_align_alert_before_the_loss_is_nonfinite_and_a_stable_
     for fault_step in (None, 40):
         torch.manual_seed(0)
         module = Aligning(fault_step)
+        # patience 7 steps: once a rule's condition holds, the monitor checks every step (adaptive cadence)
         monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=20, mean_collapse_threshold=0.5,
-                                           action="log")  # fmt: skip
+                                           patience=7, mean_collapse_patience=7, action="log")  # fmt: skip
         _fit(module, monitor, max_steps=90)
         runs[fault_step] = (module, monitor)
     stable, stable_monitor = runs[None]
@@ -338,11 +340,12 @@ def test_inputs_driven_to_align_alert_before_the_loss_is_nonfinite_and_a_stable_
     nonfinite = next(i for i, v in enumerate(faulty.losses) if not math.isfinite(v))
     first = monitor.alerts[0]
     assert first.metric == f"{SA}/collapse/net.0" and first.severity == "warning"
-    assert 40 < first.step < nonfinite - 20  # patience 21 steps = 3 checks of 2 steps; the loss survives ~40 steps
+    assert 40 < first.step < nonfinite - 20  # the loss survives ~40 steps
+    assert first.step == 47  # the collapse begins at step 41; then a check every step until patience (7) is met
     assert first.acted_step == first.step  # on the CPU the action is taken at the step the rule fired
     model_alert = next(a for a in monitor.alerts if a.metric == f"{SA}/mean_collapse")
     assert model_alert.severity == "critical" and model_alert.step < nonfinite
-    assert "first first: net.0 (since step 41)" in model_alert.message
+    assert "in the order they collapsed: net.0 (since step 41)" in model_alert.message
 
 
 def _host(step: int, layers: list[str], collapse: tuple[float, ...]) -> HostFigures:
@@ -564,7 +567,7 @@ class ConvOnly(pl.LightningModule):
 def test_model_without_linear_layer_warns_once_and_does_nothing() -> None:
     trainer, shown = _caught(lambda: _fit(ConvOnly(), SpectralAlignmentMonitor(check_every_n_steps=1), max_steps=4))
     assert trainer.global_step == 4
-    assert len([m for m in shown if "no nn.Linear or nn.MultiheadAttention" in m]) == 1
+    assert len([m for m in shown if "no nn.Linear, nn.MultiheadAttention, nn.Conv2d" in m]) == 1
     assert not [k for k in _history(trainer) if k.startswith(f"{SA}/")]
 
 
