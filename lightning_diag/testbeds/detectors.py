@@ -192,7 +192,7 @@ class LiveAlerts(Detector):
         return self.monitor in record.alerts
 
     def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
-        steps = {int(a.get("acted_step", a["step"])) for a in record.alerts.get(self.monitor, [])
+        steps = {int(a["step"] if a.get("acted_step") is None else a["acted_step"]) for a in record.alerts.get(self.monitor, [])
                  if a["severity"] in self.severities and fnmatch.fnmatchcase(a.get("metric", ""), self.metric)}
         return np.array(sorted(steps), dtype=np.int64)
 
