@@ -53,6 +53,8 @@ class Key:
         requires: name of a boolean attribute of the monitor that enables the key (``None``:
             always logged); ``note`` says it in words for the docs.
         note: when the key is logged, in words (``"with clip='zclip'"``).
+        host: computed on the host from the measured streams (z-scores, baselines, counters), not
+            measured on the device; a replay of the monitor's decisions recomputes it.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Key:
     kind: Kind = "scalar"
     requires: str | None = None
     note: str = ""
+    host: bool = False
 
     def __post_init__(self) -> None:
         parts = self.name.split("/")

@@ -83,14 +83,14 @@ class GradNormWatcher(DiagnosticCallback):
     family = "grad_norm"
     KEYS = (
         Key("total", "L2 norm of all watched gradients, before any clip", _TOTAL, rate="step"),
-        Key("baseline", "EMA mean of the total norm (ZClip's baseline)", _TOTAL, rate="step"),
+        Key("baseline", "EMA mean of the total norm (ZClip's baseline)", _TOTAL, rate="step", host=True),
         Key("zscore", "z-score of the total norm against the baseline (0 in warm-up)", "z-score of the total norm",
-            rate="step"),
+            rate="step", host=True),
         Key("nonfinite", "parameters whose gradient holds inf or NaN", "non-finite gradients, clipping"),
         Key("clip_coef", "factor the gradients were multiplied by", "non-finite gradients, clipping", rate="step",
-            requires="clipping", note="with clip='zclip'"),
+            requires="clipping", note="with clip='zclip'", host=True),
         Key("clipped_steps", "steps clipped so far", "non-finite gradients, clipping", rate="step",
-            requires="clipping", note="with clip='zclip'"),
+            requires="clipping", note="with clip='zclip'", host=True),
         Key("layer/{layer}", "L2 norm of the layer's gradients (the module owning the parameters)", _NORMS,
             requires="per_layer"),
         Key("weight_norm/{layer}", "L2 norm of the layer's weights", "weight norm per layer", requires="per_layer"),

@@ -78,7 +78,7 @@ class LogitMonitor(DiagnosticCallback):
         Key("attention_max/{layer}", "largest attention logit of the layer (module running the call)",
             "attention max per layer", rate="check", requires="attention"),
         Key("attention_growth", "attention_max / its baseline (mean of the first checks)", _ATTENTION, rate="check",
-            requires="attention"),
+            requires="attention", host=True),
         Key("attention_entropy_min", "lowest attention entropy over layers and heads (nats)", _ATTENTION,
             rate="check", requires="attention"),
         Key("log_z_mean", "mean over rows of log Z = logsumexp(logits)", _OUTPUT, rate="check", requires="output"),

@@ -99,18 +99,18 @@ class LossSpikeDetector(DiagnosticCallback):
     family = "loss_spike"
     KEYS = (
         Key("loss", "the monitored loss of the step (mean of its micro-batches and ranks)", _LOSS, rate="step"),
-        Key("ema", "EMA mean of the loss (the baseline)", _LOSS, rate="step"),
-        Key("zscore", "z-score of the loss against the baseline (0 in warm-up)", "z-score", rate="step"),
+        Key("ema", "EMA mean of the loss (the baseline)", _LOSS, rate="step", host=True),
+        Key("zscore", "z-score of the loss against the baseline (0 in warm-up)", "z-score", rate="step", host=True),
         Key("ratio_to_min", "loss / lowest smoothed loss (best / value in max mode)", _RULES, rate="step",
-            requires="factor"),
+            requires="factor", host=True),
         Key("trend", "relative rise over the trend window, at the 3-sigma lower bound", _RULES, rate="step",
-            requires="trend_window"),
-        Key("events", "bad steps so far (rules a-c in firing state)", _COUNTS, rate="step"),
-        Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping", note="with action='skip'"),
+            requires="trend_window", host=True),
+        Key("events", "bad steps so far (rules a-c in firing state)", _COUNTS, rate="step", host=True),
+        Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping", note="with action='skip'", host=True),
         Key("rollbacks", "rollbacks so far", _COUNTS, rate="step", requires="rolling_back",
-            note="with action='rollback'"),
+            note="with action='rollback'", host=True),
         Key("lr_scale", "product of the learning-rate reductions", _COUNTS, rate="step", requires="reducing_lr",
-            note="with action='reduce_lr'"),
+            note="with action='reduce_lr'", host=True),
     )  # fmt: skip
 
     def __init__(

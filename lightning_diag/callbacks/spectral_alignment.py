@@ -97,9 +97,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
 
     family = "spectral_alignment"
     KEYS = (
-        Key("mean_collapse", "mean of the collapse c over the watched maps", _MODEL, rate="check"),
-        Key("frac_collapsed", "share of maps with c >= collapse_threshold", _MODEL, rate="check"),
-        Key("frac_flagged", "share of maps past their collapse baseline now", _MODEL, rate="check"),
+        Key("mean_collapse", "mean of the collapse c over the watched maps", _MODEL, rate="check", host=True),
+        Key("frac_collapsed", "share of maps with c >= collapse_threshold", _MODEL, rate="check", host=True),
+        Key("frac_flagged", "share of maps past their collapse baseline now", _MODEL, rate="check", host=True),
         Key("collapse/{layer}", "c = 1 - D = |2 p+ - 1|, p+ the share of rows with SA > 0", "collapse c per layer",
             rate="check"),
         Key("sigma1/{layer}", "top singular value s_1 of the weight", "top singular value per layer", rate="check"),
