@@ -352,7 +352,9 @@ class DiagnosticCallback(Callback):
         cache = (tuple(figures.values), tuple(figures.layers))
         if cache not in self._keys:
             declared = {k.name: k for k in self.KEYS}
-            keys = [declared[n].key(self.family, layer) for n in figures.values
+            # in the order the values are packed below: model-level figures first, then per-layer ones
+            names = sorted(figures.values, key=lambda n: declared[n].per_layer)
+            keys = [declared[n].key(self.family, layer) for n in names
                     for layer in (figures.layers if declared[n].per_layer else [None])]  # fmt: skip
             streams = np.array([i for i, k in enumerate(keys) if self._rate(k) in STREAM_RATES], dtype=np.int64)
             self._keys[cache] = (tuple(keys), streams)
