@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> LogitMonitor:
     first: dict[str, str] = {}
     for alert in monitor.alerts:
         first.setdefault(alert.metric, alert.message)
-    print("\nfirst logit alert of each key:" + "".join(f"\n   {m}" for m in first.values()) if first else "\nno logit alert")
+    print("\nfirst logit alert of each key:" if first else "\nno logit alert")
+    for message in first.values():
+        print("  ", message)
     print(f"first loss spike alert: {detector.alerts[0].message if detector.alerts else 'none'}")
     return monitor
 
