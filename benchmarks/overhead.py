@@ -58,7 +58,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import GradNormWatcher, LossSpikeDetector, SpectralAlignmentMonitor
+from lightning_diag import (
+    GradNormWatcher,
+    LogitMonitor,
+    LossSpikeDetector,
+    SharpnessMonitor,
+    SpectralAlignmentMonitor,
+)
 
 try:  # the peer of GradNormWatcher(clip="zclip"); optional
     from zclip.zclip_lightning_callback import ZClipLightningCallback
@@ -141,6 +147,11 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
     # Sampling happens in forward pre-hooks on check steps: it shows in step time, not hook time.
     "SpectralAlignmentMonitor (check every 10 steps)": lambda: [SpectralAlignmentMonitor(action="log")],
+    # Both work on check steps only (defaults: every 100 and every 10 steps); the mean step and the
+    # hook time amortize the checks that fall inside the timed steps. The sharpness check runs in
+    # on_before_optimizer_step (hook time); LogitMonitor's recorder runs inside the forward (step time).
+    "SharpnessMonitor (check every 100 steps)": lambda: [SharpnessMonitor(action="log")],
+    "LogitMonitor (check every 10 steps)": lambda: [LogitMonitor(action="log")],
     "all three monitors": lambda: [GradNormWatcher(action="log"), LossSpikeDetector(action="log"),
                                    SpectralAlignmentMonitor(action="log")],
     'GradNormWatcher(clip="zclip")': lambda: [GradNormWatcher(clip="zclip", action="log")],

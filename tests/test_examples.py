@@ -13,8 +13,10 @@ pytest.importorskip("sklearn", reason="the digits examples need scikit-learn (th
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHORT = {
     "grad_norm.py": ["--max-steps", "40"],
+    "logits.py": ["--max-steps", "40"],
     "loss_spike.py": ["--max-steps", "40"],
     "neural_collapse.py": ["--max-epochs", "2", "--limit-train-batches", "5"],
+    "sharpness.py": ["--max-steps", "40"],
     "spectral_alignment.py": ["--max-steps", "60"],
 }
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, NonFinite, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
-from lightning_diag.callbacks._sharding import max_over_ranks, sum_over_ranks
+from lightning_diag.callbacks._sharding import max_over_ranks, mean_over_ranks, sum_over_ranks
 from lightning_diag.keys import Key
 from lightning_diag.layers import find_module, last_linear
 from lightning_diag.metrics.logits import AttentionLogitRecorder, OutputLogitStats, output_logit_stats
@@ -177,12 +177,13 @@ class LogitMonitor(DiagnosticCallback):
         logits, self._recorder, self._logits = self._logits, None, None
         values: dict[str, Tensor] = {}
         layers = list(stats)
-        if layers:  # maxima and minima in one MAX all-reduce (minima negated): global figures
-            maxima = max_over_ranks(torch.stack([*(s.max_logit.float() for s in stats.values()),
-                                                 *(-s.entropy_min.float() for s in stats.values())]))
-            per_layer = maxima[: len(layers)]
+        if layers:  # global figures: maxima with a MAX all-reduce; the entropy is a mean over query
+            # rows per head, so the ranks' per-head means are averaged (exact for equally many rows
+            # per rank, as DistributedSampler gives) before the minimum over heads and layers
+            per_layer = max_over_ranks(torch.stack([s.max_logit.float() for s in stats.values()]))
+            entropy = mean_over_ranks(torch.cat([s.entropy_per_head.float().reshape(-1) for s in stats.values()]))
             values.update({"attention_max/{layer}": per_layer, "attention_max": per_layer.max(),
-                           "attention_entropy_min": -maxima[len(layers):].max()})  # fmt: skip
+                           "attention_entropy_min": entropy.min()})  # fmt: skip
         if logits is not None:
             values.update(self._output_figures(logits))
         return Figures(values, layers) if values else None

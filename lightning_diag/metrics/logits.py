@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -71,6 +71,14 @@ class AttentionLogitStats(NamedTuple):
     max_logit_per_head: Tensor
     entropy_min: Tensor
     entropy_per_head: Tensor
+
+
+def _no_autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast off: under it ``F.linear``/``matmul`` would run in bf16 whatever the inputs' dtype."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return nullcontext()
 
 
 def _query_index(length: int, max_queries: int | None, device: torch.device) -> Tensor | None:
@@ -133,7 +141,7 @@ def attention_logit_stats(
     if max_queries is not None:
         check_int("max_queries", max_queries, 1)
     dtype = _compute_dtype(query, key)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(query.device):
         q, k = query.detach().to(dtype), key.detach().to(dtype)
         mask = None if attn_mask is None else attn_mask.detach()
         if q.ndim == 2:
@@ -237,7 +245,7 @@ def mha_attention_stats(
         torch.Size([2])
     """
     dtype = _compute_dtype(query, key)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(query.device):
         x_q, x_k = query.detach().to(dtype), key.detach().to(dtype)
         if x_q.ndim == 2:  # unbatched (L, E)
             x_q, x_k = x_q.unsqueeze(0), x_k.unsqueeze(0)
