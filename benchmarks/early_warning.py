@@ -70,6 +70,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # benchmark the checkout this script lives in, not another installed copy
     sys.path.insert(0, _ROOT)
 
+from lightning_diag.testbeds.replays import MonitorReplay  # noqa: E402
 from lightning_diag.testbeds.detectors import (  # noqa: E402
     BaselineRatio,
     Detector,
@@ -230,20 +231,35 @@ def specs(families: Sequence[Family], seeds: Iterable[int]) -> list[RunSpec]:
 
 
 def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
-    """The suite's detectors: each monitor live at its defaults, replayed rules, and the baselines.
+    """The suite's detectors: each monitor's own rules replayed over a grid of settings (calibrated,
+    ``kind="monitor"``: they make "any monitor"), each monitor live at its defaults (``kind="live"``),
+    and the baselines.
 
-    A replay detector for one of the monitors' own rules goes here with ``kind="monitor"``: it then
-    enters "any monitor" too.
+    The replays run the monitors' own decision code (:class:`~lightning_diag.testbeds.replays.MonitorReplay`).
+    Their grids respect the overhead targets of ``benchmarks/overhead.py``: the logit monitor checks
+    at most every 20 steps, the sharpness monitor every 250 (under 5% of a CPU step each).
     """
-    live: list[Detector] = [LiveAlerts(name) for name in monitors]
+    from lightning_diag import GradNormWatcher, LogitMonitor, LossSpikeDetector, SharpnessMonitor, SpectralAlignmentMonitor
+
+    live: list[Detector] = [LiveAlerts(name, name=f"{name} (live, defaults)", kind="live") for name in monitors]
     replays: list[Detector] = [
-        Threshold("spectral mean collapse > t (replay)", "spectral_alignment/mean_collapse",
-                  product_grid(threshold=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95], patience=[1, 3, 10]), kind="monitor",
-                  monitor="SpectralAlignmentMonitor"),
-        BaselineRatio("grad norm / own baseline > r (replay)", "grad_norm",
-                      product_grid(ratio=[1.5, 2, 3, 5, 10], patience=[1, 3, 10], alpha=[0.9, 0.98]),
-                      kind="candidate"),
+        MonitorReplay("LossSpikeDetector", LossSpikeDetector, product_grid(
+            z_threshold=[4.0, 6.0, None], factor=[1.5, 2.0, None], trend_window=[50, 100],
+            trend_threshold=[0.05, 0.1, 0.2], warmup=[25, 50])),
+        MonitorReplay("SpectralAlignmentMonitor", _spectral, product_grid(
+            warmup_steps=[0, 50, 100], patience=[5, 10, 21], mean_collapse_threshold=[0.7, 0.8, 0.9, None],
+            baseline_rise=[0.4, 0.5], layer_rule=["baseline", "none"]), cadence="check_every_n_steps"),
+        MonitorReplay("LogitMonitor", LogitMonitor, product_grid(
+            check_every_n_steps=[20], attention_threshold=[50.0, 100.0, 300.0, None], growth_factor=[3.0, 10.0, 30.0, None],
+            log_z_threshold=[20.0, 50.0, None], collapse_threshold=[0.5, None], patience=[1, 20]),
+            cadence="check_every_n_steps"),
+        MonitorReplay("SharpnessMonitor", SharpnessMonitor, product_grid(
+            check_every_n_steps=[250], stability_threshold=[1.0, 2.0, 5.0, 10.0, 30.0], patience=[1, 250]),
+            cadence="check_every_n_steps", recorded_cadence=10),
+        MonitorReplay("GradNormWatcher (z-score as a warning)", _grad_warning, product_grid(
+            z_threshold=[3.0, 5.0, 8.0, 12.0, 20.0], alpha=[0.97, 0.99], warmup=[25, 50])),
     ]  # fmt: skip
+    replays[-1].kind = "candidate"
     baselines: list[Detector] = [
         SpikeDetectionReplay(),
         Threshold("grad norm > 1 (fixed)", "grad_norm", [{"threshold": 1.0, "warmup": BASELINE_WARMUP}]),
@@ -256,7 +272,20 @@ def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
         RunningMinRatio("loss > k x running min (calibrated)",
                         product_grid(factor=[1.25, 1.5, 2.0, 3.0, 5.0], patience=[1, 3, 5])),
     ]  # fmt: skip
-    return live + replays + baselines
+    return replays + live + baselines
+
+
+def _spectral(**setting: Any) -> Any:
+    """The spectral monitor with its patience for both rules (they move together in the grid)."""
+    from lightning_diag import SpectralAlignmentMonitor
+
+    return SpectralAlignmentMonitor(**{"mean_collapse_patience": setting.get("patience", 21), **setting})
+
+
+def _grad_warning(**setting: Any) -> Any:
+    from lightning_diag import GradNormWatcher
+
+    return GradNormWatcher(spike_severity="warning", **setting)
 
 
 # ------------------------------------------------------------------------------------------ a run
