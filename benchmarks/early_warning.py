@@ -244,20 +244,19 @@ def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
     live: list[Detector] = [LiveAlerts(name, name=f"{name} (live, defaults)", kind="live") for name in monitors]
     replays: list[Detector] = [
         MonitorReplay("LossSpikeDetector", LossSpikeDetector, product_grid(
-            z_threshold=[4.0, 6.0, None], factor=[1.5, 2.0, None], trend_window=[50, 100],
-            trend_threshold=[0.05, 0.1, 0.2], warmup=[25, 50])),
+            z_threshold=[4.0, 6.0, None], factor=[1.5, 2.0, None], trend_threshold=[0.05, 0.1, 0.2])),
         MonitorReplay("SpectralAlignmentMonitor", _spectral, product_grid(
-            warmup_steps=[0, 50, 100], patience=[5, 10, 21], mean_collapse_threshold=[0.7, 0.8, 0.9, None],
-            baseline_rise=[0.4, 0.5], layer_rule=["baseline", "none"]), cadence="check_every_n_steps"),
+            warmup_steps=[0, 50, 100], patience=[5, 10, 21], mean_collapse_threshold=[0.7, 0.8, None],
+            layer_rule=["baseline", "none"]), cadence="check_every_n_steps"),
         MonitorReplay("LogitMonitor", LogitMonitor, product_grid(
-            check_every_n_steps=[20], attention_threshold=[50.0, 100.0, 300.0, None], growth_factor=[3.0, 10.0, 30.0, None],
+            check_every_n_steps=[20], attention_threshold=[50.0, 100.0, 300.0, None], growth_factor=[3.0, 10.0, None],
             log_z_threshold=[20.0, 50.0, None], collapse_threshold=[0.5, None], patience=[1, 20]),
             cadence="check_every_n_steps"),
         MonitorReplay("SharpnessMonitor", SharpnessMonitor, product_grid(
             check_every_n_steps=[250], stability_threshold=[1.0, 2.0, 5.0, 10.0, 30.0], patience=[1, 250]),
             cadence="check_every_n_steps", recorded_cadence=10),
         MonitorReplay("GradNormWatcher (z-score as a warning)", _grad_warning, product_grid(
-            z_threshold=[3.0, 5.0, 8.0, 12.0, 20.0], alpha=[0.97, 0.99], warmup=[25, 50])),
+            z_threshold=[3.0, 5.0, 8.0, 12.0, 20.0])),
     ]  # fmt: skip
     replays[-1].kind = "candidate"
     baselines: list[Detector] = [

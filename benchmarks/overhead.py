@@ -21,14 +21,18 @@ Rows (``CONFIGS``, a dict of name -> factory of callbacks; a new monitor is one 
 Columns: median and mean step time over the timed steps (warm-up excluded; repetitions
 interleaved row by row, the order rotating, so that drifts in machine load hit every row alike);
 the median's ratio to ``no callback`` is paired (median over repetitions of row / baseline in the
-same repetition); the mean includes the monitors' logging steps. ``hook ms/step`` is the host time
-spent inside the row's callback hooks, averaged over all timed steps (logging steps included): the
-most stable measure of a callback's own cost on a busy machine (it leaves out what Lightning does
-afterwards with values handed to ``self.log``, so it flatters the ``grad_norm`` recipe), shown also
-as a percentage of the baseline's median step. ``hook ATen ops/step``: top-level ATen ops the hooks
-dispatch in one step (counted with a ``TorchDispatchMode``; ``quiet/logging`` where a monitor's
-logging steps differ). On CUDA a last column counts the hooks' host syncs per step
-(``torch.cuda.set_sync_debug_mode("warn")``).
+same repetition). The mean includes the monitors' logging and check steps: with the default 250
+timed steps it covers a whole cycle of every default cadence, so ``x no-callback (mean)`` is the
+amortized overhead (the one to read for check-step monitors such as SharpnessMonitor, whose median
+step is untouched). ``hook ms/step`` is the host time spent inside the row's callback hooks,
+averaged over all timed steps: the steadiest measure of a callback's own cost on a busy machine (it
+leaves out what Lightning does afterwards with values handed to ``self.log``, and forward hooks, so
+it flatters the ``grad_norm`` recipe and the spectral and logit monitors), also as a percentage of
+the baseline's median step. ``ATen ops/step``: top-level ATen ops dispatched per optimizer step,
+amortized over a whole ``fit`` of ``--count-steps`` steps at Lightning's default logging cadence (a
+``TorchDispatchMode`` around ``trainer.fit``, minus the same fit without callbacks): every hook,
+forward hooks and logging steps included. On CUDA a last column counts the hooks' host syncs per
+step (``torch.cuda.set_sync_debug_mode("warn")``) on a quiet and a logging step.
 
 On the CPU the default is one thread (``--threads``): a shared machine makes multi-threaded
 medians wander far more than the overheads being measured.
@@ -150,8 +154,8 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     # Both work on check steps only (defaults: every 100 and every 10 steps); the mean step and the
     # hook time amortize the checks that fall inside the timed steps. The sharpness check runs in
     # on_before_optimizer_step (hook time); LogitMonitor's recorder runs inside the forward (step time).
-    "SharpnessMonitor (check every 100 steps)": lambda: [SharpnessMonitor(action="log")],
-    "LogitMonitor (check every 10 steps)": lambda: [LogitMonitor(action="log")],
+    "SharpnessMonitor (check every 250 steps)": lambda: [SharpnessMonitor(action="log")],
+    "LogitMonitor (check every 20 steps)": lambda: [LogitMonitor(action="log")],
     "all three monitors": lambda: [GradNormWatcher(action="log"), LossSpikeDetector(action="log"),
                                    SpectralAlignmentMonitor(action="log")],
     'GradNormWatcher(clip="zclip")': lambda: [GradNormWatcher(clip="zclip", action="log")],
@@ -332,9 +336,10 @@ def table(results: dict[str, dict[str, Any]], cuda: bool) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per repetition and row")
+    parser.add_argument("--steps", type=int, default=250,
+                        help="timed steps per repetition and row (250: a whole cycle of every default cadence)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each run")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions of every row")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every row")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=64)

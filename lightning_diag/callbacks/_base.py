@@ -23,6 +23,7 @@ adds its own with :func:`action` (``LossSpikeDetector`` adds ``"skip"``, ``"roll
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -517,21 +518,35 @@ DiagnosticCallback._actions = {f._action_name: n for n, f in vars(DiagnosticCall
 
 def _host_layers(keys: Sequence[str]) -> tuple[str, ...]:
     """The layers of the per-layer keys, in order of first appearance."""
-    return tuple(dict.fromkeys(k.split("/")[2] for k in keys if k.count("/") == 2))
+    return _layout(tuple(keys))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(keys: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, int], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """How a key set splits into figures, once per key set: ``(layers, scalar -> index, figure -> (key
+    indices, layer positions))``."""
+    layers = tuple(dict.fromkeys(k.split("/")[2] for k in keys if k.count("/") == 2))
+    position = {layer: i for i, layer in enumerate(layers)}
+    scalars: dict[str, int] = {}
+    per_layer: dict[str, tuple[list[int], list[int]]] = {}
+    for i, key in enumerate(keys):
+        _, figure, *layer = key.split("/")
+        if layer:
+            index, slots = per_layer.setdefault(figure + "/{layer}", ([], []))
+            index.append(i)
+            slots.append(position[layer[0]])
+        else:
+            scalars[figure] = i
+    return layers, scalars, {f: (np.array(a), np.array(b)) for f, (a, b) in per_layer.items()}
 
 
 def _host_figures(step: int, keys: Sequence[str], values: np.ndarray) -> HostFigures:
-    layers = _host_layers(keys)
-    position = {layer: i for i, layer in enumerate(layers)}
-    scalars: dict[str, float] = {}
-    per_layer: dict[str, np.ndarray] = {}
-    for key, value in zip(keys, values):
-        _, figure, *layer = key.split("/")
-        if layer:
-            per_layer.setdefault(figure + "/{layer}", np.full(len(layers), np.nan))[position[layer[0]]] = value
-        else:
-            scalars[figure] = float(value)
-    return HostFigures(step, scalars, layers, per_layer)
+    layers, scalars, per_layer = _layout(tuple(keys))
+    figures = {}
+    for figure, (index, slots) in per_layer.items():
+        figures[figure] = np.full(len(layers), np.nan)
+        figures[figure][slots] = values[index]
+    return HostFigures(step, {name: float(values[i]) for name, i in scalars.items()}, layers, figures)
 
 
 def diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

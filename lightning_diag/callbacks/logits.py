@@ -93,7 +93,7 @@ class LogitMonitor(DiagnosticCallback):
     def __init__(
         self,
         *,
-        check_every_n_steps: int = 10,
+        check_every_n_steps: int = 20,
         every_n_steps: int | None = None,
         attention: bool = True,
         output: str | bool | None = None,

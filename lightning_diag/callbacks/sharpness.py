@@ -72,9 +72,9 @@ class SharpnessMonitor(DiagnosticCallback):
     optimization without a ``loss_fn``, FSDP2 (DTensor) parameters (one warning; nothing measured).
 
     **Cost.** A warm check costs about ``iters + 1`` forward+backward passes per operator (twice
-    that under Adam, whose preconditioned operator is a second one): keep ``check_every_n_steps``
-    large (the default 100 costs ~5-10% of a CPU step on the benchmark transformer; see
-    ``benchmarks/overhead.py``).
+    that under Adam, whose preconditioned operator is a second one; on the benchmark transformer
+    about 10 steps' worth, flash attention having no double backward): keep ``check_every_n_steps``
+    large (the default 250 stays under 5% of a CPU step there; ``benchmarks/overhead.py``).
 
     Alerts: ``sharpness/stability_ratio`` above ``stability_threshold`` for ``patience`` steps
     (warning); a non-finite ``sharpness/lambda_max`` (critical: the loss or its curvature is broken).
@@ -121,7 +121,7 @@ class SharpnessMonitor(DiagnosticCallback):
     def __init__(
         self,
         *,
-        check_every_n_steps: int = 100,
+        check_every_n_steps: int = 250,
         every_n_steps: int | None = None,
         loss_fn: LossFn | None = None,
         iters: int = 4,
