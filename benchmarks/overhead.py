@@ -151,7 +151,7 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
     # Sampling happens in forward pre-hooks on check steps: it shows in step time, not hook time.
     "SpectralAlignmentMonitor (check every 10 steps)": lambda: [SpectralAlignmentMonitor(action="log")],
-    # Both work on check steps only (defaults: every 100 and every 10 steps); the mean step and the
+    # Both work on check steps only (defaults: every 250 and every 20 steps); the mean step and the
     # hook time amortize the checks that fall inside the timed steps. The sharpness check runs in
     # on_before_optimizer_step (hook time); LogitMonitor's recorder runs inside the forward (step time).
     "SharpnessMonitor (check every 250 steps)": lambda: [SharpnessMonitor(action="log")],
