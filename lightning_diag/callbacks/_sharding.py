@@ -415,20 +415,20 @@ def deepspeed_zero_stage(trainer: pl.Trainer) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def deepspeed_limitation(stage: int) -> str:
-    """The one message a gradient monitor gives under DeepSpeed ZeRO ``stage``.
+def deepspeed_limitation(stage: int, what: str = "gradient figures") -> str:
+    """The one message a monitor gives under DeepSpeed ZeRO ``stage`` for what it cannot measure.
+
+    DeepSpeed keeps gradients (stage >= 1, ``p.grad`` is None) and, at stage 3, the weights
+    themselves in its own partitions; lightning_diag reads neither (no GPU here to test the
+    accessors), so it says so once rather than logging nothing silently.
 
     Example:
-        >>> deepspeed_limitation(2)[:40]
-        'DeepSpeed ZeRO stage 2 keeps gradients i'
+        >>> deepspeed_limitation(2)[:46]
+        'DeepSpeed ZeRO stage 2 keeps its own partition'
     """
-    if stage == 3:
-        return ("DeepSpeed ZeRO stage 3 keeps gradients in its own partitions (p.grad is None): gradient "
-                "figures are read from each rank's partition (deepspeed.utils.safe_get_local_grad) and "
-                "summed with one all-reduce; this path was not run in lightning_diag's tests")
-    return (f"DeepSpeed ZeRO stage {stage} keeps gradients in its own partitioned buffers (p.grad is None): "
-            "per-layer gradient norms and gradient clipping are not measured; the total gradient norm is "
-            "DeepSpeed's own (engine.get_global_grad_norm(), after the optimizer step)")
+    return (f"DeepSpeed ZeRO stage {stage} keeps its own partitions (p.grad is None"
+            f"{', and the weights are partitioned' if stage == 3 else ''}): {what} are not measured under "
+            "DeepSpeed; its own total gradient norm is engine.get_global_grad_norm()")
 
 
 def deepspeed_local_grads(params: Sequence[Tensor]) -> list[Tensor]:

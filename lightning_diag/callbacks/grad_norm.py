@@ -168,7 +168,7 @@ class GradNormWatcher(DiagnosticCallback):
         self._groups, self.layers = (groups, list(groups.layers)) if groups.params else (None, [])
         self._sharding = sharding_of(trainer, groups.params, groups.names)
         if self._sharding.kind == "deepspeed":
-            self.warn_once("deepspeed", deepspeed_limitation(deepspeed_zero_stage(trainer) or 0))
+            self.warn_once("deepspeed", deepspeed_limitation(deepspeed_zero_stage(trainer) or 0, "gradient norms"))
             self._groups = None
         elif self._groups is not None and self._sharding.reduces:  # one layout on every rank: all watched parameters
             device = local_tensor(groups.params[0]).device

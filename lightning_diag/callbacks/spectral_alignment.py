@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Alert, NonFinite, Rule, Severity
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
-from lightning_diag.callbacks._sharding import DTensor, Sharding, is_row_sharded, sharding_of, sum_over_ranks, weight_rows
+from lightning_diag.callbacks._sharding import (
+    DTensor, Sharding, deepspeed_limitation, deepspeed_zero_stage, is_row_sharded, sharding_of, sum_over_ranks, weight_rows,
+)  # fmt: skip
 from lightning_diag.callbacks._trainer import has_tensorboard, log_histogram
 from lightning_diag.keys import Key
 from lightning_diag.layers import LinearMap, linear_maps, validate_patterns
@@ -205,6 +207,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
             self.warn_once("sharded-blocks", f"not watched under this sharding (blocks of a sharded in-projection, or "
                                              f"weights not split by rows): {skipped[:10]}")  # fmt: skip
             maps = [m for m in maps if m.name not in skipped]
+        if (deepspeed_zero_stage(trainer) or 0) == 3:  # the weights live in DeepSpeed's partitions
+            self.warn_once("deepspeed", deepspeed_limitation(3, "spectral-alignment figures"))
+            maps = []
         self._maps, self.layers, self._rank = maps, [m.name for m in maps], trainer.global_rank
         self._sharding = sharding_of(trainer, [m.parameter() for m in maps], self.layers) if maps else Sharding("none")
         if not maps:

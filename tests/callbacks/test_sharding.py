@@ -106,9 +106,9 @@ def test_deepspeed_is_detected_from_the_strategy_and_explained_once():
     assert deepspeed_zero_stage(SimpleNamespace(strategy=strategy)) == 2  # type: ignore[arg-type]
     assert deepspeed_zero_stage(_trainer()) is None
     assert sharding_of(SimpleNamespace(strategy=strategy), []).kind == "deepspeed"  # type: ignore[arg-type]
-    message = deepspeed_limitation(2)
-    assert "p.grad is None" in message and "not measured" in message
-    assert "safe_get_local_grad" in deepspeed_limitation(3)
+    message = deepspeed_limitation(2, "gradient norms")
+    assert "p.grad is None" in message and "gradient norms are not measured" in message
+    assert "weights are partitioned" in deepspeed_limitation(3) and "weights" not in message
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
