@@ -197,7 +197,8 @@ def linear_maps(
     fed by the module's input. Not watchable, so left out: ``nn.MultiheadAttention.out_proj`` (MHA
     multiplies by its weight inside ``F.multi_head_attention_forward``; its input is internal);
     the recurrent hidden-to-hidden weights and the input weights of deeper recurrent layers
-    (their inputs are internal states); grouped or non-zero-padded convolutions; with
+    (their inputs are internal states); grouped (or depthwise) convolutions, padding other than
+    zeros or given as ``"same"``/``"valid"``, ``nn.Conv1d``, ``nn.Conv3d`` and transposed convolutions; with
     ``exclude_head``, the last ``nn.Linear`` registered that is not an ``out_proj`` (the output
     head). Patterns match a map's name or its module's name.
 

@@ -46,7 +46,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     one side of ``v_1`` (sign diversity ``D = 1 - |2 p+ - 1|`` collapses) ``s_1`` grows step after
     step and the loss explodes. Every figure is invariant under ``v_1 -> -v_1``.
 
-    **How it measures.** On check steps (every ``check_every_n_steps``) forward pre-hooks keep at
+    **How it measures.** On check steps (every ``check_every_n_steps``, and every step while a
+    rule's condition holds and it has not fired yet, so that an alert comes ``patience`` steps after
+    its condition began, not ``patience`` rounded up to checks) forward pre-hooks keep at
     most ``max_rows`` random input rows per map (a private generator; the global RNG is never
     touched; the first micro-batch under accumulation; not the recomputed forward of activation
     checkpointing). In ``on_before_optimizer_step`` a power iteration warm-started from the last
@@ -56,11 +58,22 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     without a sync; the rest is read on logging steps.
 
     **Which maps** (:func:`~lightning_diag.layers.linear_maps`): every ``nn.Linear`` with a
-    trainable 2-D weight and the query, key and value blocks of each ``nn.MultiheadAttention``
-    in-projection, but the output head (the last ``nn.Linear`` registered; ``exclude_head=False``
-    keeps it) and ``MultiheadAttention.out_proj`` (used through its weight, its input internal);
-    then ``include``/``exclude`` patterns. A map whose input never reached its hook at a check is
-    left out of that check's figures (never NaN for "not called"), with one note.
+    trainable 2-D weight; the query, key and value blocks of each ``nn.MultiheadAttention``
+    in-projection; ``nn.Conv2d`` with ``groups=1`` and zero padding given as numbers, on its
+    unfolded input patches (rows of ``in_channels * kh * kw`` values against the weight reshaped to
+    ``(out_channels, in_channels * kh * kw)``; the patches of the ``ceil(max_rows / patches per
+    image)`` images picked at random, then ``max_rows`` of them); the input-to-hidden weight of the
+    first layer of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (``<rnn>.ih_l0``, ``<rnn>.ih_l0_reverse``, fed
+    the module's input; a packed sequence gives its ``.data``). Then ``include``/``exclude``
+    patterns. Not watched: the output head (the last ``nn.Linear`` registered;
+    ``exclude_head=False`` keeps it), and maps whose input a hook cannot see as rows against a
+    plain matrix: ``MultiheadAttention.out_proj`` (used through its weight), recurrent
+    hidden-to-hidden weights and the input weights of deeper recurrent layers, grouped or
+    depthwise convolutions, padding other than zeros or given as ``"same"``/``"valid"``,
+    ``nn.Conv1d``, ``nn.Conv3d``, transposed convolutions, embeddings, and weights a module
+    applies itself (``F.linear`` or a matmul on an ``nn.Parameter``). A map whose input never
+    reached its hook at a check is left out of that check's figures (never NaN for "not
+    called"), with one note.
 
     **Alerts.** Per map (warning): its collapse ``c = 1 - D`` at least ``collapse_threshold`` and
     ``baseline_rise`` above the map's own EMA baseline
@@ -71,7 +84,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     ``warmup_steps``. Calibration and why these defaults: ``docs/calibration.md``.
 
     Args:
-        check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0``.
+        check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0`` (and every
+            step while a rule's condition holds and it has not fired).
         every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
         include, exclude: glob patterns of map or module names.
         exclude_head: leave out the last ``nn.Linear`` registered (warned if it does not run last).
@@ -82,7 +96,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         collapse_threshold: per-map collapse that counts as collapsed, in ``(0, 1]``.
         baseline_rise: how far above its baseline a map's collapse must be (``"baseline"``).
         baseline_alpha, baseline_warmup: EMA decay and exact warm-up (checks) of the baselines.
-        patience: steps a map must stay flagged before its alert (checks are ``check_every_n_steps`` apart).
+        patience: steps a map must stay flagged before its alert (each of them checked).
         warmup_steps: no rule fires, and no baseline learns, before this optimizer step.
         mean_collapse_threshold: model-level threshold on the mean collapse; ``None`` disables it.
         mean_collapse_patience: steps for the model-level alert.

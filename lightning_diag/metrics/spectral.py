@@ -220,7 +220,9 @@ def top_singular(
     The iterate of :func:`row_sharded_power_iteration` (``v <- normalise(W^T W v)``, the local rows
     of a row-sharded ``W`` summed with ``all_reduce_sum``), with the vector kept as ``(B, d_in, 1)``
     between calls so that an iteration is 6 kernels: two ``bmm``, a norm, a division, a comparison
-    and a ``where`` (a zero or non-finite ``W^T W v`` keeps the previous ``v``, never NaN).
+    and a ``where`` (a zero or NaN ``W^T W v`` keeps the previous ``v``). Where ``sigma_1`` comes
+    out NaN (non-finite weights: an infinite ``W^T W v`` gives ``inf / inf``), the start vector is
+    returned: ``v_1`` is never NaN, so it is a usable warm start once the weights are finite again.
 
     Args:
         weights: ``(B, d_out_i, d_in)`` (this rank's rows), float32 at least.
@@ -240,15 +242,18 @@ def top_singular(
     """
     reduce = all_reduce_sum if all_reduce_sum is not None else (lambda t: t)
     if v is None:
-        start, iters = _start_vector(weights, None, iters, single=False)
-        v = start.unsqueeze(-1)
-    w_t = weights.mT
+        cold, iters = _start_vector(weights, None, iters, single=False)
+        v = cold.unsqueeze(-1)
+    start, w_t = v, weights.mT
     for _ in range(iters):
         z = reduce(torch.bmm(w_t, torch.bmm(weights, v)))
         norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
         v = torch.where(norm > 0, z / norm, v)
     sigma = reduce(torch.bmm(weights, v).square().sum((1, 2))).sqrt()
-    return sigma, v
+    # An infinite weight makes W^T W v infinite, its norm inf and z / norm NaN: a NaN v_1 would poison
+    # every later warm start (NaN stays NaN), even once the weights are finite again (a rollback). A NaN
+    # anywhere in v makes sigma NaN, so sigma tells which vectors to drop (2 kernels, once per call).
+    return sigma, torch.where(sigma.isnan().view(-1, 1, 1), start, v)
 
 
 def _start_vector(w: Tensor, v0: Tensor | None, iters: int, single: bool) -> tuple[Tensor, int]:
