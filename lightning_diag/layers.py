@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_diag._checks import check_int
@@ -176,6 +177,39 @@ class LinearMap:
         if self.kind == "patches":
             return w.flatten(1)
         return w if self.rows is None else w[self.rows[0] : self.rows[1]]
+
+    def sample_rows(self, x: Tensor, max_rows: int, generator: torch.Generator) -> Tensor:
+        """At most ``max_rows`` random rows of ``W``'s input ``x`` (unfolded patches for a convolution), a copy.
+
+        Rows drawn with replacement from ``generator`` when there are more; all of them otherwise.
+        """
+        if self.kind == "patches":
+            x = _patches(self.module, x, max_rows, generator)  # type: ignore[arg-type]
+        n = x.numel() // max(x.shape[-1], 1)
+        if n <= max_rows:
+            return x.reshape(n, x.shape[-1]).clone()
+        idx = torch.randint(n, (max_rows,), device=x.device, generator=generator)
+        if x.ndim == 2:
+            return x.index_select(0, idx)
+        # Gather the rows in place of flattening first: a non-contiguous input would be copied whole. Unravelled
+        # with Python ints: torch.unravel_index puts its divisors on the device with a blocking copy (a sync).
+        index = []
+        for size in reversed(x.shape[1:-1]):
+            index.append(idx % size)
+            idx = idx // size
+        return x[(idx, *reversed(index))]
+
+
+def _patches(conv: nn.Conv2d, x: Tensor, max_rows: int, generator: torch.Generator) -> Tensor:
+    """The input patches of enough random images for ``max_rows`` rows: ``(images, L, C * kh * kw)``."""
+    x = x.unsqueeze(0) if x.ndim == 3 else x
+    per_image = 1
+    for n, k, s, p, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):  # type: ignore[arg-type]
+        per_image *= max(0, (n + 2 * p - d * (k - 1) - 1) // s + 1)
+    images = min(x.shape[0], -(-max_rows // max(per_image, 1)))
+    if images < x.shape[0]:
+        x = x.index_select(0, torch.randperm(x.shape[0], device=x.device, generator=generator)[:images])
+    return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
 
 
 _MHA_INPUTS = ("query", "key", "value")

@@ -9,7 +9,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_diag._checks import check_int
@@ -296,32 +295,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         return self._generators[device]
 
     def _sample(self, m: LinearMap, x: Tensor) -> Tensor:
-        """At most ``max_rows`` random input rows of map ``m`` (unfolded patches for a convolution)."""
-        if m.kind == "patches":
-            x = self._patches(m.module, x)  # type: ignore[arg-type]
-        n = x.numel() // max(x.shape[-1], 1)
-        if n <= self.max_rows:
-            return x.reshape(n, x.shape[-1]).clone()
-        idx = torch.randint(n, (self.max_rows,), device=x.device, generator=self._generator(x.device))
-        if x.ndim == 2:
-            return x.index_select(0, idx)
-        # Gather the rows in place of flattening first: a non-contiguous input would be copied whole. Unravelled
-        # with Python ints: torch.unravel_index puts its divisors on the device with a blocking copy (a sync).
-        index = []
-        for size in reversed(x.shape[1:-1]):
-            index.append(idx % size)
-            idx = idx // size
-        return x[(idx, *reversed(index))]
-
-    def _patches(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
-        """The input patches of enough random images for ``max_rows`` rows: ``(images * L, C * kh * kw)``."""
-        x = x.unsqueeze(0) if x.ndim == 3 else x
-        per_image = max(1, _conv_positions(conv, x.shape[-2:]))
-        images = min(x.shape[0], -(-self.max_rows // per_image))
-        if images < x.shape[0]:
-            x = x.index_select(0, torch.randperm(x.shape[0], device=x.device, generator=self._generator(x.device))[:images])
-        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (images, C*kh*kw, L)
-        return cols.transpose(1, 2)
+        return m.sample_rows(x, self.max_rows, self._generator(x.device))
 
     # -- a check ----------------------------------------------------------------------------------
 
@@ -491,14 +465,6 @@ class _Group:
     maps: list[int]
     v: Tensor | None = None
     refine: bool = False
-
-
-def _conv_positions(conv: nn.Conv2d, size: Any) -> int:
-    """Output positions per image of a 2-D convolution on inputs of spatial ``size``."""
-    count = 1
-    for n, k, s, p, d in zip(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation):  # type: ignore[arg-type]
-        count *= max(0, (n + 2 * p - d * (k - 1) - 1) // s + 1)
-    return count
 
 
 class _LayerCollapse(Rule):
