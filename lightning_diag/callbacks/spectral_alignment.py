@@ -56,23 +56,13 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     rank sees the global figures. The per-map collapse and ``s_1`` reach the host each check
     without a sync; the rest is read on logging steps.
 
-    **Which maps** (:func:`~lightning_diag.layers.linear_maps`): every ``nn.Linear`` with a
-    trainable 2-D weight; the query, key and value blocks of each ``nn.MultiheadAttention``
-    in-projection; ``nn.Conv2d`` with ``groups=1`` and zero padding given as numbers, on its
-    unfolded input patches (rows of ``in_channels * kh * kw`` values against the weight reshaped to
-    ``(out_channels, in_channels * kh * kw)``; the patches of the ``ceil(max_rows / patches per
-    image)`` images picked at random, then ``max_rows`` of them); the input-to-hidden weight of the
-    first layer of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (``<rnn>.ih_l0``, ``<rnn>.ih_l0_reverse``, fed
-    the module's input; a packed sequence gives its ``.data``). Then ``include``/``exclude``
-    patterns. Not watched: the output head (the last ``nn.Linear`` registered;
-    ``exclude_head=False`` keeps it), and maps whose input a hook cannot see as rows against a
-    plain matrix: ``MultiheadAttention.out_proj`` (used through its weight), recurrent
-    hidden-to-hidden weights and the input weights of deeper recurrent layers, grouped or
-    depthwise convolutions, padding other than zeros or given as ``"same"``/``"valid"``,
-    ``nn.Conv1d``, ``nn.Conv3d``, transposed convolutions, embeddings, and weights a module
-    applies itself (``F.linear`` or a matmul on an ``nn.Parameter``). A map whose input never
-    reached its hook at a check is left out of that check's figures (never NaN for "not
-    called"), with one note.
+    **Which maps** (:func:`~lightning_diag.layers.linear_maps`, which lists what stays unwatched):
+    ``nn.Linear`` layers; the q, k and v blocks of ``nn.MultiheadAttention`` in-projections;
+    ``nn.Conv2d`` (``groups=1``, zero padding) on unfolded input patches; the first-layer input
+    weights of ``nn.LSTM``/``nn.GRU``/``nn.RNN``; then ``include``/``exclude`` patterns; not the
+    output head (the last ``nn.Linear`` registered; ``exclude_head=False`` keeps it). A map whose
+    input never reached its hook at a check is left out of that check's figures (never NaN for
+    "not called"), with one note.
 
     **Alerts.** Per map (warning): its collapse ``c = 1 - D`` at least ``collapse_threshold`` and
     ``baseline_rise`` above the map's own EMA baseline
