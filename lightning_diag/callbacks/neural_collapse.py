@@ -332,6 +332,12 @@ class NCTracker(DiagnosticCallback):
             lagged = self.data == "train" and self._metric is not None and self._metric.reference_means is not None
             self._tap.start(self._armed and wanted, keep_weights=lagged)
 
+    def disarm(self) -> None:
+        """The training forward is over (the base calls this before backward): a probe pass that another
+        callback runs before this batch ends, or a forward recomputed in backward, is not captured."""
+        if self._tap is not None:
+            self._tap.on = False
+
     def _end_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self._armed or self._tap is None:
             return
