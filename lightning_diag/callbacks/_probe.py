@@ -1,6 +1,6 @@
-"""NCTracker's helpers: checking ``data``, finding the head, capturing features and labels, running a probe pass
-without touching training, splitting it over the ranks that see different data, and the
-class-mean cosine image."""
+"""NCTracker's helpers: checking ``data``, finding the head, capturing features and labels,
+running a probe pass without touching training, splitting it over the ranks that see different
+data, and the class-mean cosine image."""
 
 from __future__ import annotations
 
