@@ -1,31 +1,32 @@
-"""NCTracker: neural collapse (NC1-NC4, CDNV) of a classifier's features, streamed in one pass."""
+"""NCTracker: neural collapse (NC1-NC4, CDNV) of a classifier's features, streamed in one pass
+through a :class:`~lightning_diag.metrics.neural_collapse.NeuralCollapse` metric."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures
+from lightning_diag.callbacks._probe import (
+    FeatureTap, batch_labels, check_data, class_mean_cosines, cosine_image, data_parallel, feature_matrix,
+    find_head, normal_tensors, probe_batches, probe_mode,
+)  # fmt: skip
+from lightning_diag.callbacks._sharding import whole_tensor
 from lightning_diag.callbacks._trainer import has_tensorboard, log_image
 from lightning_diag.keys import Key
-from lightning_diag.layers import find_module, last_linear
-from lightning_diag.metrics.collapse import METRIC_KEYS, CollapseAccumulator, nearest_class_center
+from lightning_diag.layers import find_module
+from lightning_diag.metrics.neural_collapse import NeuralCollapse
 
-__all__ = ["NCTracker"]
+__all__ = ["NCTracker", "class_mean_cosines", "cosine_image"]
 
-DATA_SOURCES = ("val", "train")
-NC4_MODES = ("lagged", "exact")
-_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
-_IMAGE_SIZE = 256  # the cosine image is upscaled to about this many pixels a side
 _NC1, _NC2, _NC34, _OTHER = ("NC1 (within-class variability)", "NC2 (equinorm, equiangularity)",
                              "NC3 (self-duality), NC4 (nearest class centre)", "CDNV, trace ratio")
 
@@ -48,8 +49,10 @@ class NCTracker(DiagnosticCallback):
     (flattened to ``(N, d)``); a callable ``feature_layer(pl_module, batch) -> (N, d)`` computes them
     (one extra forward per batch). ``d`` must be the classifier's ``in_features``.
 
-    **Data.** Each evaluation accumulates per-class counts, means and scatter in ``dtype`` on the
-    model's device (no host sync), merges ranks with two SUM all-reduces, computes once and logs.
+    **Data.** Each evaluation feeds the features to one
+    :class:`~lightning_diag.metrics.neural_collapse.NeuralCollapse` metric (per-class counts, means
+    and scatter in ``dtype`` on the model's device, no host sync), whose ``compute()`` merges the
+    ranks exactly with two SUM all-reduces (over the data-parallel ranks), then logs.
 
     - ``data="val"`` (default): the batches of the first validation loader, every
       ``every_n_epochs`` epochs and in ``trainer.validate``; no extra forward (eval mode, the
@@ -65,7 +68,11 @@ class NCTracker(DiagnosticCallback):
 
     **NC4** needs the final class means. ``nc4="lagged"`` (default) compares against the previous
     evaluation's means (not logged at the first evaluation; the means are checkpointed);
-    ``nc4="exact"`` (probe loaders only) runs a second probe pass with the final means.
+    ``nc4="exact"`` (probe loaders only) runs a second probe pass with the final means. The decision
+    is ``W h + b`` in ``dtype``, with the weights of the forward that gave ``h``.
+
+    **Sharded heads** (FSDP2): the classifier's weight and bias are read whole at each evaluation
+    (an all-gather of the ``(K, d)`` matrix on every rank).
 
     With a TensorBoard logger, ``nc/class_mean_cosine`` is an image of the cosines of the centred
     class means (blue -1, white 0, red +1; a simplex ETF is a red diagonal on an even light blue).
@@ -140,24 +147,9 @@ class NCTracker(DiagnosticCallback):
         rules: Sequence[Rule] = (),
     ) -> None:
         super().__init__(action=action, rules=rules)
-        probe = not isinstance(data, str)
-        _check_data(data)
-        if nc4 not in NC4_MODES:
-            raise ValueError(f"`nc4` must be one of {NC4_MODES}, got {nc4!r}")
-        if nc4 == "exact" and not probe:
-            raise ValueError(f"`nc4='exact'` needs a second pass, so a probe DataLoader as `data`, got data={data!r}")
+        check_data(data, nc4, every_n_epochs, probe_every_n_steps, feature_layer)  # and what depends on it
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be one of ('class', 'sample'), got {global_mean!r}")
-        check_int("every_n_epochs", every_n_epochs, 1, optional=True)
-        check_int("probe_every_n_steps", probe_every_n_steps, 1, optional=True)
-        if probe_every_n_steps is not None and not probe:
-            raise ValueError(f"`probe_every_n_steps` needs a probe DataLoader as `data`, got data={data!r}")
-        if every_n_epochs is None and probe_every_n_steps is None:
-            raise ValueError("`every_n_epochs` and `probe_every_n_steps` are both None: the tracker would never run")
-        if feature_layer is not None and not (isinstance(feature_layer, str) or callable(feature_layer)):
-            raise ValueError(f"`feature_layer` must be None, a module name or a callable, got {feature_layer!r}")
-        if callable(feature_layer) and data == "train":
-            raise ValueError("a callable `feature_layer` needs a forward pass of its own: use data='val' or a probe")
         check_int("num_classes", num_classes, 2, optional=True)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"`dtype` must be a floating point torch.dtype, got {dtype!r}")
@@ -170,12 +162,12 @@ class NCTracker(DiagnosticCallback):
         self._builtin_rules = [Above(f"{prefix}/nonfinite_classes", 0.0, severity="critical")]
         self._epochs, self._probes = Cadence(every_n_epochs), Cadence(probe_every_n_steps)
         self._head: nn.Module | None = None
-        self._handles: list[Any] = []
-        self._acc: CollapseAccumulator | None = None
+        self._tap: FeatureTap | None = None
+        self._metric: NeuralCollapse | None = None  # built at the first evaluation, on the head's device
+        self._group, self._rank, self._ranks = None, 0, 1  # the data-parallel ranks: their sum is the data
         self._reference: tuple[Tensor, Tensor] | None = None  # class means and present mask for lagged NC4
-        self._armed = self._capturing = False
-        self._captured: list[Tensor] = []
-        self._decision: tuple[Tensor, Tensor | None] | None = None  # (W, b) of the forward being captured
+        self._armed = False
+        self._weights: tuple[Tensor, Tensor | None] | None = None  # (W, b) whole, in dtype, for this evaluation
         self._measured = False
         self._probe_step = -1  # trainer.global_step of the last probe
 
@@ -185,9 +177,13 @@ class NCTracker(DiagnosticCallback):
 
     @property
     def state_key(self) -> str:
-        data = self.data if isinstance(self.data, str) else "probe"
         layer = getattr(self.feature_layer, "__qualname__", self.feature_layer)
-        return self._generate_state_key(data=data, prefix=self.family, feature_layer=layer, classifier=self.classifier)
+        return self._generate_state_key(data=self._data_name, prefix=self.family, feature_layer=layer,
+                                        classifier=self.classifier)  # fmt: skip
+
+    @property
+    def _data_name(self) -> str:
+        return self.data if isinstance(self.data, str) else "probe"
 
     # -- wiring: resolve the modules once, hook the features -----------------------------------
 
@@ -198,42 +194,22 @@ class NCTracker(DiagnosticCallback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measured, self._probe_step = False, -1
-        if self.classifier is not None:
-            head = find_module(pl_module, self.classifier, "classifier", matrix=True)
-        else:
-            head = (last_linear(pl_module) or (None, None))[1]
+        head = find_head(pl_module, self.classifier, self.num_classes)
         if head is None:
             self.warn_once("no-classifier", "the model has no nn.Linear to take as the classifier; doing nothing "
                                             "(name the head with `classifier=`)")  # fmt: skip
             return
-        weight = getattr(head, "weight", None)
-        if not isinstance(weight, Tensor) or weight.ndim != 2:
-            raise ValueError(f"`classifier={self.classifier!r}` must have a 2-D (K, d) `weight`, got "
-                             f"{type(head).__name__} with weight {getattr(weight, 'shape', weight)!r}")  # fmt: skip
-        if self.num_classes is not None and self.num_classes != weight.shape[0]:
-            raise ValueError(f"`num_classes={self.num_classes}` but the classifier has {weight.shape[0]} outputs")
-        self._head = head
+        source = head if self.feature_layer is None else None
         if isinstance(self.feature_layer, str):
-            module = find_module(pl_module, self.feature_layer, "feature_layer")
-            self._handles.append(module.register_forward_hook(self._capture_output))
-        elif self.feature_layer is None:
-            self._handles.append(head.register_forward_pre_hook(self._capture_input))
+            source = find_module(pl_module, self.feature_layer, "feature_layer")
+        self._head, self._tap = head, FeatureTap(head, source, self.dtype)
+        self._group, self._rank, self._ranks = data_parallel(trainer)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._head = [], None
-        self._armed = self._capturing = False
-        self._captured.clear()
-        self._decision = self._acc = None  # the reference means for lagged NC4 live on in self._reference
-
-    def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._capturing and args:
-            self._captured.append(args[0].detach())
-
-    def _capture_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._capturing:
-            self._captured.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+        if self._tap is not None:
+            self._tap.remove()
+        self._head = self._tap = self._metric = self._weights = None  # the means for lagged NC4 live on in _reference
+        self._armed = False
 
     # -- data="val" ----------------------------------------------------------------------------
 
@@ -267,10 +243,6 @@ class NCTracker(DiagnosticCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._start_batch(self.data == "train")
-        if self._capturing and self._acc is not None and self._acc.reference_means is not None:
-            # NC4 compares with the decision of *this* forward, made before the optimizer step moves W.
-            weight, bias = self._head.weight, getattr(self._head, "bias", None)  # type: ignore[union-attr]
-            self._decision = (weight.detach().clone(), None if bias is None else bias.detach().clone())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -302,174 +274,139 @@ class NCTracker(DiagnosticCallback):
             return
         self._probe_step = trainer.global_step
         self._begin()
-        with _probe_mode(pl_module):
-            for batch in self._probe_batches(trainer, pl_module):
-                self._absorb(self._probe_features(pl_module, batch), self._labels(batch))
-            exact_nc4 = None
-            if self.nc4 == "exact":  # the second pass needs the final means of all ranks
-                self._sync(trainer)
-                exact_nc4 = self._exact_nc4(trainer, pl_module)
-        self._finish(trainer, exact_nc4)
+        with probe_mode(pl_module):
+            self._probe_pass(pl_module)
+            if self.nc4 == "exact":  # the same data again, against the final class means of all ranks
+                self._restart_against_final_means()
+                self._probe_pass(pl_module)
+        self._finish(trainer)
 
-    def _probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[Any]:
-        loader = self.data
-        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", getattr(loader, "sampler", None))
-        world = 1 if isinstance(sampler, DistributedSampler) else trainer.world_size
-        for i, batch in enumerate(loader):  # type: ignore[arg-type]
-            if i % world == trainer.global_rank % world:
-                yield move_data_to_device(batch, pl_module.device)
+    def _probe_pass(self, pl_module: pl.LightningModule) -> None:
+        assert self._tap is not None
+        for batch in probe_batches(self.data, self._rank, self._ranks, pl_module.device):  # type: ignore[arg-type]
+            if callable(self.feature_layer):
+                features = self.feature_layer(pl_module, batch)
+            else:
+                self._tap.start(True)
+                pl_module(self.input_fn(batch) if self.input_fn is not None else batch[0])
+                features = self._tap.take()
+                if features is None:
+                    raise RuntimeError("the probe forward did not run the hooked module; check `input_fn` and "
+                                       "`feature_layer`")
+            self._absorb(features, batch_labels(batch, self.label_fn))
 
-    def _probe_features(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        if callable(self.feature_layer):
-            return self.feature_layer(pl_module, batch)
-        self._start_batch(True)
-        pl_module(self.input_fn(batch) if self.input_fn is not None else batch[0])
-        self._capturing = False
-        return self._take_captured()
-
-    def _exact_nc4(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        """Second probe pass: NCC against the final (synced) class means vs the network decision."""
-        acc = self._acc
-        assert acc is not None
-        present = (acc.counts > 0) & torch.isfinite(acc.means).all(1)
-        counts = torch.zeros(2, dtype=acc.dtype, device=acc.device)  # mismatches, samples
-        for batch in self._probe_batches(trainer, pl_module):
-            x = self._as_matrix(self._probe_features(pl_module, batch)).to(acc.device, acc.dtype)
-            counts[0] += (nearest_class_center(x, acc.means, present) != self._logits(x).argmax(1)).sum()
-            counts[1] += x.shape[0]
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return counts[0] / counts[1]  # NaN when the probe is empty
+    def _restart_against_final_means(self) -> None:
+        metric = self._metric
+        assert metric is not None
+        with normal_tensors():
+            metric.sync()  # the global state (no-op in one process); reset() unsyncs
+            means, present = metric.means.clone(), (metric.counts > 0) & torch.isfinite(metric.means).all(1)
+            metric.reset()
+            metric.set_reference_means(means, present)
 
     # -- one evaluation: begin, absorb batches, finish ------------------------------------------
 
     def _begin(self) -> None:
         if self._head is None:
             return
-        weight = self._head.weight
+        self._weights = self._whole_head()  # the decision of NC4 when no forward of the head gave one
+        weight = self._weights[0]
         k, d = weight.shape
-        with _normal_tensors():
-            if self._acc is None:
-                self._acc = CollapseAccumulator(k, d, device=weight.device, dtype=self.dtype,
-                                                global_mean=self.global_mean, full_covariance=self.full_covariance)
-            elif self._acc.device != weight.device:
-                self._acc.to(weight.device)
-            self._acc.reset()
+        with normal_tensors():
+            if self._metric is None:
+                self._metric = NeuralCollapse(k, dim=d, nc4_reference="manual", global_mean=self.global_mean,
+                                              full_covariance=self.full_covariance, dtype=self.dtype,
+                                              process_group=self._group)  # fmt: skip
+            metric = self._metric.to(weight.device)
+            metric.reset()
             reference = self._reference if self.nc4 == "lagged" else None
             if reference is not None and reference[0].shape != (k, d):
                 self.warn_once("reference-shape", f"dropping the saved class means of shape "
                                                   f"{tuple(reference[0].shape)}: the classifier is {(k, d)}")
                 self._reference = reference = None
-            self._acc.set_reference_means(*(reference or (None,)))
+            metric.set_reference_means(*(reference or (None,)))
         self._armed = True
 
     def _start_batch(self, wanted: bool) -> None:
-        self._captured.clear()
-        self._capturing = self._armed and wanted and not callable(self.feature_layer)
+        if self._tap is not None:  # NC4 compares with the decision of *this* training forward: keep its (W, b)
+            lagged = self.data == "train" and self._metric is not None and self._metric.reference_means is not None
+            self._tap.start(self._armed and wanted, keep_weights=lagged)
+
+    def disarm(self) -> None:
+        """The training forward is over (the base calls this before backward): a probe pass that another
+        callback runs before this batch ends, or a forward recomputed in backward, is not captured."""
+        if self._tap is not None:
+            self._tap.on = False
 
     def _end_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not self._armed:
+        if not self._armed or self._tap is None:
             return
         if callable(self.feature_layer):  # data="val" only: validation runs under no_grad already
-            self._absorb(self.feature_layer(pl_module, batch), self._labels(batch))
-            return
-        if self._capturing:
-            self._capturing = False
-            if self._captured:
-                self._absorb(self._take_captured(), self._labels(batch))
-        self._decision = None
+            features: Tensor | None = self.feature_layer(pl_module, batch)
+        else:
+            features = self._tap.take()
+        if features is not None:
+            self._absorb(features, batch_labels(batch, self.label_fn), self._tap.weights)
+        self._tap.weights = None
 
-    def _take_captured(self) -> Tensor:
-        features = torch.cat([self._as_matrix(f) for f in self._captured]) if self._captured else None
-        self._captured.clear()
-        if features is None:
-            raise RuntimeError("the probe forward did not run the hooked module; check `input_fn` and "
-                               "`feature_layer`")
-        return features
-
-    def _as_matrix(self, features: Tensor) -> Tensor:
-        assert self._head is not None
-        d = self._head.weight.shape[1]
-        matrix = features.flatten(1) if features.ndim > 2 else features
-        if matrix.ndim != 2 or matrix.shape[1] != d:
-            raise ValueError(f"features of shape {tuple(features.shape)} do not match the classifier's input "
-                             f"dimension {d}; `feature_layer` must give (N, {d}) features (or (N, ...) that "
-                             "flatten to it)")
-        return matrix
-
-    def _labels(self, batch: Any) -> Tensor:
-        if self.label_fn is not None:
-            return self.label_fn(batch)
-        if isinstance(batch, Mapping):
-            for key in _LABEL_KEYS:
-                if key in batch:
-                    return batch[key]
-            raise ValueError(f"no labels in the batch (keys {list(batch)}; looked for {_LABEL_KEYS}): pass `label_fn`")
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[1]
-        raise ValueError(f"cannot find labels in a batch of type {type(batch).__name__}: pass `label_fn`")
-
-    def _logits(self, x: Tensor) -> Tensor:
-        """The network decision ``W h + b`` in the accumulator dtype (the definition of NC4)."""
-        assert self._head is not None
-        weight, bias = self._decision or (self._head.weight.detach(), getattr(self._head, "bias", None))
-        logits = x @ weight.to(x.device, x.dtype).T
-        return logits if bias is None else logits + bias.detach().to(x.device, x.dtype)
-
-    def _absorb(self, features: Tensor, labels: Tensor) -> None:
-        acc = self._acc
-        assert acc is not None
-        features = self._as_matrix(features)
+    def _absorb(self, features: Tensor, labels: Tensor, weights: tuple[Tensor, Tensor | None] | None = None) -> None:
+        metric = self._metric
+        assert metric is not None and self._head is not None
+        features = feature_matrix(features, self._head.weight.shape[1])
         labels = labels.reshape(-1)
         if labels.shape[0] != features.shape[0]:
             self.warn_once("rows", f"skipping batches with {features.shape[0]} feature rows but {labels.shape[0]} "
                                    "labels (several forwards per step?); pass a `feature_layer` callable")
             return
-        with _normal_tensors():
-            x = features.to(acc.device, acc.dtype)
-            acc.update(x, labels, self._logits(x) if acc.reference_means is not None else None)
+        with normal_tensors():
+            logits = None
+            if metric.reference_means is not None:  # the network decision W h + b in dtype (the definition of NC4)
+                weight, bias = weights or self._weights  # type: ignore[misc]
+                x = features.to(weight.device, weight.dtype)
+                logits = x @ weight.T if bias is None else x @ weight.T + bias
+            metric.update(features, labels, logits)
 
-    def _sync(self, trainer: pl.Trainer) -> None:
-        assert self._acc is not None
-        with _normal_tensors():
-            self._acc.sync(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # the default reduce is a mean
+    def _whole_head(self) -> tuple[Tensor, Tensor | None]:
+        """The head's ``(W, b)`` in dtype, whole on every rank: under FSDP2 an all-gather (every rank calls it)."""
+        assert self._head is not None
+        weight = whole_tensor(self._head.weight.detach()).to(dtype=self.dtype)
+        bias = getattr(self._head, "bias", None)
+        return weight, None if bias is None else whole_tensor(bias.detach()).to(weight.device, self.dtype)
 
-    def _finish(self, trainer: pl.Trainer, exact_nc4: Tensor | None = None) -> None:
+    def _finish(self, trainer: pl.Trainer) -> None:
         """Merge ranks, compute, hand the figures to the base (one host transfer), keep the means for NC4."""
-        acc, head = self._acc, self._head
-        assert acc is not None and head is not None
-        self._armed = self._capturing = False
-        with _normal_tensors():
-            if not acc.synced:
-                self._sync(trainer)
-            metrics = acc.compute(head.weight, getattr(head, "bias", None))
-            if exact_nc4 is not None:
-                metrics["nc4"] = exact_nc4
-            elif self._reference is None:
-                del metrics["nc4"]  # lagged NC4 has no previous means at the first evaluation: log nothing
-            finite = torch.isfinite(acc.means).all(1) & torch.isfinite(acc.class_scatter)
-            nonfinite = ((acc.counts > 0) & ~finite).sum().to(acc.dtype)
-            self.record(trainer.global_step, Figures({**metrics, "num_samples": acc.counts.sum(),
-                                                      "nonfinite_classes": nonfinite}))  # fmt: skip
-            self.drain(trainer, trainer.global_step, wait=True)
-            self.publish(trainer, trainer.global_step)
-            cosines = class_mean_cosines(acc.means, acc.counts, self.global_mean)
+        metric = self._metric
+        assert metric is not None and self._weights is not None
+        self._armed = False
+        step = trainer.global_step
+        with normal_tensors():
+            weight, bias = self._whole_head() if self.data == "train" else self._weights  # training moved W
+            metric.classifier = SimpleNamespace(weight=weight, bias=bias)
+            with warnings.catch_warnings():  # an evaluation without features is reported below, once
+                warnings.filterwarnings("ignore", message=r".*`compute` method .* was called before")
+                metrics = metric.compute()  # lagged NC4 is absent at the first evaluation: nothing logged
+            metric.classifier = None
+            means, counts = metric.computed_means, metric.computed_counts
+            finite = torch.isfinite(means).all(1) & torch.isfinite(metric.computed_class_scatter)
+            nonfinite = ((counts > 0) & ~finite).sum().to(means.dtype)
+            self.record(step, Figures({**metrics, "num_samples": counts.sum(), "nonfinite_classes": nonfinite}))
+            self.drain(trainer, step, wait=True)
+            self.publish(trainer, step)
+            cosines = class_mean_cosines(means, counts, self.global_mean)
             if self.cosine_image and cosines.numel() and has_tensorboard(trainer):
-                log_image(trainer, f"{self.family}/class_mean_cosine", cosine_image(cosines), trainer.global_step)
-            self._reference = (acc.means.clone(), (acc.counts > 0) & finite)
-            acc.reset()
+                log_image(trainer, f"{self.family}/class_mean_cosine", cosine_image(cosines), step)
+            self._reference = (means, (counts > 0) & finite)
+            metric.reset()
+        self._weights = None
         self._measured = True
         host = dict(zip(self._host[1], self._host[2].tolist())) if self._host is not None else {}
         present, samples = int(host.get(f"{self.family}/num_classes_present", 0)), host.get(f"{self.family}/num_samples", 0)
         if samples == 0:
             self.warn_once("empty", f"no features were captured for data={self._data_name!r}: does the step run "
                                     "the classifier (or `feature_layer`)?")
-        elif present < acc.num_classes:
-            self.warn_once("missing", f"only {present} of {acc.num_classes} classes occur in "
+        elif present < metric.num_classes:
+            self.warn_once("missing", f"only {present} of {metric.num_classes} classes occur in "
                                       f"data={self._data_name!r}; the metrics use the classes present")
-
-    @property
-    def _data_name(self) -> str:
-        return self.data if isinstance(self.data, str) else "probe"
 
     # -- checkpoint state -----------------------------------------------------------------------
 
@@ -481,77 +418,3 @@ class NCTracker(DiagnosticCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         means, present = state.get("reference_means"), state.get("reference_present")
         self._reference = None if means is None else (means.clone(), present.clone())
-
-
-def _check_data(data: Any) -> None:
-    """``data``: "val", "train", a DataLoader, or a re-iterable of ``(input, label)``-like batches."""
-    if isinstance(data, str):
-        if data not in DATA_SOURCES:
-            raise ValueError(f"`data` must be one of {DATA_SOURCES} or a DataLoader, got {data!r}")
-        return
-    if isinstance(data, DataLoader):
-        return
-    if not isinstance(data, Iterable) or isinstance(data, Iterator):  # iter() of an iterator would consume it
-        raise ValueError(f"`data` must be one of {DATA_SOURCES} or a re-iterable DataLoader, got {data!r}")
-    if isinstance(data, Sequence) and not data:
-        raise ValueError(f"`data` is an empty {type(data).__name__}: a probe needs at least one (input, label) batch")
-    first = next(iter(data), None) if isinstance(data, Sequence) else None
-    if isinstance(data, Sequence) and not (isinstance(first, (Mapping, Tensor)) or (
-            isinstance(first, (tuple, list)) and len(first) >= 2)):  # fmt: skip
-        raise ValueError(f"`data` must be one of {DATA_SOURCES} or a DataLoader of (input, label) batches, got a "
-                         f"{type(data).__name__} whose first batch is {first!r}")  # fmt: skip
-
-
-# -- helpers ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _normal_tensors() -> Iterator[None]:
-    """Accumulator work outside inference mode, so its state never becomes inference tensors
-    (Lightning validates under ``torch.inference_mode``; the state outlives that context)."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
-@contextlib.contextmanager
-def _probe_mode(pl_module: pl.LightningModule) -> Iterator[None]:
-    """``eval()``, ``no_grad``, no autocast and a forked RNG; every module's mode is restored after."""
-    modes = [(m, m.training) for m in pl_module.modules()]
-    device = pl_module.device
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    try:
-        autocast: Any = torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        autocast = contextlib.nullcontext()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
-            pl_module.eval()
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def class_mean_cosines(means: Tensor, counts: Tensor, global_mean: str = "class") -> Tensor:
-    """``K' x K'`` cosines of the centred means of the ``K'`` classes present (one host sync)."""
-    present = (counts > 0).nonzero().squeeze(1)
-    mu, n = means[present], counts[present]
-    if mu.shape[0] == 0:
-        return mu.new_zeros(0, 0)
-    centre = mu.mean(0) if global_mean == "class" else (n[:, None] * mu).sum(0) / n.sum()
-    unit = torch.nn.functional.normalize(mu - centre, dim=1)
-    return unit @ unit.T
-
-
-def cosine_image(cosines: Tensor) -> Tensor:
-    """A ``(3, H, W)`` RGB image of a matrix of values in ``[-1, 1]``: blue -1, white 0, red +1, grey NaN.
-
-    Each entry is a square of ``max(1, 256 // K)`` pixels (no matplotlib needed).
-    """
-    v = cosines.detach().float().clamp(-1, 1)
-    rgb = torch.stack([1 + v.clamp(max=0), 1 - v.abs(), 1 - v.clamp(min=0)])
-    rgb = torch.where(torch.isnan(v), torch.full_like(rgb, 0.5), rgb)
-    scale = max(1, _IMAGE_SIZE // max(v.shape[0], 1))
-    return rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).cpu()

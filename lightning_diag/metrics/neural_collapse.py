@@ -150,9 +150,12 @@ class NeuralCollapse(Metric):
                 setattr(acc, name, None)
         self._acc = acc  # an empty shell: each call binds the states to it (no copy)
         self._reference: tuple[Tensor, Tensor] | None = None  # NC4 reference means and classes
-        #: Global class means and counts at the last ``compute()`` (after the DDP sync), or None.
+        #: Global class means, counts and scatters ``t_c = sum_{i in c} ||h_i - mu_c||^2`` at the
+        #: last ``compute()`` (after the DDP sync), or None. A class with a finite mean can still
+        #: have an infinite scatter (squares that overflow the state dtype).
         self.computed_means: Tensor | None = None
         self.computed_counts: Tensor | None = None
+        self.computed_class_scatter: Tensor | None = None
         self._new_reference = False  # a compute happened since the last reset
         self._in_forward = False
 
@@ -223,6 +226,7 @@ class NeuralCollapse(Metric):
         drop = (CLASSIFIER_KEYS if params is None else ()) + (() if counted else ("nc4",))
         if not self._in_forward:  # forward computes on one batch: not an evaluation's means
             self.computed_means, self.computed_counts = self.means.clone(), self.counts.clone()
+            self.computed_class_scatter = self.class_scatter.clone()
             self._new_reference = True
         return {key: out[key] for key in METRIC_KEYS if key not in drop}
 
@@ -294,6 +298,7 @@ class NeuralCollapse(Metric):
                 setattr(self, name, move(getattr(self, name)))
         if self.computed_means is not None:
             self.computed_means, self.computed_counts = move(self.computed_means), move(self.computed_counts)
+            self.computed_class_scatter = move(self.computed_class_scatter)
         if self._reference is not None:
             means = move(self._reference[0])
             self._reference = (means, self._reference[1].to(means.device))

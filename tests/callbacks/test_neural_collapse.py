@@ -221,6 +221,29 @@ def test_train_data_uses_the_features_of_the_training_forwards() -> None:
     assert [s for s, _ in _series(log, "nc/nc4")] == [s for s, _ in snaps.states][1:]
 
 
+def test_a_probe_run_by_another_tracker_is_not_captured_by_a_training_tracker() -> None:
+    """Before: a data="train" tracker kept capturing until its own on_train_batch_end, so the probe
+    forwards that a tracker placed before it ran in *its* on_train_batch_end were captured too
+    (64 probe rows next to 32 labels: every batch was skipped and nothing was measured)."""
+    figures = []
+    for with_probe in (False, True):
+        torch.manual_seed(0)
+        module = MixtureClassifier()
+        train = NCTracker(data="train", prefix="train", action="log")
+        probe = NCTracker(data=DataLoader(module.train_set, batch_size=64), probe_every_n_steps=1, action="log")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DiagnosticWarning)  # no "skipping batches" warning
+            log = _fit(module, *([probe] if with_probe else []), train, max_epochs=2, limit_val_batches=0).logger
+        figures.append({k: v for k, v in log.history.items() if k.startswith("train/")})
+    alone, beside = figures
+    assert alone.keys() == beside.keys() and [s for s, _ in alone["train/nc4"]] == [8]
+    assert alone["train/num_samples"][0][1] == pytest.approx(128, abs=1e-9)
+    for key, series in alone.items():
+        for (step, a), (step_b, b) in zip(series, beside[key], strict=True):
+            assert step == step_b
+            _assert_close(b, a, key, rel=1e-9)
+
+
 def test_named_feature_layer_and_feature_function_give_the_default_numbers() -> None:
     torch.manual_seed(0)
     module = MixtureClassifier()

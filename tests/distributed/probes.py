@@ -154,3 +154,29 @@ def spectral_alignment_monitor(**kwargs: Any) -> list[pl.Callback]:
     from lightning_diag import SpectralAlignmentMonitor
 
     return [SpectralAlignmentMonitor(**{"action": "log", "every_n_steps": 1, "check_every_n_steps": 1, **kwargs})]
+
+
+def _classes(y: Tensor) -> Tensor:
+    """Five classes from the harness's regression target ``sin(sum x)`` (so the features carry them)."""
+    return torch.bucketize(y.reshape(-1), torch.tensor([-0.6, -0.2, 0.2, 0.6], device=y.device))
+
+
+def nc_tracker(**kwargs: Any) -> list[pl.Callback]:
+    """Three NCTrackers on the harness's ``net.6`` (``Linear(7, 5)``: 5 classes, rows 3 + 2 under
+    FSDP2), one per way of taking features: a probe pass capturing the head's input (lagged NC4,
+    every step), a probe through a ``feature_layer`` callable with exact NC4 (two passes), and the
+    training forwards with the output of ``net.5`` (lagged NC4 from each forward's own weights).
+    Run with ``limit_train_batches=2`` for two epochs, so that the training tracker has an NC4."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_diag import NCTracker
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=g)  # 6 batches of 4: 3 per rank under 2 processes
+    probe = DataLoader(TensorDataset(x, _classes(x.sum(1).sin())), batch_size=4)
+    common = {"classifier": "net.6", "action": "log", **kwargs}
+    return [
+        NCTracker(data=probe, probe_every_n_steps=1, **common),
+        NCTracker(data=probe, feature_layer=lambda m, batch: m.net[:6](batch[0]), nc4="exact", prefix="exact", **common),
+        NCTracker(data="train", feature_layer="net.5", label_fn=lambda batch: _classes(batch[1]), prefix="train", **common),
+    ]

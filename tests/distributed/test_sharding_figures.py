@@ -26,10 +26,11 @@ PROBE_KWARGS = {"clip_to": 0.5, "naive": True}  # the clip bites at every step: 
 def single(tmp_path_factory):
     cache: dict[str, dict] = {}
 
-    def get(factory: str, **kwargs) -> dict:
-        key = factory + repr(sorted(kwargs.items()))
+    def get(factory: str, trainer_kwargs: dict | None = None, **kwargs) -> dict:
+        key = factory + repr(sorted(kwargs.items())) + repr(trainer_kwargs)
         if key not in cache:
-            cache[key] = run_fit("single", factory, tmp_path_factory.mktemp("single"), callback_kwargs=kwargs)
+            cache[key] = run_fit("single", factory, tmp_path_factory.mktemp("single"), callback_kwargs=kwargs,
+                                 trainer_kwargs=trainer_kwargs)
         return cache[key]
 
     return get
@@ -64,7 +65,10 @@ MONITORS: dict[str, dict[str, str]] = {
     "grad_norm_watcher": {},
     "loss_spike_detector": {},
     "spectral_alignment_monitor": {},
+    "nc_tracker": {},
 }
+# Trainer arguments of a monitor's runs: two epochs of two steps, so that NCTracker(data="train") evaluates twice.
+TRAINER_KWARGS: dict[str, dict] = {"nc_tracker": {"limit_train_batches": 2}}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -74,6 +78,7 @@ def test_monitor_gives_single_process_figures(monitor, strategy, single, tmp_pat
     if reason:
         request.applymarker(pytest.mark.xfail(raises=(AssertionError, RuntimeError), strict=True, reason=reason))
     factory = f"tests/distributed/probes.py:{monitor}"
-    reference = single(factory)
+    trainer_kwargs = TRAINER_KWARGS.get(monitor)
+    reference = single(factory, trainer_kwargs)
     assert reference, f"{monitor} logged nothing in one process"
-    assert_same_figures(run_fit(strategy, factory, tmp_path), reference)
+    assert_same_figures(run_fit(strategy, factory, tmp_path, trainer_kwargs=trainer_kwargs), reference)

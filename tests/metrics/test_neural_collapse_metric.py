@@ -102,6 +102,26 @@ def test_reset_forgets_the_statistics():
     assert_metrics_close(again, fresh, rtol=1e-12, keys=[k for k in fresh if k != "nc4"])
 
 
+def test_computed_statistics_are_the_class_counts_means_and_scatters_of_the_evaluation():
+    h, y, w, b = random_problem(14, n=120)
+    metric = feed(NeuralCollapse(5, linear(w, b)), *as_torch(h, y), batch_sizes=(7, 30))
+    assert metric.computed_class_scatter is None  # nothing computed yet
+    metric.compute()
+    for c in range(5):
+        rows = h[y == c]
+        assert float(metric.computed_counts[c]) == pytest.approx(len(rows), abs=1e-9)
+        np.testing.assert_allclose(metric.computed_means[c].numpy(), rows.mean(0), rtol=1e-12, atol=1e-12)
+        scatter = np.square(rows - rows.mean(0)).sum()
+        assert float(metric.computed_class_scatter[c]) == pytest.approx(scatter, rel=1e-10)
+    # Squares that overflow the state dtype: a finite mean, an infinite scatter (what only the scatter shows).
+    big = NeuralCollapse(2, dim=1, dtype=torch.float32)
+    big.update(torch.tensor([[1e20], [-1e20], [1.0], [2.0]]), torch.tensor([0, 0, 1, 1]))
+    big.compute()
+    assert torch.isfinite(big.computed_means).all()
+    assert math.isinf(float(big.computed_class_scatter[0]))
+    assert float(big.computed_class_scatter[1]) == pytest.approx(0.5, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- dict contents, NC4
 
 
@@ -368,6 +388,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
             local = metric.counts.clone()
             report[name] = {k: v.item() for k, v in metric.compute().items()}
             report[name + "/computed_counts"] = metric.computed_counts
+            report[name + "/computed_class_scatter"] = metric.computed_class_scatter
             report[name + "/local_after_compute"] = torch.equal(metric.counts, local)  # unsynced again
         metric.sync()  # torchmetrics' manual sync/unsync
         report["synced_counts"] = metric.counts.clone()
@@ -407,6 +428,8 @@ def test_two_gloo_processes_sync_to_the_single_process_result(tmp_path):
             assert list(report[name]) == list(expected)
             assert_metrics_close(report[name], expected, rtol=1e-10)
             torch.testing.assert_close(report[name + "/computed_counts"], metric.counts, rtol=0, atol=0)
+            torch.testing.assert_close(report[name + "/computed_class_scatter"], metric.class_scatter, rtol=1e-10,
+                                       atol=1e-9)  # the global scatters (Chan's merge), not a rank's own
             assert report[name + "/local_after_compute"]
         torch.testing.assert_close(report["synced_counts"], metric.counts, rtol=0, atol=0)
         assert float(report["unsynced_counts"].sum()) == pytest.approx(150 if rank == 0 else 90, abs=0.5)
