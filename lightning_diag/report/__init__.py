@@ -25,8 +25,8 @@ What a run's page and summary hold:
   left out of the pictures and the printed timeline unless ``--show-info`` (then drawn faded); the
   printed timeline stops at 20 alerts and says how many it leaves out; the HTML lists every record.
 - The training loss (``loss_spike/loss``, else the logger's ``train_loss``/``loss``) on a log scale,
-  with the explosion step (:func:`~lightning_diag.testbeds.divergence_step` of the logged values:
-  above 3x the running minimum for 10 values, or non-finite) and the first non-finite loss marked,
+  with the explosion step (:func:`~lightning_diag.testbeds.explosion_step` of the logged values,
+  the early-warning suite's definition) and the first non-finite loss marked,
   and each monitor's first warning; one step axis for every panel.
 - Each monitor's model-level figures and, per per-layer figure, the worst layers at the last step.
   What is per layer comes from the key scheme (``<family>/<figure>/<layer>``, see

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from lightning_diag.keys import split_key
 from lightning_diag.report.reading import SEVERITIES, AlertRecord, Run
-from lightning_diag.testbeds import divergence_step
+from lightning_diag.testbeds import explosion_step
 
 __all__ = [
     "LOWER_IS_WORSE", "LayerRow", "LossSummary", "Summary", "count_phrase", "format_summary", "summarize",
@@ -27,7 +27,6 @@ LOWER_IS_WORSE = frozenset({"sign_diversity", "stable_rank"})
 # The training loss: LossSpikeDetector's, else the logger's own key (the first present wins).
 LOSS_KEYS = ("loss_spike/loss", "train_loss", "train_loss_step", "train/loss", "loss", "training_loss")
 # The explosion step: loss above 3x its running minimum for 10 logged values, or non-finite (as the demo).
-EXPLOSION_FACTOR, EXPLOSION_PATIENCE = 3.0, 10
 # Model-level figures drawn together, per family (each tuple one panel). A family not listed gets one
 # panel of its model-level figures that are not counts. NCTracker's family is its prefix: found by `nc1`.
 MODEL_PANELS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -163,14 +162,15 @@ def loss_key(scalars: dict[str, Series]) -> str | None:
 
 
 def summarize_loss(scalars: dict[str, Series]) -> LossSummary | None:
-    """The loss figures, with the explosion step (:func:`~lightning_diag.testbeds.divergence_step`)."""
+    """The loss figures, with the explosion step (:func:`~lightning_diag.testbeds.explosion_step`, the
+    suite's definition, on the logged values: its 10 steps are 10 logged values)."""
     key = loss_key(scalars)
     if key is None:
         return None
     series = scalars[key]
     values = [v for _, v in series]
     finite = [v for v in values if math.isfinite(v)]
-    index = divergence_step(values, EXPLOSION_FACTOR, EXPLOSION_PATIENCE)
+    index = explosion_step(values)
     nonfinite = next((s for s, v in series if not math.isfinite(v)), None)
     return LossSummary(key, values[0], min(finite) if finite else math.nan, values[-1],
                        series[index][0] if index is not None else None, nonfinite)
@@ -259,8 +259,8 @@ def _by_monitor(alerts: list[AlertRecord]) -> list[str]:
 def _loss_line(loss: LossSummary) -> str:
     line = f"Loss ({loss.key}): first {loss.first:.4g}, min {loss.best:.4g}, last {loss.last:.4g}"
     if loss.explosion_step is not None:
-        line += (f"; explosion at step {loss.explosion_step} (above {EXPLOSION_FACTOR:g}x its running minimum for "
-                 f"{EXPLOSION_PATIENCE} logged values, or non-finite)")
+        line += (f"; explosion at step {loss.explosion_step} (testbeds.explosion_step of the logged values: 10 "
+                 "of them back half-way to the first loss and 1.5x above the best, or non-finite)")
     if loss.nonfinite_step is not None:
         line += f"; first non-finite loss at step {loss.nonfinite_step}"
     if loss.broke_at is None:
