@@ -38,8 +38,8 @@ above 2x its running minimum, and calibrated versions of each.
 
 **Scores** (:mod:`lightning_diag.testbeds.scoring`): a warning inside a healthy phase, or on a
 stable run, is a false alarm; lead = explosion step - first warning after the healthy phase. Every
-detector's setting is chosen leave-one-family-out (the objective: the balanced score, recall rate at
-lead >= 10 minus false-alarm rate, then recall at lead >= 1, then the median lead), so each family's figures
+detector's setting is chosen leave-one-family-out (the objective: the most runs warned >= 10 steps
+ahead at a false-alarm rate of at most 5%, else the quietest setting), so each family's figures
 are out of sample; the in-sample table (settings chosen on every family) stands beside it.
 Unpredictable families (a poisoned batch, a learning-rate shock: nothing can warn before the step
 that breaks the run) are scored apart, by how fast each detector reacts.

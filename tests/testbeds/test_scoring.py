@@ -16,6 +16,7 @@ from lightning_diag.testbeds.scoring import (
     label_runs,
     leave_one_family_out,
     balanced_score,
+    false_alarm_rate,
     objective,
     outcome,
     score,
@@ -95,17 +96,20 @@ def test_outcome_false_alarms_leads_and_misses():
         outcome(run("b", "twin", quiet=1.0), np.array([1]))
 
 
-def test_objective_is_the_balanced_score_then_recall_at_one_then_median_lead():
-    quiet_late = score([Outcome(True, False, 140, 5), Outcome(False, False)])
-    quiet_early = score([Outcome(True, False, 120, 30), Outcome(False, False)])
-    noisy_early = score([Outcome(True, False, 60, 90), Outcome(False, True)])
-    silent = score([Outcome(True, False), Outcome(False, False)])
+def test_objective_maximises_recall_within_the_false_alarm_budget_else_picks_the_quietest():
+    twins = [Outcome(False, False)] * 30
+    quiet_late = score([Outcome(True, False, 140, 5), *twins])
+    quiet_early = score([Outcome(True, False, 120, 30), *twins])
+    one_alarm = score([Outcome(True, False, 60, 90), Outcome(False, True), *twins[1:]])  # 1/31: within 5%
+    noisy = score([Outcome(True, False, 60, 90), *[Outcome(False, True)] * 3, *twins[3:]])  # 3/31: over it
     assert (quiet_early.recall(1), quiet_early.recall(10), quiet_late.recall(10)) == (1, 1, 0)
-    assert balanced_score(quiet_early) == pytest.approx(1.0) and balanced_score(noisy_early) == pytest.approx(0.5)
-    assert balanced_score(quiet_late) == pytest.approx(0.0) and balanced_score(silent) == pytest.approx(0.0)
-    assert min([noisy_early, quiet_late, quiet_early], key=objective) is quiet_early
-    assert min([noisy_early, quiet_late], key=objective) is noisy_early  # half right beats never right
-    assert min([quiet_late, silent], key=objective) is quiet_late  # a warning 5 steps ahead beats none
+    assert false_alarm_rate(one_alarm) == pytest.approx(1 / 31) and false_alarm_rate(noisy) == pytest.approx(3 / 31)
+    assert min([quiet_late, one_alarm], key=objective) is one_alarm  # more recall, within the budget
+    assert min([quiet_late, noisy], key=objective) is quiet_late  # over the budget loses to any quiet setting
+    assert min([quiet_late, quiet_early], key=objective) is quiet_early
+    both_noisy = score([Outcome(True, False, 60, 90), *[Outcome(False, True)] * 2])  # 2/3 over: fewest alarms wins
+    assert min([noisy, both_noisy], key=objective) is both_noisy
+    assert balanced_score(quiet_early) == pytest.approx(1.0) and balanced_score(quiet_late) == pytest.approx(0.0)
     assert Score().median_lead is None and Score().min_lead is None
 
 
@@ -121,11 +125,10 @@ def test_a_threshold_that_works_on_one_family_only_gets_no_recall_out_of_sample(
     assert cal.folds["b"][GRAD.name] == {"threshold": 20.0}
     b_exploding = [r.name for r in runs if r.family == "b" and r.role == "exploding"]
     assert all(cal.out_of_sample[GRAD.name][name].lead is None for name in b_exploding)  # recall 0
-    # Chosen on b and c, 3 and 20 tie on the balanced score (3: every run warned in time, c's four
-    # chances all false alarms; 20: c warned, b missed); 3 warns on more runs. Out of sample, on "a"
-    # (quiet at 10), it false-alarms on every run.
-    assert cal.folds["a"][GRAD.name] == {"threshold": 3.0}
-    assert all(cal.out_of_sample[GRAD.name][r.name].false_alarm for r in runs if r.family == "a")
+    held_a = cal.folds["a"][GRAD.name]
+    assert held_a == {"threshold": 20.0}  # chosen on b and c: 3 false-alarms on c
+    leads_a = [cal.out_of_sample[GRAD.name][r.name].lead for r in runs if r.family == "a" and r.role == "exploding"]
+    assert leads_a == [BOOM - RISE] * 2
 
 
 def test_the_held_out_familys_runs_never_influence_its_own_setting():
