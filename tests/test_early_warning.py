@@ -47,7 +47,9 @@ def test_detectors_hold_every_monitor_live_and_the_named_baselines():
     dets = early_warning.detectors()
     names = [d.name for d in dets]
     assert len(set(names)) == len(names)
-    assert set(MONITORS) <= set(names)
+    assert {f"{m} (live, defaults)" for m in MONITORS} <= set(names)
+    replayed = {d.name for d in dets if d.kind == "monitor"}
+    assert replayed == {"LossSpikeDetector", "SpectralAlignmentMonitor", "LogitMonitor", "SharpnessMonitor"}
     for baseline in ("SpikeDetection (Lightning defaults)", "grad norm > 1 (fixed)", "grad norm > 5 (fixed)",
                      "loss > 2x running min"):  # fmt: skip
         assert baseline in names
@@ -68,7 +70,7 @@ def _synthetic(family: str, role: str, seed: int, grad_rise: float, fault: int |
     rng = np.random.default_rng(seed)
     loss = loss * (1 + 0.01 * rng.standard_normal(n))
     return RunRecord(f"{family}-{role}-s{seed}", family, seed, role, {"testbed": "synthetic"}, loss, lr, grad,
-                     series={"grad_norm/total": grad}, alerts=alerts, fault_step=fault)  # fmt: skip
+                     series={"grad_norm/total": grad, "loss_spike/loss": loss}, alerts=alerts, fault_step=fault)  # fmt: skip
 
 
 def _synthetic_suite() -> list[RunRecord]:
@@ -84,8 +86,10 @@ def test_report_writes_tables_json_and_figure_from_records_alone(tmp_path):
     text = early_warning.report(records, str(tmp_path), "python benchmarks/early_warning.py --test", seconds=12.0)
     assert text.startswith("# Early-warning suite") and "3 predictable" in text
     lines = text.splitlines()
-    spike = next(line for line in lines if line.startswith("| LossSpikeDetector |"))
-    assert "| 0/6 | 0/6 | -1 | -1 |" in spike  # late by one step on every exploded run
+    live = next(line for line in lines if line.startswith("| LossSpikeDetector (live, defaults) |"))
+    assert "| 0/6 | 0/6 | -1 | -1 |" in live  # its recorded alerts: late by one step on every exploded run
+    replayed = next(line for line in lines if line.startswith("| LossSpikeDetector | monitor |"))
+    assert "| 0/6 | 0/6 | 0 | 0 |" in replayed  # its rules replayed on the loss: the non-finite step itself
     calibrated = next(line for line in lines if line.startswith("| grad norm > t (calibrated) |"))
     assert "| 6/6 | 6/6 | 40 | 40 |" in calibrated  # rises at 110, explosion at 150, out of sample too
     assert "| lr-shock | grad norm > t (calibrated) | 1/1 |" in text  # the reaction table

@@ -45,12 +45,14 @@ class LogitMonitor(DiagnosticCallback):
     the recorder and hook are gone before the backward. Under DDP the maxima are reduced with MAX,
     the means with SUM, so every rank sees the global figures.
 
-    **Alerts.** ``logits/attention_max`` above ``attention_threshold`` (QK-clip's 100) and, once a
-    baseline of ``baseline_checks`` checks exists, above ``growth_factor`` times the baseline
-    (``logits/attention_growth``), for ``patience`` steps (warning); ``logits/log_z_abs_max``
-    (``max |log Z|``) above ``log_z_threshold`` (warning); ``logits/softmax_collapse`` above
-    ``collapse_threshold`` (warning); non-finite ``log_z_max`` or ``attention_max`` (critical: the
-    logits themselves are broken). Calibration: ``docs/calibration.md``.
+    **Alerts.** ``logits/log_z_abs_max`` (``max |log Z|``) above ``log_z_threshold`` (warning);
+    ``logits/softmax_collapse`` above ``collapse_threshold`` (warning); non-finite ``log_z_max`` or
+    ``attention_max`` (critical: the logits themselves are broken); and, off by default, the maximum
+    attention logit above ``attention_threshold`` (QK-clip caps it at 100) or ``growth_factor``
+    times its baseline (``logits/attention_growth``, the mean of the first ``baseline_checks``
+    checks), for ``patience`` steps. The early-warning suite chose these defaults leave-one-family-out
+    (``docs/early_warning.md``): on its small models the attention maximum grows on stable runs as
+    much as on exploding ones, so an attention rule cost far more false alarms than it caught.
 
     Args:
         check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0``.
@@ -66,7 +68,7 @@ class LogitMonitor(DiagnosticCallback):
         rules: extra rules on the logged keys, e.g. ``Above("logits/attention_max/*", 50.0)``.
 
     Example:
-        >>> monitor = LogitMonitor(check_every_n_steps=20, attention_threshold=100.0)
+        >>> monitor = LogitMonitor(check_every_n_steps=20, attention_threshold=100.0, growth_factor=10.0)
         >>> [rule.metric for rule in monitor.book.rules][2:]
         ['logits/attention_max', 'logits/attention_growth', 'logits/log_z_abs_max', 'logits/softmax_collapse']
     """
@@ -98,8 +100,8 @@ class LogitMonitor(DiagnosticCallback):
         attention: bool = True,
         output: str | bool | None = None,
         max_queries: int = 128,
-        attention_threshold: float | None = 100.0,
-        growth_factor: float | None = 10.0,
+        attention_threshold: float | None = None,
+        growth_factor: float | None = None,
         log_z_threshold: float | None = 50.0,
         collapse_threshold: float | None = 0.5,
         baseline_checks: int = 5,

@@ -36,11 +36,12 @@ class LossSpikeDetector(DiagnosticCallback):
     ``docs/loss_spike.md``); each fires after its patience in steps, once per streak:
     (a) **non-finite** loss; (b) **z-score** above ``z_threshold`` (6, OLMo-core's) against a
     ZClip-style EMA baseline that absorbs spikes winsorized; (c) **k x running minimum**: ``loss >
-    factor * best`` for ``factor_patience`` steps (llm-foundry's ``KillLossSpike``: 2 and 5), with
+    factor * best`` for ``factor_patience`` steps (llm-foundry's ``KillLossSpike`` uses 2 and 5), with
     ``best`` the lowest smoothed loss; (d) **trend**: over ``trend_window`` steps the least-squares
     rise, at its 3-sigma lower bound, exceeds ``trend_threshold`` of the window mean. Drops never
     alarm. Rules (a)-(c) mark a *bad step* (recorded in :attr:`bad_batches` and counted by
-    ``events``); (d) is a slow signal and does not.
+    ``events``); (d) is a slow signal and does not. ``factor=1.5`` and ``trend_threshold=0.2`` are
+    what the early-warning suite chose, leave-one-family-out (``docs/early_warning.md``).
 
     **Which loss.** ``monitor=None``: the loss ``training_step`` returned, as Lightning hands it to
     backward, with the division by ``accumulate_grad_batches`` and the fp16 loss scale undone: the
@@ -78,7 +79,7 @@ class LossSpikeDetector(DiagnosticCallback):
         warmup: losses that initialise the baseline; rules (b) and (c) are silent until then.
         factor: rule (c) factor (> 1), or ``None`` to disable it.
         trend_window: rule (d) window (>= 3 steps), or ``None`` to disable it.
-        trend_threshold: rule (d) threshold on the relative rise (0.1: up 10% across the window).
+        trend_threshold: rule (d) threshold on the relative rise (0.2: up 20% across the window).
         nonfinite_patience, zscore_patience, factor_patience, trend_patience: steps a rule's
             condition must hold before it fires.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"``, ``"skip"``, ``"rollback"``,
@@ -123,9 +124,9 @@ class LossSpikeDetector(DiagnosticCallback):
         z_threshold: float | None = 6.0,
         alpha: float = 0.98,
         warmup: int = 50,
-        factor: float | None = 2.0,
+        factor: float | None = 1.5,
         trend_window: int | None = 100,
-        trend_threshold: float = 0.1,
+        trend_threshold: float = 0.2,
         nonfinite_patience: int = 1,
         zscore_patience: int = 1,
         factor_patience: int = 5,

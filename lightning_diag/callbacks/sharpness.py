@@ -77,7 +77,9 @@ class SharpnessMonitor(DiagnosticCallback):
     large (the default 250 stays under 5% of a CPU step there; ``benchmarks/overhead.py``).
 
     Alerts: ``sharpness/stability_ratio`` above ``stability_threshold`` for ``patience`` steps
-    (warning); a non-finite ``sharpness/lambda_max`` (critical: the loss or its curvature is broken).
+    (warning; the defaults, 30 for two checks in a row, are what the early-warning suite chose,
+    ``docs/early_warning.md``: mini-batch training sits well above the edge of stability, 1, all the
+    time); a non-finite ``sharpness/lambda_max`` (critical: the loss or its curvature is broken).
 
     Args:
         check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0``.
@@ -129,8 +131,8 @@ class SharpnessMonitor(DiagnosticCallback):
         method: Literal["auto", "autograd", "finite_difference"] = "auto",
         per_group: bool | None = None,
         trace_probes: int = 0,
-        stability_threshold: float | None = 2.0,
-        patience: int = 1,
+        stability_threshold: float | None = 30.0,
+        patience: int = 250,
         seed: int = 0,
         action: Action = "warn",
         rules: Rule | Sequence[Rule] = (),

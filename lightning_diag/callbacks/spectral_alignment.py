@@ -64,13 +64,16 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     input never reached its hook at a check is left out of that check's figures (never NaN for
     "not called"), with one note.
 
-    **Alerts.** Per map (warning): its collapse ``c = 1 - D`` at least ``collapse_threshold`` and
-    ``baseline_rise`` above the map's own EMA baseline
-    (:class:`~lightning_diag.metrics.spectral.CollapseBaseline`) for ``patience`` steps.
-    Model level (critical): the mean collapse over maps at least ``mean_collapse_threshold`` for
-    ``mean_collapse_patience`` steps; the message names the maps past their baseline, earliest first.
-    Non-finite weights (critical): NaN figures, never stale ones. No rule fires before
-    ``warmup_steps``. Calibration and why these defaults: ``docs/calibration.md``.
+    **Alerts.** Model level (critical): the mean collapse over maps at least
+    ``mean_collapse_threshold`` for ``mean_collapse_patience`` steps; the message names the maps past
+    their own baseline, earliest first. Per map (warning, with ``layer_rule="baseline"``; off by
+    default): its collapse ``c = 1 - D`` at least ``collapse_threshold`` and ``baseline_rise`` above
+    the map's own EMA baseline (:class:`~lightning_diag.metrics.spectral.CollapseBaseline`) for
+    ``patience`` steps. Non-finite weights (critical): NaN figures, never stale ones. No rule fires
+    before ``warmup_steps``. The defaults are what the early-warning suite chose,
+    leave-one-family-out (``docs/early_warning.md``): the per-map rule cost more false alarms than it
+    caught, and a warm-up of 100 steps (shorter than the suite's earliest explosion, ~120) keeps the
+    one-sided inputs of a fresh network from alarming.
 
     Args:
         check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0`` (and every
@@ -96,8 +99,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
 
     Example:
         >>> monitor = SpectralAlignmentMonitor(check_every_n_steps=10, exclude=["*.attn.*"], action="warn")
-        >>> [rule.severity for rule in monitor.book.rules]
-        ['critical', 'warning', 'critical']
+        >>> [rule.metric for rule in monitor.book.rules]
+        ['spectral_alignment/sigma1/*', 'spectral_alignment/mean_collapse']
     """
 
     family = "spectral_alignment"
@@ -128,13 +131,13 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         max_rows: int = 512,
         power_iterations: int = 2,
         per_layer: bool = True,
-        layer_rule: Literal["baseline", "absolute", "none"] = "baseline",
+        layer_rule: Literal["baseline", "absolute", "none"] = "none",
         collapse_threshold: float = 0.9,
         baseline_rise: float = 0.4,
         baseline_alpha: float = 0.95,
         baseline_warmup: int = 5,
         patience: int = 21,
-        warmup_steps: int = 200,
+        warmup_steps: int = 100,
         mean_collapse_threshold: float | None = 0.8,
         mean_collapse_patience: int = 21,
         histogram_every_n_steps: int | None = 500,

@@ -7,7 +7,8 @@ keys that are not computed on the host) exactly as its host side receives them l
 ``_process`` (``derive``, the :class:`~lightning_diag.alerts.RuleBook`, ``after_rules``) runs
 unchanged, so a replayed alert is the alert the monitor would have raised with that setting. What
 a replay cannot change is the measurement itself (row sampling, power iteration), which does not
-depend on the rules' settings. The check cadence is replayed by visiting only the check steps,
+depend on the rules' settings. Steps whose loss is non-finite are fed too (a broken model's figures
+are NaN, which the record cannot tell from "not logged"). The check cadence is replayed by visiting only the check steps,
 Lightning's ``(step + 1) % cadence == 0``, plus, for the spectral monitor, the steps its adaptive
 cadence asks for (every step while a rule's condition holds and has not fired).
 """
@@ -73,6 +74,10 @@ class MonitorReplay(Detector):
             return np.zeros(0, dtype=np.int64)
         values = np.vstack([record.series[k] for k in keys])  # (keys, steps)
         recorded = ~np.isnan(values).all(0)
+        # a broken model's figures are NaN, indistinguishable from "not logged": a step whose loss is
+        # non-finite was measured too (at the recorded cadence), and the monitor must see its NaN
+        on_cadence = (np.arange(values.shape[1]) + 1) % self.recorded_cadence == 0
+        recorded |= ~np.isfinite(record.loss[: values.shape[1]]) & on_cadence
         adaptive = getattr(monitor, "_streak_pending", None)
         warned: set[int] = set()
         for step in np.flatnonzero(recorded):

@@ -379,7 +379,7 @@ class ScaleQK(Callback):
 
 @pytest.mark.parametrize("grows", [False, True])
 def test_the_growth_rule_fires_when_attention_logits_grow_and_not_on_a_steady_model(grows: bool) -> None:
-    monitor = LogitMonitor(check_every_n_steps=1, baseline_checks=3, attention_threshold=None, action="log")
+    monitor = LogitMonitor(check_every_n_steps=1, baseline_checks=3, growth_factor=10.0, action="log")
     callbacks = [monitor, *([ScaleQK(at=6, factor=4.0)] if grows else [])]  # logits x 16 > growth_factor 10
     trainer = _fit(AttentionClassifier("causal", lr=0.0), *callbacks, max_steps=9)
     growth = _values(trainer.logger, "logits/attention_growth")

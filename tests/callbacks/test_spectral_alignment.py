@@ -268,7 +268,7 @@ def test_hooks_sample_only_on_check_steps_and_are_all_removed_after_fit() -> Non
 def test_hooks_are_removed_and_nothing_is_held_when_the_run_raises() -> None:
     torch.manual_seed(0)
     module = Aligning(fault_step=20)
-    monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=0, action="raise")
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=0, layer_rule="baseline", action="raise")
     with pytest.raises(DivergenceError):
         _fit(module, monitor, max_steps=60)
     assert _hooks(module) == 0
@@ -331,7 +331,8 @@ def test_inputs_driven_to_align_alert_before_the_loss_is_nonfinite_and_a_stable_
         module = Aligning(fault_step)
         # patience 7 steps: once a rule's condition holds, the monitor checks every step (adaptive cadence)
         monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=20, mean_collapse_threshold=0.5,
-                                           patience=7, mean_collapse_patience=7, action="log")  # fmt: skip
+                                           patience=7, mean_collapse_patience=7, layer_rule="baseline",
+                                           action="log")  # fmt: skip
         _fit(module, monitor, max_steps=90)
         runs[fault_step] = (module, monitor)
     stable, stable_monitor = runs[None]
@@ -367,7 +368,7 @@ def _run_rules(monitor: SpectralAlignmentMonitor, series: list[tuple[float, ...]
 def test_a_layer_one_sided_by_construction_does_not_fire_but_a_rise_over_its_baseline_does() -> None:
     series = [(1.0, 0.2)] * 10 + [(1.0, 0.95)] * 3  # the first layer sits at 1 all along
     kwargs = dict(baseline_alpha=0.9, baseline_warmup=3, patience=2, warmup_steps=0, mean_collapse_threshold=None)
-    monitor = SpectralAlignmentMonitor(**kwargs)
+    monitor = SpectralAlignmentMonitor(layer_rule="baseline", **kwargs)
     assert _run_rules(monitor, series) == [(f"{SA}/collapse/centred", 11)]
     baseline = monitor.collapse_baseline.baseline
     assert baseline.mean[1] == pytest.approx(0.2, abs=1e-12)  # hits are not absorbed
@@ -389,7 +390,8 @@ def test_warmup_steps_mute_the_rules_and_the_baselines_but_not_the_figures() -> 
 
 def test_stop_action_ends_the_run_at_the_alerting_step() -> None:
     torch.manual_seed(0)
-    monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, warmup_steps=0, action="stop")
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, warmup_steps=0, layer_rule="baseline",
+                                       action="stop")
     trainer = _fit(Aligning(fault_step=20), monitor, max_steps=60)
     alert = monitor.alerts[0]
     assert trainer.global_step == alert.step + 1 and alert.acted_step == alert.step

@@ -339,7 +339,7 @@ def test_checks_every_step_while_a_rule_condition_holds_and_has_not_fired(
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=10, every_n_steps=every_n_steps, warmup_steps=0,
                                        patience=patience, include=["net.0"], mean_collapse_threshold=None,
-                                       action="log")  # fmt: skip
+                                       layer_rule="baseline", action="log")  # fmt: skip
     record = Record(monitor, {})
     log = _fit(AligningWindow(*window), monitor, record, max_steps=95)
     assert sorted(record.collapse) == checks
