@@ -184,7 +184,8 @@ FAMILIES: tuple[Family, ...] = (
            "nn.TransformerEncoderLayer (MHA, norm_first=True) LM + AdamW, ramp 1e-3 -> 3 over 500 steps",
            "CharLM", {**_GPT, "arch": "mha", **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.1), 600, 450),
     Family("mha-postln", "predictable", "nn.TransformerEncoderLayer post-LN LM + AdamW, ramp 1e-3 -> 3 / 500",
-           "CharLM", {**_GPT, "arch": "mha", "norm_first": False, **_ramp(1e-3, 3.0, 500)}, _capped(1e-3, 3.0, 500, 0.1),
+           "CharLM", {**_GPT, "arch": "mha", "norm_first": False, **_ramp(1e-3, 3.0, 500)},
+           _capped(1e-3, 3.0, 500, 0.1),
            600, 450),
     Family("attn-logits", "predictable",
            "TinyGPT, 1 head of width 48, 64-char context, no qk-layernorm, linear warm-up to LR 1.0 over 300 steps",
@@ -239,7 +240,9 @@ def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
     Their grids respect the overhead targets of ``benchmarks/overhead.py``: the logit monitor checks
     at most every 20 steps, the sharpness monitor every 250 (under 5% of a CPU step each).
     """
-    from lightning_diag import GradNormWatcher, LogitMonitor, LossSpikeDetector, SharpnessMonitor, SpectralAlignmentMonitor
+    from lightning_diag import (
+        GradNormWatcher, LogitMonitor, LossSpikeDetector, SharpnessMonitor, SpectralAlignmentMonitor,
+    )  # fmt: skip
 
     live: list[Detector] = [LiveAlerts(name, name=f"{name} (live, defaults)", kind="live") for name in monitors]
     replays: list[Detector] = [
@@ -625,7 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    names = args.families.split(",") if args.families else list(QUICK_FAMILIES if args.quick else [f.name for f in FAMILIES])
+    names = (args.families.split(",") if args.families
+             else list(QUICK_FAMILIES if args.quick else [f.name for f in FAMILIES]))
     unknown = sorted(set(names) - {f.name for f in FAMILIES})
     if unknown:
         parser.error(f"unknown families {unknown}; known: {[f.name for f in FAMILIES]}")

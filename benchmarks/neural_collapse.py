@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"threads={torch.get_num_threads()}\n")
     print("| method | median time (s) | memory held (MiB) | max rel. diff vs numpy |")
     print("|---|---:|---:|---:|")
-    print(f"| CollapseAccumulator (streamed, NC4 exact by 2nd pass) | {t_acc:.3f} | {mem_acc / 2**20:.1f} | {diff:.1e} |")
+    print(f"| CollapseAccumulator (streamed, NC4 exact by 2nd pass) | {t_acc:.3f} | {mem_acc / 2**20:.1f} "
+          f"| {diff:.1e} |")
     print(f"| numpy two-pass (all features kept) | {t_np:.3f} | {mem_np / 2**20:.1f} | 0 |")
     print("\nmetrics (accumulator / numpy): " + ", ".join(f"{key} {m_acc[key]:.6g} / {m_np[key]:.6g}" for key in m_np))
     return 0

@@ -317,7 +317,8 @@ def table(results: dict[str, dict[str, Any]], cuda: bool) -> str:
     base_median = statistics.median(base["times"])
     rows = [
         "| config | median step ms | x no-callback | mean step ms | x no-callback (mean) | hook ms/step "
-        "| hook % of step | ATen ops/step (fit, amortized) |" + (" hook host syncs/step (quiet/logging) |" if cuda else ""),
+        "| hook % of step | ATen ops/step (fit, amortized) |"
+        + (" hook host syncs/step (quiet/logging) |" if cuda else ""),
         "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
     for name, r in results.items():
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     timed = range(args.warmup, args.warmup + args.steps)
     logging_steps = sum((s + 1) % LOG_EVERY_N_STEPS == 0 for s in timed)
     print(f"\nGPT: {args.n_layer} layers, d={args.n_embd}, {n_params / 1e6:.2f}M parameters in {n_tensors} tensors, "
-          f"batch {args.batch_size}x{args.seq_len}, {args.precision}; {args.device} ({device}); torch {torch.__version__}, "
+          f"batch {args.batch_size}x{args.seq_len}, {args.precision}; {args.device} ({device}); "
+          f"torch {torch.__version__}, "
           f"lightning {pl.__version__}; {args.repeats} x {args.steps} timed steps per row, of which "
           f"{logging_steps} per repetition are logging steps at cadence {LOG_EVERY_N_STEPS}\n")
     print(table(results, cuda=args.device == "cuda"))

@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> SharpnessMonitor:
 
     monitor = SharpnessMonitor(
         check_every_n_steps=5,      # a check costs ~5 forward+backward passes: keep it sparse on big runs
-        stability_threshold=2.0,    # a short full-batch-like run: twice the limit (the default, 30, suits mini-batch runs)
+        stability_threshold=2.0,    # a short full-batch-like run: twice the limit
+                                    # (the default, 30, suits mini-batch runs)
         patience=1,
         action="warn",
     )

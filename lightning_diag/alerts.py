@@ -262,7 +262,8 @@ class ZScore(Rule):
         severity: Severity = "warning",
     ) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(f"`threshold` of a z-score must be > 0 (a z-score <= 0 fires on everything), got {threshold!r}")
+            raise ValueError(f"`threshold` of a z-score must be > 0 (a z-score <= 0 fires on everything), "
+                             f"got {threshold!r}")
         super().__init__(metric, threshold, patience=patience, severity=severity)
         self.baseline = EmaBaseline(0, alpha=alpha, warmup=warmup)
 

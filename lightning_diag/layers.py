@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from lightning_diag._checks import check_int
 
-__all__ = ["LinearMap", "ParameterGroups", "find_module", "linear_maps", "group_parameters", "last_linear", "matches", "select_modules",
+__all__ = ["LinearMap", "ParameterGroups", "find_module", "linear_maps", "group_parameters", "last_linear",
+           "matches", "select_modules",
            "validate_patterns"]
 
 
@@ -204,7 +205,9 @@ def _patches(conv: nn.Conv2d, x: Tensor, max_rows: int, generator: torch.Generat
     """The input patches of enough random images for ``max_rows`` rows: ``(images, L, C * kh * kw)``."""
     x = x.unsqueeze(0) if x.ndim == 3 else x
     per_image = 1
-    for n, k, s, p, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):  # type: ignore[arg-type]
+    for n, k, s, p, d in zip(
+        x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation  # type: ignore[arg-type]
+    ):
         per_image *= max(0, (n + 2 * p - d * (k - 1) - 1) // s + 1)
     images = min(x.shape[0], -(-max_rows // max(per_image, 1)))
     if images < x.shape[0]:
@@ -247,7 +250,9 @@ def linear_maps(
     head = linears[-1] if exclude_head and linears else None
     maps: list[LinearMap] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name and id(module) not in out_projs and (head is None or module is not head[1]):
+        if isinstance(module, nn.Linear) and name and id(module) not in out_projs and (
+            head is None or module is not head[1]
+        ):
             if module.weight.ndim == 2 and module.weight.requires_grad:
                 maps.append(LinearMap(name, module))
         elif isinstance(module, nn.MultiheadAttention):

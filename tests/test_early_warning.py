@@ -70,7 +70,8 @@ def _synthetic(family: str, role: str, seed: int, grad_rise: float, fault: int |
     rng = np.random.default_rng(seed)
     loss = loss * (1 + 0.01 * rng.standard_normal(n))
     return RunRecord(f"{family}-{role}-s{seed}", family, seed, role, {"testbed": "synthetic"}, loss, lr, grad,
-                     series={"grad_norm/total": grad, "loss_spike/loss": loss}, alerts=alerts, fault_step=fault)  # fmt: skip
+                     series={"grad_norm/total": grad, "loss_spike/loss": loss},
+                     alerts=alerts, fault_step=fault)  # fmt: skip
 
 
 def _synthetic_suite() -> list[RunRecord]:

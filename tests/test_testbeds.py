@@ -135,7 +135,9 @@ def test_gpt_qk_layernorm_bounds_attention_logits_when_weights_blow_up():
         attn.q_norm.register_forward_hook(lambda m, i, out: captured.__setitem__("q", out))
         attn.k_norm.register_forward_hook(lambda m, i, out: captured.__setitem__("k", out))
         model(torch.randint(0, 20, (2, 16)))
-        seen[qk] = float((captured["q"].detach() @ captured["k"].transpose(-1, -2)).abs().max() / math.sqrt(attn.head_dim))
+        seen[qk] = float(
+            (captured["q"].detach() @ captured["k"].transpose(-1, -2)).abs().max() / math.sqrt(attn.head_dim)
+        )
     assert seen[True] <= 16 + 1e-3  # |q.k| / sqrt(d) <= sqrt(d) for unit-variance q, k (identity affine)
     assert seen[False] > 100 * seen[True]
 

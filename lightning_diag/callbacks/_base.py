@@ -288,7 +288,9 @@ class DiagnosticCallback(Callback):
                            f"`log_every_n_steps`) but the run has {int(steps) - trainer.global_step} steps left, so "
                            "no figure will be logged before the end; alerts are still raised and logged")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.drain(trainer, trainer.global_step, wait=True)  # the previous step's copy: due now at the latest
         step = trainer.global_step
         if self._armed_step != step and self.is_check_step(step):  # first micro-batch only
@@ -513,7 +515,9 @@ class DiagnosticCallback(Callback):
         self.load_extra_state(state_dict)
 
 
-DiagnosticCallback._actions = {f._action_name: n for n, f in vars(DiagnosticCallback).items() if hasattr(f, "_action_name")}
+DiagnosticCallback._actions = {
+    f._action_name: n for n, f in vars(DiagnosticCallback).items() if hasattr(f, "_action_name")
+}
 
 
 def _host_layers(keys: Sequence[str]) -> tuple[str, ...]:

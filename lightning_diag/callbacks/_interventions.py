@@ -41,7 +41,8 @@ class Snapshot:
     @classmethod
     def take(cls, trainer: pl.Trainer, extra: Any) -> Snapshot:
         return cls(trainer.global_step, cpu_copy(trainer.lightning_module.state_dict()),
-                   [cpu_copy(opt.state_dict()["state"]) for opt in trainer.optimizers], copy.deepcopy(extra))  # fmt: skip
+                   [cpu_copy(opt.state_dict()["state"]) for opt in trainer.optimizers],
+                   copy.deepcopy(extra))  # fmt: skip
 
     def restore(self, trainer: pl.Trainer) -> Any:
         """Load the model and optimizer states back; hyperparameters (the LR schedule) keep going."""

@@ -239,7 +239,9 @@ class GradNormWatcher(DiagnosticCallback):
 
     def _clip(self, grads: list[Tensor], total: Tensor) -> None:
         mean, std = float(self.baseline.mean[0]), float(self.baseline.std[0])
-        coef = zclip_coefficient(total, mean, std, self.z_threshold, ready=bool(self.baseline.ready[0]), eps=self.baseline.eps)
+        coef = zclip_coefficient(
+            total, mean, std, self.z_threshold, ready=bool(self.baseline.ready[0]), eps=self.baseline.eps
+        )
         dense = [g for g in grads if not g.is_sparse]
         if dense:
             torch._foreach_mul_(dense, coef.to(dense[0].dtype))

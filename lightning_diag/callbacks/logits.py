@@ -172,7 +172,9 @@ class LogitMonitor(DiagnosticCallback):
     def detach(self) -> None:
         self._recorder, self._logits, self._head = None, None, None
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures | None:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
+    ) -> Figures | None:
         stats = self._recorder.stats() if self._recorder is not None else {}
         if self._recorder is not None and self._recorder.errors:
             self.warn_once("attention-errors", f"attention logits not measured for: {self._recorder.errors}")

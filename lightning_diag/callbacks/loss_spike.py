@@ -107,7 +107,8 @@ class LossSpikeDetector(DiagnosticCallback):
         Key("trend", "relative rise over the trend window, at the 3-sigma lower bound", _RULES, rate="step",
             requires="trend_window", host=True),
         Key("events", "bad steps so far (rules a-c in firing state)", _COUNTS, rate="step", host=True),
-        Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping", note="with action='skip'", host=True),
+        Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping",
+            note="with action='skip'", host=True),
         Key("rollbacks", "rollbacks so far", _COUNTS, rate="step", requires="rolling_back",
             note="with action='rollback'", host=True),
         Key("lr_scale", "product of the learning-rate reductions", _COUNTS, rate="step", requires="reducing_lr",
@@ -146,7 +147,9 @@ class LossSpikeDetector(DiagnosticCallback):
                             ("max_consecutive_skips", max_consecutive_skips)):  # fmt: skip
             check_int(name, value, 1)
         check_int("max_rollbacks", max_rollbacks, 0)
-        self.monitor, self.mode, self.check_on, self.factor, self.trend_window = monitor, mode, check_on, factor, trend_window
+        self.monitor, self.mode, self.check_on, self.factor, self.trend_window = (
+            monitor, mode, check_on, factor, trend_window
+        )
         self.snapshot_every_n_steps, self.max_rollbacks = snapshot_every_n_steps, max_rollbacks
         self.max_consecutive_skips, self.lr_factor = max_consecutive_skips, lr_factor
         self.stats = LossStatistics(mode=mode, alpha=alpha, warmup=warmup, trend_window=trend_window,
@@ -173,7 +176,9 @@ class LossSpikeDetector(DiagnosticCallback):
         self._last_trouble = -(10**12)  # last step at which a rule was active
 
     @staticmethod
-    def _validate(monitor: Any, check_on: Any, action: Any, z: Any, factor: Any, window: Any, trend: Any, lr: Any) -> None:
+    def _validate(
+        monitor: Any, check_on: Any, action: Any, z: Any, factor: Any, window: Any, trend: Any, lr: Any
+    ) -> None:
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"`monitor` must be None (the training loss) or a metric name, got {monitor!r}")
         if check_on not in ("step", "validation"):
@@ -184,7 +189,9 @@ class LossSpikeDetector(DiagnosticCallback):
             raise ValueError(f"`action='skip'` decides before the update, from the training loss; it needs "
                              f"`monitor=None`, got monitor={monitor!r} (use 'rollback' or 'stop')")  # fmt: skip
         for name, value, low in (("z_threshold", z, 0.0), ("factor", factor, 1.0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low
+            ):
                 raise ValueError(f"`{name}` must be None or a number > {low:g}, got {value!r}")
         if window is not None:
             check_int("trend_window", window, 3)
@@ -217,7 +224,9 @@ class LossSpikeDetector(DiagnosticCallback):
         self._optimizer_gate.remove()
         self._snapshot, self._loss_sum, self._trainer_ref = None, None, None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._batches_seen += 1
         self._micro_batches.append((trainer.current_epoch, batch_idx))
@@ -245,7 +254,9 @@ class LossSpikeDetector(DiagnosticCallback):
         self._step_batches[trainer.global_step], self._micro_batches = self._micro_batches, []
         return Figures({"loss": loss})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step - 1
         if self.monitor is not None and self.check_on == "step" and step > self._measured_step >= -1:
             self._measured_step = step
@@ -295,7 +306,8 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def _counters(self) -> dict[str, float]:
         counters = {"events": float(self.events)}
-        for key, on, value in (("skipped", self.skipping, self.skipped), ("rollbacks", self.rolling_back, self.rollbacks),
+        for key, on, value in (("skipped", self.skipping, self.skipped),
+                               ("rollbacks", self.rolling_back, self.rollbacks),
                                ("lr_scale", self.reducing_lr, self.lr_scale)):  # fmt: skip
             if on:
                 counters[key] = float(value)

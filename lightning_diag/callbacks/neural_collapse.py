@@ -215,7 +215,9 @@ class NCTracker(DiagnosticCallback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         validating = trainer.state.fn == "validate"
-        if self.data == "val" and not trainer.sanity_checking and (validating or self._epochs.at(trainer.current_epoch)):
+        if self.data == "val" and not trainer.sanity_checking and (
+            validating or self._epochs.at(trainer.current_epoch)
+        ):
             self._begin()
 
     def on_validation_batch_start(
@@ -240,7 +242,9 @@ class NCTracker(DiagnosticCallback):
         if self.data == "train" and self._epochs.at(trainer.current_epoch):
             self._begin()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._start_batch(self.data == "train")
 
@@ -400,7 +404,9 @@ class NCTracker(DiagnosticCallback):
         self._weights = None
         self._measured = True
         host = dict(zip(self._host[1], self._host[2].tolist())) if self._host is not None else {}
-        present, samples = int(host.get(f"{self.family}/num_classes_present", 0)), host.get(f"{self.family}/num_samples", 0)
+        present, samples = (
+            int(host.get(f"{self.family}/num_classes_present", 0)), host.get(f"{self.family}/num_samples", 0)
+        )
         if samples == 0:
             self.warn_once("empty", f"no features were captured for data={self._data_name!r}: does the step run "
                                     "the classifier (or `feature_layer`)?")

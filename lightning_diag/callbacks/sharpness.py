@@ -177,7 +177,9 @@ class SharpnessMonitor(DiagnosticCallback):
     def detach(self) -> None:
         self._batch = None
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures | None:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
+    ) -> Figures | None:
         batch, self._batch = self._batch, None
         if batch is None or not self._params:
             return None

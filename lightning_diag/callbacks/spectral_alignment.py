@@ -15,7 +15,8 @@ from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Action, Alert, NonFinite, Rule, Severity
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
 from lightning_diag.callbacks._sharding import (
-    DTensor, Sharding, deepspeed_limitation, deepspeed_zero_stage, is_row_sharded, sharding_of, sum_over_ranks, weight_rows,
+    DTensor, Sharding, deepspeed_limitation, deepspeed_zero_stage, is_row_sharded, sharding_of, sum_over_ranks,
+    weight_rows,
 )  # fmt: skip
 from lightning_diag.callbacks._trainer import has_tensorboard, log_histogram
 from lightning_diag.keys import Key
@@ -171,7 +172,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         self.check_every_n_steps, self.exclude_head, self.max_rows = check_every_n_steps, exclude_head, max_rows
         self.power_iterations, self.per_layer, self.layer_rule = power_iterations, per_layer, layer_rule
         self.histogram_every_n_steps, self.seed, self.warmup_steps = histogram_every_n_steps, seed, warmup_steps
-        self.collapse_baseline = CollapseBaseline(collapse_threshold, None if layer_rule == "absolute" else baseline_rise,
+        self.collapse_baseline = CollapseBaseline(collapse_threshold,
+                                                  None if layer_rule == "absolute" else baseline_rise,
                                                   alpha=baseline_alpha, warmup=baseline_warmup)  # fmt: skip
         self._flags: dict[str, bool] = {}
         self._layer_rule = _LayerCollapse(self._flags, collapse_threshold, patience, baseline_rise, layer_rule)
@@ -226,8 +228,11 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         for index, m in enumerate(maps):  # equal global shape and placement: one batched power iteration
             p = m.parameter()
             shape = tuple(p.shape) if m.rows is None else (m.rows[1] - m.rows[0], *p.shape[1:])
-            groups.setdefault((shape, p.dtype, str(p.device), m.kind, str(getattr(p, "placements", ""))), []).append(index)
-        self._groups = [_Group(indices, self._warm_start(indices), any(maps[i].name in self._refine_loaded for i in indices))
+            groups.setdefault(
+                (shape, p.dtype, str(p.device), m.kind, str(getattr(p, "placements", ""))), []
+            ).append(index)
+        self._groups = [_Group(indices, self._warm_start(indices),
+                               any(maps[i].name in self._refine_loaded for i in indices))
                         for indices in groups.values()]  # fmt: skip
         self._solo = {}
         by_module: dict[int, list[int]] = {}
@@ -292,13 +297,17 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
 
     # -- a check ----------------------------------------------------------------------------------
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures | None:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
+    ) -> Figures | None:
         captured, self._captured, self._armed = self._captured, {}, False
         self._check_calls(captured)
         if not captured:
             return None
         full = self.per_layer and self._full_figures(trainer.global_step)
-        self._histogram_now = full and self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
+        self._histogram_now = (
+            full and self.histograms and self._histograms.due(trainer.global_step) and has_tensorboard(trainer)
+        )
         parts = [self._measure_group(trainer, g, captured, full) for g in self._groups]
         parts = [p for p in parts if p is not None]
         names = [self._maps[i].name for indices, _ in parts for i in indices]
@@ -363,7 +372,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
     ) -> tuple[list[int], dict[str, Tensor]]:
         solo = [self._solo.setdefault(i, _Group([i], self._warm_start([i]))) for i in called]
         parts = [self._measure_group(trainer, g, {i: captured[i]}, full) for g, i in zip(solo, called)]
-        return called, {k: torch.cat([p[1][k] for p in parts if p is not None]) for k in parts[0][1]}  # type: ignore[index]
+        return called, {
+            k: torch.cat([p[1][k] for p in parts if p is not None]) for k in parts[0][1]  # type: ignore[index]
+        }
 
     def _weight_rows(self, index: int) -> Tensor:
         m = self._maps[index]
@@ -482,7 +493,9 @@ class _MeanCollapse(Above):
 
     relation = "at or above"
 
-    def __init__(self, threshold: float, patience: int, layer_rule: _LayerCollapse, severity: Severity = "critical") -> None:
+    def __init__(
+        self, threshold: float, patience: int, layer_rule: _LayerCollapse, severity: Severity = "critical"
+    ) -> None:
         super().__init__("spectral_alignment/mean_collapse", threshold, patience=patience, severity=severity)
         self.layer_rule = layer_rule
 

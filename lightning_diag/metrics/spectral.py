@@ -512,7 +512,9 @@ class CollapseBaseline:
         [[False], [False], [True]]
     """
 
-    def __init__(self, threshold: float = 0.9, rise: float | None = 0.4, *, alpha: float = 0.95, warmup: int = 5) -> None:
+    def __init__(
+        self, threshold: float = 0.9, rise: float | None = 0.4, *, alpha: float = 0.95, warmup: int = 5
+    ) -> None:
         self.threshold, self.rise = threshold, rise
         self.baseline = EmaBaseline(0, alpha=alpha, warmup=warmup)
         self.layers: list[str] = []

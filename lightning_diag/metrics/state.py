@@ -71,11 +71,14 @@ class Stateful:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the declared arrays; a checkpoint of another shape raises (nothing is changed)."""
-        arrays = {name: np.asarray(state[name], dtype=self._declared[name][1]) for name in self._declared if name in state}
+        arrays = {
+            name: np.asarray(state[name], dtype=self._declared[name][1]) for name in self._declared if name in state
+        }
         for name, array in arrays.items():
             if array.shape != getattr(self, name).shape:
                 raise ValueError(
-                    f"{type(self).__name__}: saved {name!r} has shape {array.shape}, expected {getattr(self, name).shape}"
+                    f"{type(self).__name__}: saved {name!r} has shape {array.shape}, "
+                    f"expected {getattr(self, name).shape}"
                 )
         for name, array in arrays.items():
             setattr(self, name, array.copy())

@@ -61,8 +61,9 @@ def product_grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
     """Every combination of the axes' values, in order (the first axis varies slowest).
 
     Example:
-        >>> product_grid(threshold=[1, 5], patience=[1, 3])
-        [{'threshold': 1, 'patience': 1}, {'threshold': 1, 'patience': 3}, {'threshold': 5, 'patience': 1}, {'threshold': 5, 'patience': 3}]
+        >>> product_grid(threshold=[1, 5], patience=[1, 3])  # doctest: +NORMALIZE_WHITESPACE
+        [{'threshold': 1, 'patience': 1}, {'threshold': 1, 'patience': 3},
+         {'threshold': 5, 'patience': 1}, {'threshold': 5, 'patience': 3}]
     """
     names = list(axes)
     return [dict(zip(names, values)) for values in itertools.product(*(list(axes[n]) for n in names))]
@@ -192,7 +193,8 @@ class LiveAlerts(Detector):
         return self.monitor in record.alerts
 
     def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
-        steps = {int(a["step"] if a.get("acted_step") is None else a["acted_step"]) for a in record.alerts.get(self.monitor, [])
+        steps = {int(a["step"] if a.get("acted_step") is None else a["acted_step"])
+                 for a in record.alerts.get(self.monitor, [])
                  if a["severity"] in self.severities and fnmatch.fnmatchcase(a.get("metric", ""), self.metric)}
         return np.array(sorted(steps), dtype=np.int64)
 
@@ -208,7 +210,8 @@ class Threshold(Detector):
 
     Example:
         >>> record = RunRecord("r", "f", 0, "twin", {}, np.zeros(6), np.zeros(6), np.array([9, 0.5, 2, 2, 0.1, 2.0]))
-        >>> Threshold("g", "grad_norm", [{}]).warning_steps(record, {"threshold": 1, "warmup": 1, "patience": 2}).tolist()
+        >>> Threshold("g", "grad_norm", [{}]).warning_steps(
+        ...     record, {"threshold": 1, "warmup": 1, "patience": 2}).tolist()
         [3]
     """
 
@@ -233,7 +236,8 @@ class RunningMinRatio(Detector):
     for ``patience`` consecutive steps (params ``factor``, optional ``patience``).
 
     Example:
-        >>> record = RunRecord("r", "f", 0, "twin", {}, np.array([3.0, 1.0, 1.5, 2.5, np.nan]), np.zeros(5), np.zeros(5))
+        >>> record = RunRecord("r", "f", 0, "twin", {}, np.array([3.0, 1.0, 1.5, 2.5, np.nan]),
+        ...                    np.zeros(5), np.zeros(5))
         >>> RunningMinRatio("2x", [{"factor": 2.0}]).warning_steps(record, {"factor": 2.0}).tolist()
         [3, 4]
     """
@@ -295,7 +299,9 @@ class BaselineRatio(Detector):
                 hits[i] = True
                 continue
             seen += 1
-            baseline = baseline + (value - baseline) / seen if seen <= warmup else alpha * baseline + (1 - alpha) * value
+            baseline = (
+                baseline + (value - baseline) / seen if seen <= warmup else alpha * baseline + (1 - alpha) * value
+            )
         return at[sustained(hits, params.get("patience", 1))]
 
 

@@ -115,7 +115,9 @@ def default_monitors(
             left_out[name] = "not applicable: needs a classifier (class labels and a linear head)"
             continue
         accepted = inspect.signature(cls).parameters  # NCTracker has no every_n_steps: it logs every evaluation
-        kwargs: dict[str, Any] = {"action": action, **({"every_n_steps": every_n_steps} if "every_n_steps" in accepted else {})}
+        kwargs: dict[str, Any] = {
+            "action": action, **({"every_n_steps": every_n_steps} if "every_n_steps" in accepted else {})
+        }
         kwargs.update({k: v for k, v in (overrides or {}).get(name, {}).items() if k in accepted})
         monitors.append(cls(**kwargs))
     return monitors, left_out

@@ -255,7 +255,8 @@ def leave_one_family_out(
         ...                      np.r_[np.ones(50), np.full(50, 2.0 if lead_signal else 1.0)], grad)
         >>> runs = [run(f, s) for f in ("a", "b") for s in (True, False)]
         >>> label_runs(runs)
-        >>> cal = leave_one_family_out([Threshold("g", "grad_norm", [{"threshold": 10}, {"threshold": 0.5}])], runs, ["a", "b"])
+        >>> cal = leave_one_family_out([Threshold("g", "grad_norm", [{"threshold": 10}, {"threshold": 0.5}])],
+        ...                            runs, ["a", "b"])
         >>> cal.folds["a"]["g"], cal.out_of_sample["g"]["a-True"].lead
         ({'threshold': 10}, 15)
     """

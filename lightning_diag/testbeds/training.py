@@ -144,7 +144,8 @@ class TestbedModule(pl.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; by default every trainable parameter with ``weight_decay``."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": self._setting("weight_decay")}]
+        return [{"params": [p for p in self.parameters() if p.requires_grad],
+                 "weight_decay": self._setting("weight_decay")}]
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self._setting("lr")

@@ -110,7 +110,8 @@ def test_every_logged_key_matches_a_declared_key(name: str, tmp_path: Path) -> N
                         and not any(d.matches(k, callback.family) for d in allowed))  # fmt: skip
     assert not undeclared
     assert f"{callback.family}/alerts" in logged
-    assert "Logged keys" in type(callback).__doc__ and "``" + callback.KEYS[0].key(callback.family) in type(callback).__doc__
+    assert ("Logged keys" in type(callback).__doc__
+            and "``" + callback.KEYS[0].key(callback.family) in type(callback).__doc__)
 
 
 # -- nothing is left behind -----------------------------------------------------------------------------------
@@ -180,7 +181,9 @@ def test_alerts_after_the_last_logging_step_are_flushed_and_logged(name: str) ->
 @pytest.mark.parametrize("action", ACTIONS)
 def test_every_action_takes_effect_within_one_step_at_the_default_cadence(name: str, action: str) -> None:
     calls: list[tuple[int, int]] = []
-    chosen = (lambda alert, trainer: calls.append((alert.step, trainer.global_step))) if action == "callable" else action
+    chosen = (
+        (lambda alert, trainer: calls.append((alert.step, trainer.global_step))) if action == "callable" else action
+    )
     callback = make(name, action=chosen)
     model = Poisoned(poison_at=5)
     trainer = make_trainer(callbacks=[callback], max_steps=40)  # Lightning's default log_every_n_steps=50

@@ -496,7 +496,8 @@ def test_model_without_linear_warns_once_and_does_nothing() -> None:
     ({"global_mean": "mean"}, r"\('class', 'sample'\)"),
     ({"every_n_epochs": 0}, "`every_n_epochs` must be None or an int >= 1"),
     ({"probe_every_n_steps": 10}, "`probe_every_n_steps` needs a probe DataLoader"),
-    ({"probe_every_n_steps": 0, "data": [(torch.zeros(2, 3), torch.zeros(2))]}, "`probe_every_n_steps` must be None or"),
+    ({"probe_every_n_steps": 0, "data": [(torch.zeros(2, 3), torch.zeros(2))]},
+     "`probe_every_n_steps` must be None or"),
     ({"data": [(torch.zeros(2, 3), torch.zeros(2))], "every_n_epochs": None}, "would never run"),
     ({"data": [1, 2, 3]}, r"DataLoader of \(input, label\) batches, got a list whose first batch is 1"),  # fault 7
     ({"data": []}, r"`data` is an empty list"),

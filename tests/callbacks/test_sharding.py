@@ -42,7 +42,8 @@ class Wrapped(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(Wrapper(nn.Linear(3, 4), "_fsdp_wrapped_module"),
-                                 Wrapper(Wrapper(nn.Linear(4, 2), "_checkpoint_wrapped_module"), "_fsdp_wrapped_module"))
+                                 Wrapper(Wrapper(nn.Linear(4, 2), "_checkpoint_wrapped_module"),
+                                         "_fsdp_wrapped_module"))
         self.frozen = nn.Linear(2, 2).requires_grad_(False)
 
 

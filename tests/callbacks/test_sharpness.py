@@ -251,7 +251,9 @@ def test_the_default_loss_recomputation_logs_nothing() -> None:
     plain, history_without, metrics_without = _logged_by_the_module(None)
     assert plain.calls == 4 and module.calls > 4  # the monitor did call training_step (at steps 1 and 3)
     assert module.logged == plain.logged  # 4 self.log calls per step, all from the training step itself
-    assert set(plain.logged) == {("training_step", k) for k in ("train/loss", "train/rows", "train/twice", "train/ones")}
+    assert set(plain.logged) == {
+        ("training_step", k) for k in ("train/loss", "train/rows", "train/twice", "train/ones")
+    }
     assert sorted(history) == sorted(history_without)
     for key, pairs in history_without.items():
         assert [s for s, _ in history[key]] == [s for s, _ in pairs], key

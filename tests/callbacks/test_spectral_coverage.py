@@ -153,7 +153,9 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> np.ndarray:
 
 
 def _conv_weights() -> dict[str, Callable[[nn.Module], torch.Tensor]]:
-    return {n: (lambda m, n=n: getattr(m, n).weight.reshape(getattr(m, n).weight.shape[0], -1)) for n in ("conv1", "conv2")}
+    return {
+        n: (lambda m, n=n: getattr(m, n).weight.reshape(getattr(m, n).weight.shape[0], -1)) for n in ("conv1", "conv2")
+    }
 
 
 def test_conv2d_figures_equal_the_float64_reference_on_every_unfolded_patch() -> None:
@@ -251,7 +253,8 @@ def test_recurrent_first_layer_input_weights_equal_the_float64_reference(cell: t
     torch.manual_seed(0)
     module = Recurrent(cell, batch_first, packed)
     monitor = SpectralAlignmentMonitor(**EXACT)
-    record = Record(monitor, {f"rnn.{w}": (lambda m, w=w: getattr(m.rnn, f"weight_{w}")) for w in ("ih_l0", "ih_l0_reverse")})
+    record = Record(monitor, {f"rnn.{w}": (lambda m, w=w: getattr(m.rnn, f"weight_{w}"))
+                              for w in ("ih_l0", "ih_l0_reverse")})
     log = _fit(module, monitor, record, max_steps=4)
     assert _layers(log) == ["rnn.ih_l0", "rnn.ih_l0_reverse"]
     assert not [k for k in log if "hh" in k or "l1" in k]
@@ -437,15 +440,19 @@ CHECK_OPS = {"quiet": 44, "logged": 102}
 @pytest.mark.parametrize("every_n_steps", [100, 2], ids=["quiet", "logged"])
 def test_op_count_of_a_check_does_not_grow_with_the_number_of_equal_layers(dispatch_counter: type[DispatchCounter],
                                                                             every_n_steps: int,
-                                                                            request: pytest.FixtureRequest) -> None:  # fmt: skip
+                                                                            request: pytest.FixtureRequest
+                                                                            ) -> None:  # fmt: skip
     kind = request.node.callspec.id
-    shallow, deep = _check_ops(dispatch_counter, 4, 5, every_n_steps), _check_ops(dispatch_counter, 16, 5, every_n_steps)
+    shallow, deep = (_check_ops(dispatch_counter, 4, 5, every_n_steps),
+                     _check_ops(dispatch_counter, 16, 5, every_n_steps))
     measure = "on_before_optimizer_step"
     assert shallow[measure].ops == deep[measure].ops, (dict(shallow[measure].ops), dict(deep[measure].ops))
     assert shallow[measure].total == CHECK_OPS[kind], dict(shallow[measure].ops)
     assert shallow[measure].ops["aten.bmm"] == 2 * 2 + 2  # 2 iterations, sigma_1, the projection: one batch
     for name in ("on_train_batch_start", "on_train_batch_end"):
-        assert shallow[name].total == deep[name].total == (2 if kind == "logged" and name == "on_train_batch_end" else 0)
+        assert shallow[name].total == deep[name].total == (
+            2 if kind == "logged" and name == "on_train_batch_end" else 0
+        )
     assert deep["sampling"].total == 4 * shallow["sampling"].total > 0
     for counters in (shallow, deep):  # no host read: .item() or bool(tensor) would show up as _local_scalar_dense
         assert not any(c.ops.get("aten._local_scalar_dense", 0) for c in counters.values())

@@ -146,7 +146,8 @@ def _build(strategy: str, callbacks: list[Any], steps: int, global_batch: int, s
     elif strategy == "fsdp1":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        dist_kwargs = dict(accelerator="cuda", devices=_fsdp1_world(), strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}))
+        dist_kwargs = dict(accelerator="cuda", devices=_fsdp1_world(),
+                           strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}))
     elif strategy == "ddp":
         dist_kwargs = dict(devices=2, strategy="ddp")
     else:
@@ -242,7 +243,8 @@ def run_fit(
 def _launch(strategy: str, callbacks: str, out: Path, world: int, options: dict, timeout: float) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world), NODE_RANK="0",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--strategy", strategy, "--callbacks", callbacks,
            "--out", str(out), "--options", json.dumps(options)]
     procs = []

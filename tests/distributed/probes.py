@@ -177,6 +177,8 @@ def nc_tracker(**kwargs: Any) -> list[pl.Callback]:
     common = {"classifier": "net.6", "action": "log", **kwargs}
     return [
         NCTracker(data=probe, probe_every_n_steps=1, **common),
-        NCTracker(data=probe, feature_layer=lambda m, batch: m.net[:6](batch[0]), nc4="exact", prefix="exact", **common),
-        NCTracker(data="train", feature_layer="net.5", label_fn=lambda batch: _classes(batch[1]), prefix="train", **common),
+        NCTracker(data=probe, feature_layer=lambda m, batch: m.net[:6](batch[0]), nc4="exact", prefix="exact",
+                  **common),
+        NCTracker(data="train", feature_layer="net.5", label_fn=lambda batch: _classes(batch[1]), prefix="train",
+                  **common),
     ]

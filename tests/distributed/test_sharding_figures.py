@@ -15,7 +15,8 @@ from harness import assert_same_figures, run_fit
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="needs torch.distributed with gloo"),
 ]
 
 PROBE = "tests/distributed/probes.py:sharded_probe"

@@ -20,7 +20,8 @@ from lightning_diag.testbeds.recording import (
 
 def quiet_trainer(max_steps: int, **overrides) -> pl.Trainer:
     kwargs = dict(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, logger=False)  # fmt: skip
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  logger=False)  # fmt: skip
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
 
@@ -68,7 +69,8 @@ def test_run_record_round_trips_through_gzipped_json_with_non_finite_values(tmp_
 
 
 def test_default_monitors_pass_only_the_overrides_a_monitor_accepts():
-    monitors, left_out = default_monitors("lm", every_n_steps=1, overrides={**EVERY_STEP, "GradNormWatcher": {"nope": 1}})
+    monitors, left_out = default_monitors("lm", every_n_steps=1,
+                                          overrides={**EVERY_STEP, "GradNormWatcher": {"nope": 1}})
     names = [type(m).__name__ for m in monitors]
     assert "NCTracker" in left_out and "GradNormWatcher" in names
     spectral = monitors[names.index("SpectralAlignmentMonitor")]
@@ -81,7 +83,8 @@ def test_a_short_real_run_records_losses_figures_and_live_alerts():
     model = DigitsClassifier(lr=0.05, seed=0, hidden=(32,), batch_size=32)
     monitors, left_out = default_monitors("classifier", every_n_steps=1, overrides=EVERY_STEP)
     recorder, logger = ExplosionRecorder(stop_after=None, cadence=1, definition=explosion_step), MemoryLogger()
-    trainer = quiet_trainer(12, callbacks=[recorder, *monitors], logger=logger, log_every_n_steps=1, limit_val_batches=0)
+    trainer = quiet_trainer(12, callbacks=[recorder, *monitors], logger=logger, log_every_n_steps=1,
+                            limit_val_batches=0)
     trainer.fit(model)
     record = RunRecord.from_training(name="tiny", family="digits", seed=0, role="twin", config={}, recorder=recorder,
                                      logger=logger, monitors=monitors, left_out=left_out)  # fmt: skip

@@ -166,7 +166,8 @@ def test_any_monitor_combines_each_monitors_own_out_of_sample_setting():
     alerts = {"Live": [{"step": 120, "severity": "warning"}]}
     runs = []
     for name in ("a", "b"):
-        runs += [run(name, "exploding", quiet=1.0, loud=50.0, alerts=alerts), run(name, "twin", quiet=1.0, alerts={"Live": []})]
+        runs += [run(name, "exploding", quiet=1.0, loud=50.0, alerts=alerts),
+                 run(name, "twin", quiet=1.0, alerts={"Live": []})]
     label_runs(runs)
     monitors = [LiveAlerts("Live"), GradMonitor("grad monitor", "grad_norm", product_grid(threshold=[3.0, 100.0]))]
     cal = leave_one_family_out(monitors, runs, ["a", "b"])
