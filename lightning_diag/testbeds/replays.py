@@ -9,9 +9,9 @@ unchanged, so a replayed alert is the alert the monitor would have raised with t
 a replay cannot change is the measurement itself (row sampling, power iteration), which does not
 depend on the rules' settings. Steps whose loss is non-finite are fed too (a broken model's figures
 are NaN, which the record cannot tell from "not logged"). The check cadence is replayed by visiting
-only the check steps,
-Lightning's ``(step + 1) % cadence == 0``, plus, for the spectral monitor, the steps its adaptive
-cadence asks for (every step while a rule's condition holds and has not fired).
+only the check steps, Lightning's ``(step + 1) % cadence == 0``, plus, for the spectral monitor,
+the steps its adaptive cadence asks for (every step while a rule's condition holds and has not
+fired).
 """
 
 from __future__ import annotations
