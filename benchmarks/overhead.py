@@ -2,7 +2,7 @@
 
 One command, one markdown table::
 
-    python benchmarks/overhead.py                 # CPU, about 1-2 minutes on 2 cores
+    python benchmarks/overhead.py                 # CPU, about 3 minutes
     python benchmarks/overhead.py --device cuda   # when a GPU is present
     python benchmarks/overhead.py --device cuda --n-layer 12 --n-embd 768 --seq-len 256  # GPT-2 small-ish
 
