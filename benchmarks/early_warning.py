@@ -72,7 +72,6 @@ if _ROOT not in sys.path:  # benchmark the checkout this script lives in, not an
 
 from lightning_diag.testbeds.replays import MonitorReplay  # noqa: E402
 from lightning_diag.testbeds.detectors import (  # noqa: E402
-    BaselineRatio,
     Detector,
     LiveAlerts,
     RunningMinRatio,
@@ -240,9 +239,7 @@ def detectors(monitors: Sequence[str] = tuple(MONITORS)) -> list[Detector]:
     Their grids respect the overhead targets of ``benchmarks/overhead.py``: the logit monitor checks
     at most every 20 steps, the sharpness monitor every 250 (under 5% of a CPU step each).
     """
-    from lightning_diag import (
-        GradNormWatcher, LogitMonitor, LossSpikeDetector, SharpnessMonitor, SpectralAlignmentMonitor,
-    )  # fmt: skip
+    from lightning_diag import LogitMonitor, LossSpikeDetector, SharpnessMonitor
 
     live: list[Detector] = [LiveAlerts(name, name=f"{name} (live, defaults)", kind="live") for name in monitors]
     replays: list[Detector] = [

@@ -101,13 +101,7 @@ def grouped_norms(norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor
         >>> grouped_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2)
         tensor([5., 1.])
     """
-    if norms.shape != group_index.shape:
-        raise ValueError(
-            f"`norms` and `group_index` must have the same shape, got {tuple(norms.shape)} "
-            f"and {tuple(group_index.shape)}"
-        )
-    squares = norms.new_zeros(num_groups).index_add_(0, group_index, norms.square())
-    return squares.sqrt()
+    return grouped_squares(norms.square(), group_index, num_groups).sqrt()
 
 
 def total_norm(norms: Tensor) -> Tensor:

@@ -23,8 +23,8 @@ per-layer key pattern) into the steps where the rule holds, e.g. with :func:`sus
 
 The baselines: Lightning's ``SpikeDetection`` (:class:`SpikeDetectionReplay`), a fixed threshold on
 the total gradient norm (:class:`Threshold`), the loss above a factor times its running minimum
-(:class:`RunningMinRatio`); :class:`BaselineRatio` (a figure against its own EMA baseline) is a
-replayable growth rule for any figure. :class:`LiveAlerts` reads the alerts a monitor raised live.
+(:class:`RunningMinRatio`). :class:`LiveAlerts` reads the alerts a monitor raised live; a
+monitor's own rules are replayed by :class:`~lightning_diag.testbeds.replays.MonitorReplay`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from lightning_diag.testbeds.recording import RunRecord
 
 __all__ = [
     "AnyOf",
-    "BaselineRatio",
     "Detector",
     "LiveAlerts",
     "RunningMinRatio",
@@ -251,58 +250,6 @@ class RunningMinRatio(Detector):
         with np.errstate(invalid="ignore"):
             hits = ~finite | (loss > params["factor"] * best_before)
         return sustained(hits, params.get("patience", 1))
-
-
-class BaselineRatio(Detector):
-    """A figure above ``ratio`` times its own baseline for ``patience`` consecutive checks.
-
-    The baseline is an EMA (weight ``alpha`` on the past) of the figure's logarithm, seeded by the
-    mean of the first ``warmup_checks`` finite checks and fed only with checks that did not hit (a
-    spike does not raise its own bar); no warning during those first checks. Infinite values (and the
-    recorder's non-finite losses and gradient norms) hit at once; zeros are skipped.
-    A growth rule for slow precursors that a z-score absorbs (DESIGN.md section 5); a NaN of a
-    logged figure (not logged) is skipped. Params:
-    ``ratio``, optional ``alpha`` (0.95), ``patience`` (1), ``cadence`` (1), ``warmup_checks`` (10).
-
-    Example:
-        >>> grad = np.array([1.0] * 20 + [1.1, 3.0, 3.5, 4.0])
-        >>> record = RunRecord("r", "f", 0, "twin", {}, np.zeros(24), np.zeros(24), grad)
-        >>> BaselineRatio("g", "grad_norm", [{}]).warning_steps(record, {"ratio": 2.5, "patience": 2}).tolist()
-        [22, 23]
-    """
-
-    def __init__(
-        self, name: str, figure: str, grid: Sequence[Params], kind: str | None = None, monitor: str | None = None
-    ) -> None:
-        super().__init__(name, grid, kind)
-        self.figure, self.monitor = figure, monitor
-
-    def watches(self, record: RunRecord) -> bool:
-        return self.monitor is None or self.monitor in record.alerts
-
-    def warning_steps(self, record: RunRecord, params: Params) -> np.ndarray:
-        at = checks(record.steps, params.get("cadence", 1))
-        values = figure_values(record, self.figure)[at]
-        ratio, alpha = math.log(params["ratio"]), params.get("alpha", 0.95)
-        warmup = params.get("warmup_checks", 10)
-        hits = np.zeros(len(at), dtype=bool)
-        baseline, seen = 0.0, 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.log(values)
-        for i, value in enumerate(logs):
-            if values[i] == math.inf:
-                hits[i] = True  # non-finite
-                continue
-            if not values[i] > 0:
-                continue  # not logged (NaN), or zero: no logarithm, and no growth
-            if seen >= warmup and value - baseline > ratio:
-                hits[i] = True
-                continue
-            seen += 1
-            baseline = (
-                baseline + (value - baseline) / seen if seen <= warmup else alpha * baseline + (1 - alpha) * value
-            )
-        return at[sustained(hits, params.get("patience", 1))]
 
 
 class SpikeDetectionReplay(Detector):

@@ -6,7 +6,6 @@ The multi-process behaviour (FSDP2, HSDP, DDP) is proved in ``tests/distributed`
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest

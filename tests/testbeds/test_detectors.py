@@ -10,7 +10,6 @@ import torch
 
 from lightning_diag.testbeds.detectors import (
     AnyOf,
-    BaselineRatio,
     LiveAlerts,
     RunningMinRatio,
     SpikeDetectionReplay,
@@ -75,26 +74,6 @@ def test_running_min_ratio_uses_only_earlier_losses_and_counts_non_finite():
     assert det.warning_steps(rec, {"factor": 2.0, "patience": 2}).tolist() == []
 
 
-def test_baseline_ratio_sees_growth_against_its_own_history_and_not_a_constant_level():
-    level = np.full(60, 8.0)  # high but constant: no growth
-    growth = np.r_[np.ones(40), np.geomspace(1.0, 100.0, 20)]
-    det = BaselineRatio("g", "grad_norm", [{}])
-    assert det.warning_steps(record(grad=level), {"ratio": 2.0}).tolist() == []
-    first = det.first_warning(record(grad=growth), {"ratio": 2.0})
-    assert first is not None and first > 40 and 2.0 < growth[first] < 3.0  # the baseline absorbed the first rise
-    # a spike does not raise the bar for what follows: both spikes warn
-    spikes = np.ones(60)
-    spikes[[30, 45]] = 10.0
-    assert det.warning_steps(record(grad=spikes), {"ratio": 3.0}).tolist() == [30, 45]
-
-
-def test_baseline_ratio_is_silent_during_its_warmup_checks():
-    grad = np.r_[np.full(5, 1.0), np.full(5, 10.0), np.ones(10)]
-    det = BaselineRatio("g", "grad_norm", [{}])
-    assert det.warning_steps(record(grad=grad), {"ratio": 2.0, "warmup_checks": 10}).tolist() == []
-    assert det.warning_steps(record(grad=grad), {"ratio": 2.0, "warmup_checks": 3}).tolist() == [5, 6, 7, 8, 9]
-
-
 def test_spike_detection_replay_matches_lightnings_callback_on_the_same_losses():
     from lightning.fabric.utilities.spike import SpikeDetection, TrainingSpikeException
 
@@ -149,14 +128,3 @@ def test_any_of_is_the_union_of_its_members_with_their_own_settings():
 def test_a_detector_needs_at_least_one_setting():
     with pytest.raises(ValueError, match="grid"):
         Threshold("g", "grad_norm", [])
-
-
-def test_baseline_ratio_skips_zeros_and_missing_values_and_warns_on_non_finite_at_once():
-    grad = np.r_[np.ones(3), [0.0, math.nan], np.ones(3), [math.inf]]
-    det = BaselineRatio("g", "grad_norm", [{}])
-    assert det.warning_steps(record(grad=grad), {"ratio": 2.0, "warmup_checks": 20}).tolist() == [4, 8]
-    series = {"x/y": np.r_[np.ones(12), [np.nan, 0.0, 50.0]]}
-    logged = BaselineRatio("x", "x/y", [{}], monitor="M")
-    rec = record(series=series, n=15, alerts={"M": []})
-    assert logged.watches(rec) and not logged.watches(record(n=15))
-    assert logged.warning_steps(rec, {"ratio": 2.0}).tolist() == [14]
