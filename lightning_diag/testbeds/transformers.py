@@ -84,7 +84,33 @@ class Block(nn.Module):
         return self.ln2(x + self.mlp(x))
 
 
-class TinyGPT(nn.Module):
+class _CharModel(nn.Module):
+    """Token and position embeddings in, ``lm_head(ln_f(layers(x)))`` out: what both models share.
+    Subclasses build their layers between :meth:`_embeddings` and :meth:`_head` (that order fixes
+    the draws of the initialisation) and run them in :meth:`layers_forward`."""
+
+    def _embeddings(self, vocab_size: int, block_size: int, n_embd: int) -> None:
+        self.block_size = block_size
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Embedding(block_size, n_embd)
+
+    def _head(self, vocab_size: int, n_embd: int, norm_first: bool) -> None:
+        self.ln_f: nn.Module = nn.LayerNorm(n_embd) if norm_first else nn.Identity()
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+
+    def layers_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits of the next token, shape (B, T, vocab_size), for token ids ``idx`` of shape (B, T)."""
+        T = idx.shape[1]
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.block_size}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+        return self.lm_head(self.ln_f(self.layers_forward(x)))
+
+
+class TinyGPT(_CharModel):
     """A GPT-style character model, after nanoGPT, sized for CPU experiments.
 
     Modules: ``tok_emb``, ``pos_emb`` (embeddings), ``blocks.{i}.ln1``, ``blocks.{i}.attn.qkv``
@@ -121,12 +147,9 @@ class TinyGPT(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-        self.block_size = block_size
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self._embeddings(vocab_size, block_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, qk_layernorm, norm_first) for _ in range(n_layer))
-        self.ln_f: nn.Module = nn.LayerNorm(n_embd) if norm_first else nn.Identity()
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self._head(vocab_size, n_embd, norm_first)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # GPT-2: scale the residual-stream writes down with depth so the stream's variance stays put.
@@ -135,18 +158,13 @@ class TinyGPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Logits of the next token, shape (B, T, vocab_size), for token ids ``idx`` of shape (B, T)."""
-        T = idx.shape[1]
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.block_size}")
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+    def layers_forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return x
 
 
-class MHAGPT(nn.Module):
+class MHAGPT(_CharModel):
     """A causal character model of ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention``).
 
     Modules: ``tok_emb``, ``pos_emb`` (N(0, 0.02)), ``layers.{i}`` (``nn.TransformerEncoderLayer``
@@ -176,27 +194,19 @@ class MHAGPT(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-        self.block_size = block_size
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self._embeddings(vocab_size, block_size, n_embd)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(n_embd, n_head, dim_feedforward=4 * n_embd, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=norm_first)
             for _ in range(n_layer)
         )  # fmt: skip
-        self.ln_f: nn.Module = nn.LayerNorm(n_embd) if norm_first else nn.Identity()
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self._head(vocab_size, n_embd, norm_first)
         for module in (self.tok_emb, self.pos_emb, self.lm_head):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         self.register_buffer("causal", torch.ones(block_size, block_size).triu(1).bool(), persistent=False)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Logits of the next token, shape (B, T, vocab_size), for token ids ``idx`` of shape (B, T)."""
-        T = idx.shape[1]
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.block_size}")
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
-        mask = self.causal[:T, :T]
+    def layers_forward(self, x: Tensor) -> Tensor:
+        mask = self.causal[: x.shape[1], : x.shape[1]]
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=True)
-        return self.lm_head(self.ln_f(x))
+        return x
