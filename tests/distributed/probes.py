@@ -156,6 +156,19 @@ def spectral_alignment_monitor(**kwargs: Any) -> list[pl.Callback]:
     return [SpectralAlignmentMonitor(**{"action": "log", "every_n_steps": 1, "check_every_n_steps": 1, **kwargs})]
 
 
+def logit_monitor(**kwargs: Any) -> list[pl.Callback]:
+    """The output head's log Z and softmax figures (the harness has no attention)."""
+    from lightning_diag import LogitMonitor
+
+    return [LogitMonitor(**{"action": "log", "every_n_steps": 1, "check_every_n_steps": 1, **kwargs})]
+
+
+def three_monitors(**kwargs: Any) -> list[pl.Callback]:
+    """GradNormWatcher, LossSpikeDetector and SpectralAlignmentMonitor together: the run that crashed
+    under FSDP2 before the sharding work (issue 13)."""
+    return [*grad_norm_watcher(), *loss_spike_detector(), *spectral_alignment_monitor()]
+
+
 def _classes(y: Tensor) -> Tensor:
     """Five classes from the harness's regression target ``sin(sum x)`` (so the features carry them)."""
     return torch.bucketize(y.reshape(-1), torch.tensor([-0.6, -0.2, 0.2, 0.6], device=y.device))

@@ -59,14 +59,16 @@ def test_sharding_helpers_give_single_process_figures_on_every_rank(strategy, si
         assert all(math.isclose(a, b * math.sqrt(2), rel_tol=1e-5) for a, b in zip(unmasked, total))
 
 
-# The monitors as they are before the sharding-aware refactor (issue 13). Key-agnostic: each
-# compares whatever rank zero logged with the single-process run. When a monitor is fixed, its
-# strict xfail turns into a failure: remove the mark.
+# The monitors (factories in probes.py), each with a reason per strategy where it is expected to
+# fail (a strict xfail). Key-agnostic: each compares whatever rank zero logged with the
+# single-process run. SharpnessMonitor does not measure DTensor parameters (it says so once).
 MONITORS: dict[str, dict[str, str]] = {
     "grad_norm_watcher": {},
     "loss_spike_detector": {},
     "spectral_alignment_monitor": {},
     "nc_tracker": {},
+    "logit_monitor": {},
+    "three_monitors": {},
 }
 # Trainer arguments of a monitor's runs: two epochs of two steps, so that NCTracker(data="train") evaluates twice.
 TRAINER_KWARGS: dict[str, dict] = {"nc_tracker": {"limit_train_batches": 2}}
