@@ -8,28 +8,22 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_diag.testbeds.recording import MemoryLogger as _SeriesLogger
 
 
-class MemoryLogger(Logger):
-    """Records every ``log_metrics`` call: ``logger.history[key] == [(step, value), ...]``."""
+class MemoryLogger(_SeriesLogger):
+    """Records every ``log_metrics`` call: ``logger.history[key] == [(step, value), ...]``.
+
+    The testbeds' logger (name, version, no hyperparameters) keeping, per key, the list of every
+    ``(step, value)`` as logged, repeats and ``None`` steps included; its ``series`` stays empty.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for key, value in metrics.items():
@@ -224,3 +218,62 @@ def reachable_tensors(obj: Any) -> dict[int, torch.Tensor]:
         elif not isinstance(item, (nn.Module, pl.Trainer, torch.optim.Optimizer, type)) and hasattr(item, "__dict__"):
             stack += list(vars(item).values())
     return found
+
+
+# -- DDP on CPU processes -------------------------------------------------------------------------
+
+
+class RankLocalWeights:
+    """Mixin for a LightningModule run on forkserver DDP ranks: each rank trains its own weights.
+
+    Put it first among the bases (``class RankLocalSpiky(RankLocalWeights, SpikyModule)``), so its
+    ``setup`` is the one Lightning calls.
+    """
+
+    def setup(self, stage: str) -> None:
+        # Tensors sent to forkserver ranks arrive in shared memory, so both ranks would step the same
+        # weights; Lightning unshares them only for "spawn". Give each rank its own copy.
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data.clone()
+
+
+class RowSplit(RankLocalWeights):
+    """Mixin for DDP tests of a LightningModule with a ``data`` set of ``n`` rows: rank r of w reads
+    rows r, r + w, r + 2w, ... in order (Lightning's own sampler would shuffle), and each rank
+    trains its own weights (:class:`RankLocalWeights`).
+
+    Put it first among the bases: ``class RowSplitMLP(RowSplit, FixedBatchMLP)``.
+    """
+
+    def rank_batch_size(self) -> int:
+        """Each rank's batch size: by default ``n / world_size``, so the ranks' batches of a step make
+        up the single-process batch of ``n`` rows."""
+        return self.n // self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(self.data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.data, batch_size=self.rank_batch_size(), sampler=sampler)
+
+
+# -- checkpoint state -----------------------------------------------------------------------------
+
+
+def assert_same_state(a: Any, b: Any, *, rel: float, abs: float, where: str = "state") -> None:
+    """Nested state equal: dicts (same keys), lists and tuples (same lengths) entry by entry; tensors
+    by ``torch.testing.assert_close(rtol=rel, atol=abs, equal_nan=True)``; floats within ``rel``
+    relative or ``abs`` absolute (NaN equals NaN); everything else exactly (``==``)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], rel=rel, abs=abs, where=f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, rel=rel, abs=abs, where=f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=rel, atol=abs, equal_nan=True, msg=where)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=abs, nan_ok=True), where
+    else:
+        assert a == b, where

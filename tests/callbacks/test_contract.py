@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import MemoryLogger, MixtureClassifier, make_trainer
+from conftest import MemoryLogger, MixtureClassifier, assert_same_state, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -205,23 +204,6 @@ def test_every_action_takes_effect_within_one_step_at_the_default_cadence(name: 
 # -- state: a resumed run equals an uninterrupted one ---------------------------------------------------------
 
 
-def _close(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _close(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True, msg=path)
-    elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-7), path
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("name", EXPORTED)
 def test_checkpoint_resume_equals_an_uninterrupted_run(name: str, tmp_path: Path) -> None:
     kwargs = {"max_epochs": 4, "max_steps": -1, "log_every_n_steps": 3}
@@ -236,8 +218,9 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(name: str, tmp_path: Path
     resumed = make(name, action="log")
     trainer = make_trainer(callbacks=[resumed], **kwargs)
     trainer.fit(Poisoned(poison_at=13), ckpt_path=str(tmp_path / "last.ckpt"))
-    _close([a.as_dict() for a in resumed.alerts], [a.as_dict() for a in whole.alerts])
-    _close(resumed.state_dict(), whole.state_dict())
+    assert_same_state([a.as_dict() for a in resumed.alerts], [a.as_dict() for a in whole.alerts], rel=1e-5, abs=1e-7,
+                      where="alerts")
+    assert_same_state(resumed.state_dict(), whole.state_dict(), rel=1e-5, abs=1e-7)
 
 
 # -- arguments ------------------------------------------------------------------------------------------------

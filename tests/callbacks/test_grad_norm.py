@@ -20,13 +20,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import DispatchCounter, MemoryLogger, TinyModule, make_trainer
+from conftest import DispatchCounter, MemoryLogger, RowSplit, TinyModule, assert_same_state, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import Above, Alert, DivergenceError, GradNormWatcher, ZScore
 from lightning_diag.alerts import DiagnosticWarning
@@ -343,19 +343,11 @@ def test_fp16_unscaled_norms_and_overflow_steps_alert_after_five_in_a_row(
         assert expected[0] == 0
 
 
-class RowSplitTiny(TinyModule):
+class RowSplitTiny(RowSplit, TinyModule):
     """Rank r of w reads rows r, r + w, r + 2w, ... in order (Lightning's own sampler would shuffle)."""
 
-    def setup(self, stage: str) -> None:
-        # Tensors sent to forkserver ranks arrive in shared memory, so both ranks would step the same
-        # weights; Lightning unshares them only for "spawn". Give each rank its own copy.
-        with torch.no_grad():
-            for p in self.parameters():
-                p.data = p.data.clone()
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(self.data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
+    def rank_batch_size(self) -> int:
+        return self.batch_size
 
 
 class SaveState(Callback):
@@ -399,7 +391,7 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_figures_and_every_rank
     # the figures are global, so both ranks hold the same baseline and the same alerts
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert [(a["metric"], a["step"]) for a in rank0["alerts"]] == [("grad_norm/total", 0)]
-    _assert_same_state(rank0, rank1)
+    assert_same_state(rank0, rank1, rel=1e-9, abs=1e-12)
 
 
 # -- update ratio, clipping, no side effects --------------------------------------------------------
@@ -530,29 +522,13 @@ def _resume_run(tmp_path: Any, stop_epoch: int | None) -> tuple[GradNormWatcher,
     return watcher, trainer.logger
 
 
-def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    """Nested state dicts equal: floats within 1e-9 relative, everything else exactly."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), where
-    else:
-        assert a == b, where
-
-
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Any) -> None:
     (straight, straight_log), (resumed, resumed_log) = _resume_run(tmp_path, None), _resume_run(tmp_path, 2)
     # one Above alert at step 0 (its streak carries over the resume) and the spike at step 12,
     # which is only a spike against a baseline that continued
     assert [(a.metric, a.step) for a in straight.alerts] == [("grad_norm/total", 0), ("grad_norm/zscore", 12)]
     assert resumed.alerts == straight.alerts
-    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert_same_state(resumed.state_dict(), straight.state_dict(), rel=1e-9, abs=1e-12)
     assert int(resumed.baseline.count[0]) == 16  # no second warm-up
     # after the resume (step 8 on) the logged figures are those of the uninterrupted run
     for key in ("grad_norm/total", "grad_norm/zscore", "grad_norm/baseline", "grad_norm/layer/net.0",

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MemoryLogger, make_trainer
+from conftest import MemoryLogger, RowSplit, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import LogitMonitor
 
@@ -310,18 +310,8 @@ def test_nothing_is_active_between_check_steps(kind: str) -> None:
 # -- processes and precision ------------------------------------------------------------------------
 
 
-class RowSplitClassifier(AttentionClassifier):
+class RowSplitClassifier(RowSplit, AttentionClassifier):
     """Rank r of w reads sequences r, r + w, ...: the ranks' halves make the single-process batch."""
-
-    def setup(self, stage: str) -> None:
-        # forkserver ranks receive the parameters in shared memory: each rank gets its own copy
-        with torch.no_grad():
-            for p in self.parameters():
-                p.data = p.data.clone()
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(self.data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.data, batch_size=self.n // self.trainer.world_size, sampler=sampler)
 
 
 @pytest.mark.distributed

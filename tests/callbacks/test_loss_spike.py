@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import DispatchCounter, TinyModule, make_trainer
+from conftest import DispatchCounter, RankLocalWeights, TinyModule, assert_same_state, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -492,22 +492,6 @@ def test_missing_monitored_metric_lists_the_available_ones():
         make_trainer(max_steps=2, callbacks=[detector]).fit(TinyModule())
 
 
-def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    """Nested state dicts equal: floats within 1e-9 relative, everything else exactly."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), where
-    else:
-        assert a == b, where
-
-
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     def run(ckpt_path: str | None = None) -> tuple[pl.Trainer, LossSpikeDetector]:
         torch.manual_seed(0)
@@ -527,7 +511,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     trainer, resumed = run(str(tmp_path / "epoch=2-step=24.ckpt"))
     assert [b["step"] for b in resumed.bad_batches] == [10, 21, 29]
     assert resumed.bad_batches == straight.bad_batches
-    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert_same_state(resumed.state_dict(), straight.state_dict(), rel=1e-9, abs=1e-12)
     assert int(resumed.stats.baseline.count[0]) == 40  # the baseline went on; no second warm-up
     history = trainer.logger.history
     assert history["loss_spike/events"][0] == (24, 2.0) and history["loss_spike/skipped"][-1] == (39, 3.0)
@@ -741,12 +725,8 @@ class RankReport(pl.Callback):
                    os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
 
 
-class RankLocalSpiky(SpikyModule):
-    def setup(self, stage: str) -> None:
-        # forkserver hands both ranks the parameters in shared memory: give each rank its own copy
-        with torch.no_grad():
-            for p in self.parameters():
-                p.data = p.data.clone()
+class RankLocalSpiky(RankLocalWeights, SpikyModule):
+    pass
 
 
 def _ddp_run(tmp_path: Any, action: str) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -783,7 +763,7 @@ def test_ddp_spike_on_one_rank_skips_the_step_on_both_and_the_loss_is_the_mean_o
         assert value == pytest.approx(mean, rel=1e-6)
         assert abs(rank0["local_loss"][step] - rank1["local_loss"][step]) > 1e-4  # the ranks did see different losses
     assert rank1["local_loss"][9] > 1e3 * rank0["local_loss"][9]
-    _assert_same_state(rank0["state"], rank1["state"])
+    assert_same_state(rank0["state"], rank1["state"], rel=1e-9, abs=1e-12)
     assert [(a["metric"], a["step"]) for a in rank0["state"]["alerts"]] == [("loss_spike/zscore", 9)]
 
 

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MemoryLogger, make_trainer
+from conftest import MemoryLogger, RowSplit, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import SharpnessMonitor
 from lightning_diag.alerts import DiagnosticWarning
@@ -386,18 +386,8 @@ def test_bf16_mixed_runs_and_measures_the_float32_loss(model: type[FixedBatchMLP
         assert math.isfinite(_values(trainer.logger, "sharpness/stability_ratio")[step])
 
 
-class RowSplitMLP(FixedBatchMLP):
+class RowSplitMLP(RowSplit, FixedBatchMLP):
     """Rank r of w reads rows r, r + w, ... of the fixed batch: the two halves make the global batch."""
-
-    def setup(self, stage: str) -> None:
-        # forkserver ranks receive the parameters in shared memory: each rank gets its own copy
-        with torch.no_grad():
-            for p in self.parameters():
-                p.data = p.data.clone()
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(self.data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.data, batch_size=self.n // self.trainer.world_size, sampler=sampler)
 
 
 @pytest.mark.distributed

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import MemoryLogger, make_trainer, reachable_tensors
+from conftest import MemoryLogger, assert_same_state, make_trainer, reachable_tensors
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -492,23 +492,6 @@ def _resume_run(tmp_path: Any, stop_epoch: int | None) -> tuple[SpectralAlignmen
     return monitor, logger
 
 
-def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=where)
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9, nan_ok=True), where
-    else:
-        assert a == b, where
-
-
 def test_checkpoint_resume_continues_warm_start_sampling_baselines_and_alerts(tmp_path: Any) -> None:
     (straight, straight_log), (resumed, resumed_log) = _resume_run(tmp_path, None), _resume_run(tmp_path, 4)
     assert straight.alerts and [a.as_dict() for a in resumed.alerts] == [a.as_dict() for a in straight.alerts]
@@ -519,7 +502,7 @@ def test_checkpoint_resume_continues_warm_start_sampling_baselines_and_alerts(tm
         assert [s for s, _ in resumed_series] == [s for s, _ in straight_series], key
         np.testing.assert_allclose([v for _, v in resumed_series], [v for _, v in straight_series], rtol=1e-6,
                                    atol=1e-9, err_msg=key)  # fmt: skip
-    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert_same_state(resumed.state_dict(), straight.state_dict(), rel=1e-6, abs=1e-9)
     assert torch.load(tmp_path / "interrupted.ckpt", weights_only=True)["callbacks"]  # plain lists and tensors
 
 
