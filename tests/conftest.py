@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -28,6 +30,10 @@ class MemoryLogger(_SeriesLogger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for key, value in metrics.items():
             self.history[key].append((step, float(value)))
+
+    def values(self, key: str) -> dict[int, float]:
+        """``{step: value}`` of ``key`` (the last value where a step was logged twice)."""
+        return dict(self.history[key])
 
 
 class TinyModule(pl.LightningModule):
@@ -63,6 +69,26 @@ def make_trainer(**overrides: Any) -> pl.Trainer:
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def fit(module: pl.LightningModule, *callbacks: Callback, **overrides: Any) -> pl.Trainer:
+    """Fit ``module`` with ``callbacks`` on :func:`make_trainer` (with ``overrides``); return the trainer."""
+    trainer = make_trainer(callbacks=list(callbacks), **overrides)
+    trainer.fit(module)
+    return trainer
+
+
+def wrap_hooks(callback: Callback, around: Callable[[int, Callable[[], None]], None]) -> None:
+    """Route every per-step hook of a monitor through ``around(step, call)``, ``step`` being the
+    optimizer step the call belongs to (``on_train_batch_end`` runs after the step was counted)."""
+    for name, offset in (("on_train_batch_start", 0), ("on_before_backward", 0), ("on_before_optimizer_step", 0),
+                         ("on_train_batch_end", 1)):  # fmt: skip
+        hook = getattr(callback, name)
+
+        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
+            around(trainer.global_step - _offset, lambda: _hook(trainer, *args))
+
+        setattr(callback, name, wrapped)  # Lightning looks hooks up on the instance
 
 
 @pytest.fixture

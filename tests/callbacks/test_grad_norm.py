@@ -20,7 +20,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import DispatchCounter, MemoryLogger, RowSplit, TinyModule, assert_same_state, make_trainer
+from conftest import (
+    DispatchCounter,
+    MemoryLogger,
+    RowSplit,
+    TinyModule,
+    assert_same_state,
+    fit,
+    make_trainer,
+    wrap_hooks,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -131,14 +140,6 @@ def _norm64(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(torch.linalg.vector_norm(t.double()).item() ** 2 for t in tensors))
 
 
-def _values(logger: MemoryLogger, key: str) -> dict[int, float]:
-    return dict(logger.history[key])
-
-
-def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any) -> pl.Trainer:
-    trainer = make_trainer(callbacks=list(callbacks), **trainer_kwargs)
-    trainer.fit(module)
-    return trainer
 
 
 class ToggleRule(Above):
@@ -170,19 +171,6 @@ class ScaleGrads(Callback):
         self.grads[trainer.global_step] = [p.grad.detach().double().clone() for p in params]
 
 
-def wrap_hooks(watcher: Callback, around: Callable[[int, Callable[[], None]], None]) -> None:
-    """Route every per-step hook of a monitor through ``around(step, call)``, ``step`` being the
-    optimizer step the call belongs to (``on_train_batch_end`` runs after the step was counted)."""
-    hooks = (("on_train_batch_start", 0), ("on_before_backward", 0), ("on_before_optimizer_step", 0),
-             ("on_train_batch_end", 1))
-    for name, offset in hooks:
-        hook = getattr(watcher, name)
-
-        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
-            around(trainer.global_step - _offset, lambda: _hook(trainer, *args))
-
-        setattr(watcher, name, wrapped)  # Lightning looks hooks up on the instance
-
 
 # -- norms against float64 references ---------------------------------------------------------------
 
@@ -190,18 +178,18 @@ def wrap_hooks(watcher: Callback, around: Callable[[int, Callable[[], None]], No
 def test_norms_match_float64_reference_on_mixed_layers() -> None:
     torch.manual_seed(0)
     module = MixedModule()
-    trainer = _fit(module, GradNormWatcher(action="log"), max_steps=4)
+    trainer = fit(module, GradNormWatcher(action="log"), max_steps=4)
     log = trainer.logger
-    assert sorted(_values(log, "grad_norm/total")) == [0, 1, 2, 3]
+    assert sorted(log.values("grad_norm/total")) == [0, 1, 2, 3]
     for step, grads in module.grads.items():
         weights = module.weights[step]
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
-        assert _values(log, "grad_norm/nonfinite")[step] == 0
+        assert log.values("grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+        assert log.values("grad_norm/nonfinite")[step] == 0
         for layer, names in MIXED_LAYERS.items():
             g, w = _norm64([grads[n] for n in names]), _norm64([weights[n] for n in names])
-            assert _values(log, f"grad_norm/layer/{layer}")[step] == pytest.approx(g, rel=1e-5)
-            assert _values(log, f"grad_norm/weight_norm/{layer}")[step] == pytest.approx(w, rel=1e-5)
-            assert _values(log, f"grad_norm/grad_weight_ratio/{layer}")[step] == pytest.approx(g / w, rel=1e-5)
+            assert log.values(f"grad_norm/layer/{layer}")[step] == pytest.approx(g, rel=1e-5)
+            assert log.values(f"grad_norm/weight_norm/{layer}")[step] == pytest.approx(w, rel=1e-5)
+            assert log.values(f"grad_norm/grad_weight_ratio/{layer}")[step] == pytest.approx(g / w, rel=1e-5)
     per_layer = {k.split("/")[2] for k in log.history if k.startswith("grad_norm/weight_norm/")}
     assert per_layer == set(MIXED_LAYERS)
 
@@ -211,17 +199,17 @@ def test_nan_gradient_is_counted_and_fires_a_critical_alert_at_its_step() -> Non
     module = MixedModule(nan_step=2)
     received: list[Alert] = []
     watcher = GradNormWatcher(action=lambda alert, trainer: received.append(alert))
-    log = _fit(module, watcher, max_steps=5).logger
+    log = fit(module, watcher, max_steps=5).logger
     assert [v for _, v in log.history["grad_norm/nonfinite"]] == [0, 0, 1, 0, 0]
-    assert math.isnan(_values(log, "grad_norm/total")[2]) and math.isnan(_values(log, "grad_norm/layer/conv")[2])
+    assert math.isnan(log.values("grad_norm/total")[2]) and math.isnan(log.values("grad_norm/layer/conv")[2])
     # the other layers of the NaN step are still measured exactly
     head = _norm64([module.grads[2][n] for n in MIXED_LAYERS["head"]])
-    assert _values(log, "grad_norm/layer/head")[2] == pytest.approx(head, rel=1e-5)
-    assert math.isfinite(_values(log, "grad_norm/total")[3])
+    assert log.values("grad_norm/layer/head")[2] == pytest.approx(head, rel=1e-5)
+    assert math.isfinite(log.values("grad_norm/total")[3])
     assert [(a.metric, a.step, a.severity, a.acted_step) for a in received] == [("grad_norm/total", 2, "critical", 2)]
     assert math.isnan(received[0].value)
     assert watcher.alerts == received
-    assert _values(log, "grad_norm/alerts") == {0: 0, 1: 0, 2: 1, 3: 1, 4: 1}
+    assert log.values("grad_norm/alerts") == {0: 0, 1: 0, 2: 1, 3: 1, 4: 1}
     assert np.isfinite(watcher.baseline.mean).all() and watcher.baseline.count.tolist() == [4]  # NaN not absorbed
 
 
@@ -242,7 +230,7 @@ def _hook_ops(depth: int, every_n_steps: int, step: int, **kwargs: Any) -> Dispa
     torch.manual_seed(0)
     watcher = GradNormWatcher(every_n_steps=every_n_steps, action="log", **kwargs)
     wrap_hooks(watcher, around)
-    _fit(TinyModule(depth=depth), watcher, max_steps=step + 1)
+    fit(TinyModule(depth=depth), watcher, max_steps=step + 1)
     return counter
 
 
@@ -295,17 +283,17 @@ def test_op_counter_sees_growth_of_lightnings_per_parameter_grad_norm() -> None:
 def test_gradient_accumulation_logs_one_record_per_optimizer_step() -> None:
     torch.manual_seed(0)
     module = CapturingTiny()
-    log = _fit(module, GradNormWatcher(action="log"), max_steps=3, accumulate_grad_batches=4).logger
+    log = fit(module, GradNormWatcher(action="log"), max_steps=3, accumulate_grad_batches=4).logger
     assert [s for s, _ in log.history["grad_norm/total"]] == [0, 1, 2]
     for step, grads in module.grads.items():  # the accumulated gradient of 4 micro-batches
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+        assert log.values("grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
 
 
 def test_bf16_mixed_precision_on_cpu_logs_finite_norms() -> None:
     torch.manual_seed(0)
     module = CapturingTiny()
-    log = _fit(module, GradNormWatcher(action="log"), max_steps=3, precision="bf16-mixed").logger
-    totals = _values(log, "grad_norm/total")
+    log = fit(module, GradNormWatcher(action="log"), max_steps=3, precision="bf16-mixed").logger
+    totals = log.values("grad_norm/total")
     assert sorted(totals) == [0, 1, 2]
     for key, records in log.history.items():
         assert all(math.isfinite(v) for _, v in records), key
@@ -325,14 +313,14 @@ def test_fp16_unscaled_norms_and_overflow_steps_alert_after_five_in_a_row(
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
     module = CapturingTiny()
     watcher = GradNormWatcher(action="log", nonfinite_patience=patience)
-    log = _fit(module, watcher, max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).logger
-    totals = _values(log, "grad_norm/total")
+    log = fit(module, watcher, max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).logger
+    totals = log.values("grad_norm/total")
     overflow = [s for s in range(8) if not math.isfinite(_norm64(list(module.grads[s].values())))]
     assert overflow[:2] == [0, 1] and len(overflow) < 8
     for step in range(8):  # the gradients the optimizer gets, unscaled by Lightning before the hook
         reference = _norm64(list(module.grads[step].values()))
         assert totals[step] == pytest.approx(reference, rel=1e-5, nan_ok=True), step
-        assert (_values(log, "grad_norm/nonfinite")[step] > 0) == (step in overflow), step
+        assert (log.values("grad_norm/nonfinite")[step] > 0) == (step in overflow), step
     # an alert where a streak of overflow steps reaches `streak`, once per streak
     expected = [s for s in overflow
                 if all(t in overflow for t in range(s - streak + 1, s + 1)) and s - streak not in overflow]
@@ -367,7 +355,7 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_figures_and_every_rank
         return GradNormWatcher(action="log", warmup=2, rules=[Above("grad_norm/total", 0.0)])
 
     torch.manual_seed(0)
-    single = _fit(TinyModule(batch_size=8), watcher(), max_steps=3).logger
+    single = fit(TinyModule(batch_size=8), watcher(), max_steps=3).logger
     # Two ranks of 4 rows: rank 0 reads rows 0, 2, 4, 6, rank 1 rows 1, 3, 5, 7, so each global batch
     # holds the 8 rows of the single-process batch, and DDP averages the two halves' gradients.
     torch.manual_seed(0)
@@ -378,7 +366,7 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_figures_and_every_rank
     strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
                            timeout=datetime.timedelta(seconds=60))
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    _fit(RowSplitTiny(batch_size=4), watcher(), SaveState(tmp_path), max_steps=3, devices=2, strategy=strategy,
+    fit(RowSplitTiny(batch_size=4), watcher(), SaveState(tmp_path), max_steps=3, devices=2, strategy=strategy,
          logger=csv, use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     rows = rows[~np.isnan(rows["grad_norm/total"])]  # the rows of the figures (the alert count has its own at step 0)
@@ -410,15 +398,15 @@ class AdamTiny(CapturingTiny):
 def test_update_ratio_matches_reference_on_logging_steps() -> None:
     torch.manual_seed(0)
     module = AdamTiny()
-    log = _fit(module, GradNormWatcher(every_n_steps=2, update_ratio=True, action="log"), max_steps=5).logger
+    log = fit(module, GradNormWatcher(every_n_steps=2, update_ratio=True, action="log"), max_steps=5).logger
     layers = {"net.0": ["net.0.weight", "net.0.bias"], "net.2": ["net.2.weight", "net.2.bias"],
               "net.4": ["net.4.weight", "net.4.bias"]}
-    assert sorted(_values(log, "grad_norm/update_ratio/net.0")) == [1, 3]
+    assert sorted(log.values("grad_norm/update_ratio/net.0")) == [1, 3]
     for step in (1, 3):
         before, after = module.weights[step], module.after[step]
         for layer, names in layers.items():
             expected = _norm64([after[n] - before[n] for n in names]) / _norm64([before[n] for n in names])
-            assert _values(log, f"grad_norm/update_ratio/{layer}")[step] == pytest.approx(expected, rel=1e-4)
+            assert log.values(f"grad_norm/update_ratio/{layer}")[step] == pytest.approx(expected, rel=1e-4)
             assert expected > 0
 
 
@@ -445,24 +433,24 @@ def test_zclip_rescales_a_spike_to_the_adaptive_target_and_leaves_normal_steps_a
     module = CapturingTiny(lr=0.02)
     spike = ScaleGrads(step=9, factor=30.0)
     watcher = GradNormWatcher(clip="zclip", warmup=5, action="log")
-    log = _fit(module, spike, watcher, max_steps=11).logger
+    log = fit(module, spike, watcher, max_steps=11).logger
     totals = [_norm64(spike.grads[s]) for s in range(11)]
     reference = _zclip_reference(totals, warmup=5, alpha=0.97, z_threshold=2.5)
     assert reference[9][0] > 2.5  # the injected spike is a spike
     for step, (z, clipped) in enumerate(reference):
         after = [module.grads[step][n] for n, p in module.named_parameters()]
         before = spike.grads[step]
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(totals[step], rel=1e-5)
-        assert _values(log, "grad_norm/zscore")[step] == pytest.approx(z, rel=1e-4, abs=1e-4)
-        assert _values(log, "grad_norm/clip_coef")[step] == pytest.approx(clipped / totals[step], rel=1e-4)
+        assert log.values("grad_norm/total")[step] == pytest.approx(totals[step], rel=1e-5)
+        assert log.values("grad_norm/zscore")[step] == pytest.approx(z, rel=1e-4, abs=1e-4)
+        assert log.values("grad_norm/clip_coef")[step] == pytest.approx(clipped / totals[step], rel=1e-4)
         if z > 2.5:
             assert _norm64(after) == pytest.approx(clipped, rel=1e-4)
-            logged_target = _values(log, "grad_norm/clip_coef")[step] * _values(log, "grad_norm/total")[step]
+            logged_target = log.values("grad_norm/clip_coef")[step] * log.values("grad_norm/total")[step]
             assert _norm64(after) == pytest.approx(logged_target, rel=1e-5)
             assert _norm64(after) < totals[step] / 5
         else:
             assert all(torch.equal(a, b) for a, b in zip(after, before)), step
-    assert _values(log, "grad_norm/clipped_steps")[10] == sum(z > 2.5 for z, _ in reference)
+    assert log.values("grad_norm/clipped_steps")[10] == sum(z > 2.5 for z, _ in reference)
     assert ("grad_norm/zscore", 9) in [(a.metric, a.step) for a in watcher.alerts]
 
 
@@ -489,7 +477,7 @@ def test_monitor_only_run_is_bit_identical_to_a_run_without_the_callback() -> No
     for callbacks in ([], [GradNormWatcher(every_n_steps=2, update_ratio=True, action="log", warmup=2)]):
         torch.manual_seed(0)
         module = MixedModule()
-        _fit(module, *callbacks, max_steps=6)
+        fit(module, *callbacks, max_steps=6)
         finals.append({n: p.detach().clone() for n, p in module.named_parameters()})
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
 
@@ -548,7 +536,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Any) -> None:
 def test_stop_action_stops_the_trainer_and_checkpointing_still_saves(tmp_path: Any) -> None:
     watcher = GradNormWatcher(every_n_steps=2, action="stop", rules=[Above("grad_norm/total", 0.0)])
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = _fit(TinyModule(), watcher, checkpoint, max_steps=10, enable_checkpointing=True)
+    trainer = fit(TinyModule(), watcher, checkpoint, max_steps=10, enable_checkpointing=True)
     # fired at step 0, before the first logging step (1): acted on at once, the run ended after step 0
     assert [(a.metric, a.step, a.acted_step) for a in watcher.alerts] == [("grad_norm/total", 0, 0)]
     assert trainer.global_step == 1
@@ -572,7 +560,7 @@ def test_callable_action_receives_every_alert_with_the_trainer() -> None:
     seen: list[tuple[Alert, pl.Trainer]] = []
     watcher = GradNormWatcher(action=lambda alert, trainer: seen.append((alert, trainer)),
                               rules=[ToggleRule("grad_norm/total")])
-    trainer = _fit(TinyModule(), watcher, max_steps=6)
+    trainer = fit(TinyModule(), watcher, max_steps=6)
     assert [a.step for a, _ in seen] == [0, 2, 4]
     assert all(isinstance(a, Alert) and t is trainer for a, t in seen)
     assert seen[0][0].source == "GradNormWatcher" and "grad_norm/total" in seen[0][0].message
@@ -582,7 +570,7 @@ def test_warn_action_warns_at_most_five_times_per_metric() -> None:
     watcher = GradNormWatcher(action="warn", rules=[ToggleRule("grad_norm/total")])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(TinyModule(), watcher, max_steps=20)
+        fit(TinyModule(), watcher, max_steps=20)
     ours = [w for w in caught if "GradNormWatcher: grad_norm/total" in str(w.message)]
     assert len(watcher.alerts) == 10
     assert len(ours) == 5 and all(issubclass(w.category, DiagnosticWarning) for w in ours)
@@ -608,13 +596,13 @@ def test_alert_after_the_last_logging_step_is_kept_logged_and_written(tmp_path: 
     memory = MemoryLogger()
     csv, tensorboard = CSVLogger(tmp_path, name="csv", version=0), TensorBoardLogger(tmp_path, name="tb", version=0)
     watcher = GradNormWatcher(action="log")
-    _fit(TinyModule(), NanGrads(start=10), watcher, max_steps=12, log_every_n_steps=5,
+    fit(TinyModule(), NanGrads(start=10), watcher, max_steps=12, log_every_n_steps=5,
          logger=[memory, csv, tensorboard])
     assert [(a.metric, a.step, a.severity, a.acted_step) for a in watcher.alerts] == [
         ("grad_norm/total", 10, "critical", 10)]
     assert memory.history["grad_norm/alerts"][-1] == (11, 1.0)  # the last step, flushed at the end of fit
     assert (10, 1.0) in memory.history["grad_norm/alerts"]
-    assert math.isnan(_values(memory, "grad_norm/total")[11])
+    assert math.isnan(memory.values("grad_norm/total")[11])
     rows = np.genfromtxt(tmp_path / "csv" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     alerts_column = {int(step): v for step, v in zip(rows["step"], rows["grad_norm/alerts"]) if not np.isnan(v)}
     assert alerts_column[4] == 0 and alerts_column[9] == 0 and alerts_column[10] == 1 and alerts_column[11] == 1
@@ -654,7 +642,7 @@ def test_one_rule_is_accepted_without_a_list_and_a_nonpositive_zscore_threshold_
     """Issue 10, fault 7. Before: ``rules=Above(...)`` failed with ``'Above' object is not iterable``
     and ``ZScore(..., threshold=-1)`` was accepted and fired on every value."""
     watcher = GradNormWatcher(action="log", rules=Above("grad_norm/total", 0.0))
-    _fit(TinyModule(), watcher, max_steps=2)
+    fit(TinyModule(), watcher, max_steps=2)
     assert [(a.metric, a.step) for a in watcher.alerts] == [("grad_norm/total", 0)]
     with pytest.raises(ValueError, match=r"`threshold` of a z-score must be > 0.*got -1"):
         GradNormWatcher(rules=ZScore("grad_norm/total", threshold=-1))
@@ -671,7 +659,7 @@ def test_metrics_and_alert_text_arrive_in_tensorboard_event_file(tmp_path: Any) 
     memory = MemoryLogger()
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/total", 0.0)])
-    _fit(TinyModule(), watcher, max_steps=3, logger=[tensorboard, memory])
+    fit(TinyModule(), watcher, max_steps=3, logger=[tensorboard, memory])
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -695,7 +683,7 @@ def test_per_layer_norm_histograms_arrive_at_their_cadence(tmp_path: Any) -> Non
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     memory = MemoryLogger()
     watcher = GradNormWatcher(every_n_steps=2, histogram_every_n_steps=3, action="log")
-    _fit(TinyModule(), watcher, max_steps=8, logger=[tensorboard, memory])
+    fit(TinyModule(), watcher, max_steps=8, logger=[tensorboard, memory])
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
     events.Reload()
     # logging steps 1, 3, 5, 7; the first at or after each multiple of 3 steps: 3 (after 3) and 5 (after 6)
@@ -725,7 +713,7 @@ class FrozenModule(TinyModule):
 def test_model_without_trainable_parameters_warns_once_and_runs() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _fit(FrozenModule(), GradNormWatcher(), max_steps=3)
+        trainer = fit(FrozenModule(), GradNormWatcher(), max_steps=3)
     assert trainer.global_step == 3
     assert len([w for w in caught if "no trainable parameter" in str(w.message)]) == 1
     assert not [k for k in trainer.logger.history if k.startswith("grad_norm/")]
@@ -735,22 +723,22 @@ def test_unused_layer_keys_are_absent_and_frozen_layers_are_excluded() -> None:
     torch.manual_seed(0)
     module = MixedModule(unused=True)
     module.norm.requires_grad_(False)
-    log = _fit(module, GradNormWatcher(action="log"), max_steps=2).logger
+    log = fit(module, GradNormWatcher(action="log"), max_steps=2).logger
     layers = {k.split("/")[2] for k in log.history if k.startswith("grad_norm/weight_norm/")}
     assert layers == set(MIXED_LAYERS) - {"norm"}  # `unused` has None grads, `norm` is frozen
     for step, grads in module.grads.items():
         assert "unused.weight" not in grads
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+        assert log.values("grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
 
 
 def test_sparse_embedding_gradient_is_measured() -> None:
     torch.manual_seed(0)
     module = MixedModule(sparse=True)
-    log = _fit(module, GradNormWatcher(action="log"), max_steps=3).logger
+    log = fit(module, GradNormWatcher(action="log"), max_steps=3).logger
     assert module.emb.weight.grad.is_sparse
     for step, grads in module.grads.items():
-        assert _values(log, "grad_norm/layer/emb")[step] == pytest.approx(_norm64([grads["emb.weight"]]), rel=1e-5)
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
+        assert log.values("grad_norm/layer/emb")[step] == pytest.approx(_norm64([grads["emb.weight"]]), rel=1e-5)
+        assert log.values("grad_norm/total")[step] == pytest.approx(_norm64(list(grads.values())), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -770,14 +758,14 @@ def test_sparse_embedding_gradient_is_measured() -> None:
 def test_layer_selection_and_grouping(kwargs: dict[str, Any], layers: dict[str, list[str]]) -> None:
     torch.manual_seed(0)
     module = Deep()
-    log = _fit(module, GradNormWatcher(action="log", **kwargs), max_steps=2).logger
+    log = fit(module, GradNormWatcher(action="log", **kwargs), max_steps=2).logger
     assert {k.split("/")[2] for k in log.history if k.startswith("grad_norm/weight_norm/")} == set(layers)
     for step, grads in module.grads.items():
         watched = [grads[n] for names in layers.values() for n in names]
-        assert _values(log, "grad_norm/total")[step] == pytest.approx(_norm64(watched), rel=1e-5)
+        assert log.values("grad_norm/total")[step] == pytest.approx(_norm64(watched), rel=1e-5)
         for layer, names in layers.items():
             expected = _norm64([grads[n] for n in names])
-            assert _values(log, f"grad_norm/layer/{layer}")[step] == pytest.approx(expected, rel=1e-5)
+            assert log.values(f"grad_norm/layer/{layer}")[step] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -829,4 +817,4 @@ def test_no_host_sync_between_logging_steps_on_cuda() -> None:
     trainer.fit(TinyModule())
     assert checked == [1, 2, 3, 5, 6, 7, 8, 10, 11]
     # logging steps 4 and 9; the host's figures of the last step are flushed at the end of fit
-    assert sorted(_values(trainer.logger, "grad_norm/total")) == [4, 9, 11]
+    assert sorted(trainer.logger.values("grad_norm/total")) == [4, 9, 11]

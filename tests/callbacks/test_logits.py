@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MemoryLogger, RowSplit, make_trainer
+from conftest import RowSplit, fit, make_trainer, wrap_hooks
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -164,14 +164,6 @@ class HandReference(Callback):
                              "output_max": float(self.logits.double().abs().max())}  # fmt: skip
 
 
-def _values(logger: MemoryLogger, key: str) -> dict[int, float]:
-    return dict(logger.history[key])
-
-
-def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any) -> pl.Trainer:
-    trainer = make_trainer(callbacks=list(callbacks), **trainer_kwargs)
-    trainer.fit(module)
-    return trainer
 
 
 # -- attention logits against the hand-made ones --------------------------------------------------
@@ -180,14 +172,14 @@ def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any
 @pytest.mark.parametrize("kind", ["causal", "bool", "mha", "mha_seq_first"])
 def test_attention_max_equals_the_largest_unmasked_logit_materialised_by_hand(kind: str) -> None:
     model, reference = AttentionClassifier(kind), HandReference()
-    trainer = _fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=6)
+    trainer = fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=6)
     layer = "attn.attn" if kind.startswith("mha") else "attn"  # the module running the call
-    per_layer, overall = (_values(trainer.logger, k) for k in (f"logits/attention_max/{layer}", "logits/attention_max"))
+    per_layer, overall = (trainer.logger.values(k) for k in (f"logits/attention_max/{layer}", "logits/attention_max"))
     assert sorted(per_layer) == sorted(overall) == [1, 3, 5]
     for step in per_layer:
         assert per_layer[step] == pytest.approx(reference.attention[step], rel=1e-5), step
         assert overall[step] == pytest.approx(reference.attention[step], rel=1e-5), step
-        entropy = _values(trainer.logger, "logits/attention_entropy_min")[step]
+        entropy = trainer.logger.values("logits/attention_entropy_min")[step]
         assert entropy == pytest.approx(reference.entropy[step], rel=1e-5), step
         assert reference.unmasked[step] > 1.05 * reference.attention[step]  # counting masked keys would show
     assert not [k for k in trainer.logger.history if k.startswith("logits/attention_max/") and layer not in k]
@@ -199,14 +191,14 @@ def test_attention_max_equals_the_largest_unmasked_logit_materialised_by_hand(ki
 @pytest.mark.parametrize("kind", ["causal", "mha"])
 def test_output_figures_equal_float64_logsumexp_of_the_head_logits(kind: str) -> None:
     model, reference = AttentionClassifier(kind, lr=0.5), HandReference()
-    trainer = _fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=6)
+    trainer = fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=6)
     for figure in ("log_z_mean", "log_z_max", "log_z_min", "log_z_abs_max", "output_max"):
-        logged = _values(trainer.logger, f"logits/{figure}")
+        logged = trainer.logger.values(f"logits/{figure}")
         assert sorted(logged) == [1, 3, 5], figure
         for step, value in logged.items():
             assert value == pytest.approx(reference.output[step][figure], rel=1e-5), (figure, step)
     assert reference.output[1]["log_z_max"] - reference.output[1]["log_z_min"] > 1e-3  # rows differ: max != min
-    assert _values(trainer.logger, "logits/softmax_collapse")[5] == pytest.approx(0.0, abs=1e-12)
+    assert trainer.logger.values("logits/softmax_collapse")[5] == pytest.approx(0.0, abs=1e-12)
 
 
 class HandBuiltHead(pl.LightningModule):
@@ -235,16 +227,16 @@ class HandBuiltHead(pl.LightningModule):
 
 def test_softmax_collapse_counts_the_rows_whose_top_probability_rounds_to_one() -> None:
     monitor = LogitMonitor(check_every_n_steps=1, action="log")
-    trainer = _fit(HandBuiltHead(), monitor, max_steps=2)
-    collapse = _values(trainer.logger, "logits/softmax_collapse")
+    trainer = fit(HandBuiltHead(), monitor, max_steps=2)
+    collapse = trainer.logger.values("logits/softmax_collapse")
     assert sorted(collapse) == [0, 1]
     assert collapse[0] == pytest.approx(0.75, abs=1e-9)  # the gap-200 rows, not the gap-10 one
     logits = torch.tensor([[200.0, 0.0], [10.0, 0.0], [200.0, 0.0], [200.0, 0.0]], dtype=torch.float64)
     assert torch.softmax(logits.float(), -1)[1, 0] < 1 and torch.softmax(logits.float(), -1)[0, 0] == 1  # the premise
     log_z = torch.logsumexp(logits, -1)
-    assert _values(trainer.logger, "logits/log_z_mean")[0] == pytest.approx(float(log_z.mean()), rel=1e-6)
-    assert _values(trainer.logger, "logits/log_z_min")[0] == pytest.approx(float(log_z.min()), rel=1e-6)
-    assert _values(trainer.logger, "logits/output_max")[0] == pytest.approx(200.0, rel=1e-6)
+    assert trainer.logger.values("logits/log_z_mean")[0] == pytest.approx(float(log_z.mean()), rel=1e-6)
+    assert trainer.logger.values("logits/log_z_min")[0] == pytest.approx(float(log_z.min()), rel=1e-6)
+    assert trainer.logger.values("logits/output_max")[0] == pytest.approx(200.0, rel=1e-6)
     # 0.75 > collapse_threshold 0.5, and log Z = 200 > log_z_threshold 50: one alert each, when it starts
     assert sorted((a.metric, a.step, a.severity) for a in monitor.alerts) == [
         ("logits/log_z_abs_max", 0, "warning"), ("logits/softmax_collapse", 0, "warning")]
@@ -293,7 +285,7 @@ class ActiveProbe(Callback):
 @pytest.mark.parametrize("kind", ["causal", "mha"])
 def test_nothing_is_active_between_check_steps(kind: str) -> None:
     model, probe = ProbedClassifier(kind), ActiveProbe()
-    _fit(model, LogitMonitor(check_every_n_steps=3, action="log"), probe, max_steps=7)
+    fit(model, LogitMonitor(check_every_n_steps=3, action="log"), probe, max_steps=7)
     checks = [2, 5]
     for step in range(7):
         if step in checks:  # the probe does see the monitor's hooks and mode when they are there
@@ -316,12 +308,12 @@ class RowSplitClassifier(RowSplit, AttentionClassifier):
 
 @pytest.mark.distributed
 def test_ddp_on_two_cpu_processes_gives_the_single_process_figures(tmp_path: Path) -> None:
-    single = _fit(AttentionClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"),
+    single = fit(AttentionClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"),
                   max_steps=4).logger
     multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
     strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
                            timeout=datetime.timedelta(seconds=60))
-    _fit(RowSplitClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"), max_steps=4,
+    fit(RowSplitClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"), max_steps=4,
          devices=2, strategy=strategy, logger=CSVLogger(tmp_path, name="ddp", version=0), use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     rows = rows[~np.isnan(rows["logits/attention_max"])]
@@ -338,15 +330,15 @@ def test_bf16_mixed_gives_the_figures_of_the_bf16_run(kind: str, rel: float) -> 
     # monitor reads in float32; MultiheadAttention's logits are recomputed from its float32 input
     # and weights (exact). The head's logits are bf16 and log Z is taken of those very values.
     model, reference = AttentionClassifier(kind), HandReference()
-    trainer = _fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=4,
+    trainer = fit(model, LogitMonitor(check_every_n_steps=2, action="log"), reference, max_steps=4,
                    precision="bf16-mixed")
     assert reference.logits.dtype == torch.bfloat16  # the run did use bf16
-    attention = _values(trainer.logger, "logits/attention_max")
+    attention = trainer.logger.values("logits/attention_max")
     assert sorted(attention) == [1, 3]
     for step, value in attention.items():
         assert value == pytest.approx(reference.attention[step], rel=rel), step
         for figure in ("log_z_mean", "log_z_max", "output_max"):
-            logged = _values(trainer.logger, f"logits/{figure}")[step]
+            logged = trainer.logger.values(f"logits/{figure}")[step]
             assert logged == pytest.approx(reference.output[step][figure], rel=1e-5), (figure, step)
 
 
@@ -371,8 +363,8 @@ class ScaleQK(Callback):
 def test_the_growth_rule_fires_when_attention_logits_grow_and_not_on_a_steady_model(grows: bool) -> None:
     monitor = LogitMonitor(check_every_n_steps=1, baseline_checks=3, growth_factor=10.0, action="log")
     callbacks = [monitor, *([ScaleQK(at=6, factor=4.0)] if grows else [])]  # logits x 16 > growth_factor 10
-    trainer = _fit(AttentionClassifier("causal", lr=0.0), *callbacks, max_steps=9)
-    growth = _values(trainer.logger, "logits/attention_growth")
+    trainer = fit(AttentionClassifier("causal", lr=0.0), *callbacks, max_steps=9)
+    growth = trainer.logger.values("logits/attention_growth")
     assert sorted(growth) == list(range(9))
     for step in range(3, 6):  # the baseline (steps 0-2) is in; the logits are steady
         assert growth[step] == pytest.approx(1.0, rel=1e-5)
@@ -387,18 +379,6 @@ def test_the_growth_rule_fires_when_attention_logits_grow_and_not_on_a_steady_mo
 
 # -- CUDA -------------------------------------------------------------------------------------------
 
-
-def wrap_hooks(callback: Callback, around: Callable[[int, Callable[[], None]], None]) -> None:
-    """Route every per-step hook of a monitor through ``around(step, call)``, ``step`` being the
-    optimizer step the call belongs to (``on_train_batch_end`` runs after the step was counted)."""
-    for name, offset in (("on_train_batch_start", 0), ("on_before_backward", 0), ("on_before_optimizer_step", 0),
-                         ("on_train_batch_end", 1)):  # fmt: skip
-        hook = getattr(callback, name)
-
-        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
-            around(trainer.global_step - _offset, lambda: _hook(trainer, *args))
-
-        setattr(callback, name, wrapped)  # Lightning looks hooks up on the instance
 
 
 class SyncFreeForward(Callback):
@@ -440,4 +420,4 @@ def test_no_host_sync_outside_logging_steps_on_cuda(kind: str) -> None:
     trainer = make_trainer(callbacks=[monitor, SyncFreeForward(quiet)], max_steps=12, accelerator="gpu")
     trainer.fit(AttentionClassifier(kind))
     assert sorted(set(checked)) == sorted(quiet)
-    assert sorted(_values(trainer.logger, "logits/attention_max")) == [9, 11]
+    assert sorted(trainer.logger.values("logits/attention_max")) == [9, 11]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MemoryLogger, RowSplit, make_trainer
+from conftest import MemoryLogger, RowSplit, fit, make_trainer, wrap_hooks
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -130,14 +130,6 @@ class DenseReference(Callback):
             self.preconditioned[step] = float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])
 
 
-def _values(logger: MemoryLogger, key: str) -> dict[int, float]:
-    return dict(logger.history[key])
-
-
-def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any) -> pl.Trainer:
-    trainer = make_trainer(callbacks=list(callbacks), **trainer_kwargs)
-    trainer.fit(module)
-    return trainer
 
 
 # -- lambda_max and the stability ratio against the dense Hessian ---------------------------------
@@ -145,8 +137,8 @@ def _fit(module: pl.LightningModule, *callbacks: Callback, **trainer_kwargs: Any
 
 def test_lambda_max_equals_the_top_eigenvalue_of_the_dense_hessian_at_every_check() -> None:
     monitor, reference = SharpnessMonitor(check_every_n_steps=2, action="log"), DenseReference()
-    trainer = _fit(FixedBatchMLP(lr=1e-3), monitor, reference, max_steps=6)
-    logged = _values(trainer.logger, "sharpness/lambda_max")
+    trainer = fit(FixedBatchMLP(lr=1e-3), monitor, reference, max_steps=6)
+    logged = trainer.logger.values("sharpness/lambda_max")
     assert sorted(logged) == [1, 3, 5]  # the check steps, each logged at its own step
     for step, value in logged.items():
         # a cold start (20 products) at step 1, then warm starts with the default 4 products; a
@@ -160,13 +152,13 @@ def test_stability_ratio_of_sgd_is_lr_times_lambda_max_over_the_heavy_ball_limit
                                                                                  limit: float) -> None:
     lr = 1e-3
     monitor, reference = SharpnessMonitor(check_every_n_steps=2, action="log"), DenseReference()
-    trainer = _fit(FixedBatchMLP(lr=lr, momentum=momentum, dampening=dampening), monitor, reference, max_steps=4)
-    ratio = _values(trainer.logger, "sharpness/stability_ratio")
+    trainer = fit(FixedBatchMLP(lr=lr, momentum=momentum, dampening=dampening), monitor, reference, max_steps=4)
+    ratio = trainer.logger.values("sharpness/stability_ratio")
     assert sorted(ratio) == [1, 3]
     for step, value in ratio.items():
         # limit: 2 (Gilmer et al. 2021), (2 + 2 beta) / (1 - dampening) with heavy-ball momentum
         assert value == pytest.approx(lr * reference.top[step] / limit, rel=1e-3), step
-        assert _values(trainer.logger, "sharpness/preconditioned_lambda_max")[step] == pytest.approx(
+        assert trainer.logger.values("sharpness/preconditioned_lambda_max")[step] == pytest.approx(
             lr * reference.top[step], rel=1e-3)
 
 
@@ -175,15 +167,15 @@ def test_adam_preconditioned_sharpness_equals_the_dense_preconditioned_hessian()
     lr, beta1 = 1e-3, 0.9
     monitor = SharpnessMonitor(check_every_n_steps=2, action="log")
     reference = DenseReference()
-    trainer = _fit(FixedBatchMLP(optimizer="adam", lr=lr), monitor, reference, max_steps=6)
-    pre = _values(trainer.logger, "sharpness/preconditioned_lambda_max")
-    ratio = _values(trainer.logger, "sharpness/stability_ratio")
+    trainer = fit(FixedBatchMLP(optimizer="adam", lr=lr), monitor, reference, max_steps=6)
+    pre = trainer.logger.values("sharpness/preconditioned_lambda_max")
+    ratio = trainer.logger.values("sharpness/stability_ratio")
     assert sorted(pre) == sorted(ratio) == [1, 3, 5]
     limit = (2 + 2 * beta1) / (1 - beta1)  # 38: Cohen et al. 2022
     for step in pre:
         assert pre[step] == pytest.approx(reference.preconditioned[step], rel=1e-3), step
         assert ratio[step] == pytest.approx(reference.preconditioned[step] / limit, rel=1e-3), step
-        assert _values(trainer.logger, "sharpness/lambda_max")[step] == pytest.approx(reference.top[step], rel=1e-3)
+        assert trainer.logger.values("sharpness/lambda_max")[step] == pytest.approx(reference.top[step], rel=1e-3)
     # not the SGD figure in disguise: the preconditioner is far from lr * I
     assert abs(reference.preconditioned[5] / (lr * reference.top[5]) - 1) > 0.5
 
@@ -201,7 +193,7 @@ class NoisyMLP(FixedBatchMLP):
 def _train_state(monitor: SharpnessMonitor | None) -> tuple[dict[str, Tensor], Tensor, MemoryLogger]:
     torch.manual_seed(0)
     module = NoisyMLP(lr=0.05, momentum=0.9)
-    trainer = _fit(module, *([monitor] if monitor else []), max_steps=6)
+    trainer = fit(module, *([monitor] if monitor else []), max_steps=6)
     return {k: v.clone() for k, v in module.state_dict().items()}, torch.get_rng_state(), trainer.logger
 
 
@@ -209,7 +201,7 @@ def test_training_is_bit_identical_with_and_without_the_monitor() -> None:
     monitor = SharpnessMonitor(check_every_n_steps=2, action="log")
     with_monitor, rng_with, logger = _train_state(monitor)
     without, rng_without, _ = _train_state(None)
-    assert sorted(_values(logger, "sharpness/lambda_max")) == [1, 3, 5]  # the monitor did run
+    assert sorted(logger.values("sharpness/lambda_max")) == [1, 3, 5]  # the monitor did run
     assert sorted(with_monitor) == sorted(without)
     assert "net.1.running_var" in without and "net.1.num_batches_tracked" in without
     for name, tensor in without.items():
@@ -241,7 +233,7 @@ class LoggingMLP(FixedBatchMLP):
 
 def _logged_by_the_module(monitor: SharpnessMonitor | None) -> tuple[LoggingMLP, dict[str, list], dict[str, float]]:
     module = LoggingMLP(lr=0.05)
-    trainer = _fit(module, *([monitor] if monitor else []), max_steps=4)
+    trainer = fit(module, *([monitor] if monitor else []), max_steps=4)
     history = {k: v for k, v in trainer.logger.history.items() if k.startswith("train/")}
     return module, history, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
 
@@ -290,7 +282,7 @@ class ManualMLP(FixedBatchMLP):
 
 def test_manual_optimization_without_loss_fn_raises_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"manual optimization needs `loss_fn\(pl_module, batch, batch_idx\)`"):
-        _fit(ManualMLP(), SharpnessMonitor(check_every_n_steps=2), max_steps=2)
+        fit(ManualMLP(), SharpnessMonitor(check_every_n_steps=2), max_steps=2)
 
 
 def test_manual_optimization_with_a_loss_fn_is_measured() -> None:
@@ -299,9 +291,9 @@ def test_manual_optimization_with_a_loss_fn_is_measured() -> None:
         return F.mse_loss(module.net(x), y)
 
     reference = DenseReference()
-    trainer = _fit(ManualMLP(), SharpnessMonitor(check_every_n_steps=2, loss_fn=loss_fn, action="log"), reference,
+    trainer = fit(ManualMLP(), SharpnessMonitor(check_every_n_steps=2, loss_fn=loss_fn, action="log"), reference,
                    max_steps=4)
-    logged = _values(trainer.logger, "sharpness/lambda_max")
+    logged = trainer.logger.values("sharpness/lambda_max")
     assert sorted(logged) == [1, 3]
     for step, value in logged.items():
         assert value == pytest.approx(reference.top[step], rel=1e-3)
@@ -316,11 +308,11 @@ def test_a_user_loss_fn_is_the_loss_measured() -> None:
         return 3 * F.mse_loss(module.net(x), y)
 
     module, reference = LoggingMLP(lr=1e-3), DenseReference(scale=3.0)
-    trainer = _fit(module, SharpnessMonitor(check_every_n_steps=2, loss_fn=tripled, action="log"), reference,
+    trainer = fit(module, SharpnessMonitor(check_every_n_steps=2, loss_fn=tripled, action="log"), reference,
                    max_steps=4)
     assert module.calls == 4  # training_step ran for training only
     assert len(calls) == 2  # once per check (autograd keeps the first-order graph for every product)
-    logged = _values(trainer.logger, "sharpness/lambda_max")
+    logged = trainer.logger.values("sharpness/lambda_max")
     assert sorted(logged) == [1, 3]
     for step, value in logged.items():
         assert value == pytest.approx(reference.top[step], rel=1e-3)  # 3 x the training loss's curvature
@@ -356,11 +348,11 @@ def test_flash_attention_on_the_cpu_falls_back_to_finite_differences_and_says_so
     monitor = SharpnessMonitor(check_every_n_steps=2, action="log")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _fit(AttentionRegressor(), monitor, reference, max_steps=6)
+        trainer = fit(AttentionRegressor(), monitor, reference, max_steps=6)
     said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)]
     assert len(said) == 1, said  # once, not at every check
     assert "finite differences" in said[0] and "double backward is not available" in said[0]
-    logged = _values(trainer.logger, "sharpness/lambda_max")
+    logged = trainer.logger.values("sharpness/lambda_max")
     assert sorted(logged) == [1, 3, 5]
     for step, value in logged.items():  # forward differences in float32: ~1e-3 relative error
         assert value == pytest.approx(reference.top[step], rel=0.01), step
@@ -377,13 +369,13 @@ def test_bf16_mixed_runs_and_measures_the_float32_loss(model: type[FixedBatchMLP
     reference = DenseReference()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)  # the attention model falls back to finite differences
-        trainer = _fit(model(), SharpnessMonitor(check_every_n_steps=2, action="log"), reference, max_steps=4,
+        trainer = fit(model(), SharpnessMonitor(check_every_n_steps=2, action="log"), reference, max_steps=4,
                        precision="bf16-mixed")
-    logged = _values(trainer.logger, "sharpness/lambda_max")
+    logged = trainer.logger.values("sharpness/lambda_max")
     assert sorted(logged) == [1, 3]
     for step, value in logged.items():
         assert value == pytest.approx(reference.top[step], rel=1e-3 if model is FixedBatchMLP else 0.01)
-        assert math.isfinite(_values(trainer.logger, "sharpness/stability_ratio")[step])
+        assert math.isfinite(trainer.logger.values("sharpness/stability_ratio")[step])
 
 
 class RowSplitMLP(RowSplit, FixedBatchMLP):
@@ -393,13 +385,13 @@ class RowSplitMLP(RowSplit, FixedBatchMLP):
 @pytest.mark.distributed
 def test_ddp_on_two_cpu_processes_gives_the_single_process_sharpness(tmp_path: Path) -> None:
     keys = ("sharpness/lambda_max", "sharpness/stability_ratio", "sharpness/preconditioned_lambda_max")
-    single = _fit(FixedBatchMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"),
+    single = fit(FixedBatchMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"),
                   max_steps=4).logger
     # forkserver: ranks fork from a server that imported torch and Lightning once (see test_grad_norm)
     multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
     strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
                            timeout=datetime.timedelta(seconds=60))
-    _fit(RowSplitMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"), max_steps=4,
+    fit(RowSplitMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"), max_steps=4,
          devices=2, strategy=strategy, logger=CSVLogger(tmp_path, name="ddp", version=0), use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     rows = rows[~np.isnan(rows["sharpness/lambda_max"])]
@@ -408,18 +400,6 @@ def test_ddp_on_two_cpu_processes_gives_the_single_process_sharpness(tmp_path: P
         # each product is averaged over the ranks: the Hessian of the global batch's mean loss
         np.testing.assert_allclose(rows[key], [v for _, v in single.history[key]], rtol=1e-5, err_msg=key)
 
-
-def wrap_hooks(callback: Callback, around: Callable[[int, Callable[[], None]], None]) -> None:
-    """Route every per-step hook of a monitor through ``around(step, call)``, ``step`` being the
-    optimizer step the call belongs to (``on_train_batch_end`` runs after the step was counted)."""
-    for name, offset in (("on_train_batch_start", 0), ("on_before_backward", 0), ("on_before_optimizer_step", 0),
-                         ("on_train_batch_end", 1)):  # fmt: skip
-        hook = getattr(callback, name)
-
-        def wrapped(trainer: pl.Trainer, *args: Any, _hook: Any = hook, _offset: int = offset) -> None:
-            around(trainer.global_step - _offset, lambda: _hook(trainer, *args))
-
-        setattr(callback, name, wrapped)  # Lightning looks hooks up on the instance
 
 
 @pytest.mark.cuda
@@ -447,4 +427,4 @@ def test_no_host_sync_outside_logging_steps_on_cuda(optimizer: str) -> None:
     trainer.fit(FixedBatchMLP(optimizer=optimizer))
     assert sorted(set(checked)) == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
     # check steps that are logging steps: 9; the host's figures of the last check are flushed at the end
-    assert sorted(_values(trainer.logger, "sharpness/lambda_max")) == [9, 11]
+    assert sorted(trainer.logger.values("sharpness/lambda_max")) == [9, 11]

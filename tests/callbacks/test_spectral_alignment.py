@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import MemoryLogger, assert_same_state, make_trainer, reachable_tensors
+from conftest import MemoryLogger, assert_same_state, fit, make_trainer, reachable_tensors
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -160,11 +160,6 @@ def _reference(weight: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
             "abs_mean": abs(sa.mean()), "std": sa.std(), "sigma1": s[0], "stable_rank": (w**2).sum() / s[0] ** 2}
 
 
-def _fit(module: pl.LightningModule, *callbacks: Callback, **kwargs: Any) -> pl.Trainer:
-    trainer = make_trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(module)
-    return trainer
-
 
 def _history(trainer: pl.Trainer) -> dict[str, list[tuple[int, float]]]:
     return dict(trainer.logger.history)
@@ -194,7 +189,7 @@ def test_per_layer_figures_match_float64_svd_of_the_weight_and_the_captured_inpu
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, max_rows=64, power_iterations=100,
                                        action="log")  # fmt: skip
     capture = InputCapture(["a", "b", "c"])
-    log = _history(_fit(module, monitor, capture, max_steps=8))
+    log = _history(fit(module, monitor, capture, max_steps=8))
     assert [s for s, _ in log[f"{SA}/sigma1/a"]] == [1, 3, 5, 7]
     assert _layers(log) == ["a", "b", "c"]  # the head is excluded by default
     for key in log:  # every logged key is declared, once
@@ -226,7 +221,7 @@ def test_a_sign_flip_of_the_singular_vector_changes_no_logged_figure() -> None:
         torch.manual_seed(0)
         monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=5, action="log")
         callbacks = [FlipWarmStart(monitor), monitor] if flip else [monitor]
-        logs.append(_history(_fit(SeqModule(), *callbacks, max_steps=6)))
+        logs.append(_history(fit(SeqModule(), *callbacks, max_steps=6)))
     assert logs[0].keys() == logs[1].keys() and f"{SA}/sigma1/a" in logs[0]
     for key in logs[0]:
         # Equal up to float32 rounding: D = 1 - |2 p+ - 1| rounds p+ and 1 - p+ differently.
@@ -256,7 +251,7 @@ def test_hooks_sample_only_on_check_steps_and_are_all_removed_after_fit() -> Non
     module = SeqModule()
     monitor = SpectralAlignmentMonitor(check_every_n_steps=3, action="log")
     held = HeldTensors(monitor)
-    log = _history(_fit(module, monitor, held, max_steps=9))
+    log = _history(fit(module, monitor, held, max_steps=9))
     assert [s for s, _ in log[f"{SA}/collapse/a"]] == [2, 5, 8]
     assert set(held.hooks.values()) == {4}  # a, b, c, and the head's (is it the last to run?)
     assert [held.held[s] - held.held[s - 1] for s in (5, 8)] == [3, 3]  # the sampled rows of a, b and c
@@ -270,7 +265,7 @@ def test_hooks_are_removed_and_nothing_is_held_when_the_run_raises() -> None:
     module = Aligning(fault_step=20)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=0, layer_rule="baseline", action="raise")
     with pytest.raises(DivergenceError):
-        _fit(module, monitor, max_steps=60)
+        fit(module, monitor, max_steps=60)
     assert _hooks(module) == 0
     # No sampled rows are held; what remains is the v1 warm start of net.0 (8 inputs) and net.1 (16),
     # each kept as its weight group's (maps, d_in, 1) stack.
@@ -283,7 +278,7 @@ def test_gradient_accumulation_samples_one_micro_batch_per_optimizer_step() -> N
     module = SeqModule()
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=100, action="log")
     capture = InputCapture(["a"])
-    log = _history(_fit(module, monitor, capture, max_steps=3, accumulate_grad_batches=2))
+    log = _history(fit(module, monitor, capture, max_steps=3, accumulate_grad_batches=2))
     assert [s for s, _ in log[f"{SA}/sigma1/a"]] == [0, 1, 2]
     # The sampled rows are the first micro-batch's: the test hook keeps that one (setdefault).
     for step, value in log[f"{SA}/mean_abs/a"]:
@@ -293,7 +288,7 @@ def test_gradient_accumulation_samples_one_micro_batch_per_optimizer_step() -> N
 
 def test_bf16_autocast_gives_finite_figures() -> None:
     torch.manual_seed(0)
-    log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=3,
+    log = _history(fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=3,
                         precision="bf16-mixed"))  # fmt: skip
     assert [s for s, _ in log[f"{SA}/sigma1/b"]] == [0, 1, 2]
     for key, records in log.items():
@@ -305,7 +300,7 @@ def test_monitor_leaves_training_bit_identical_and_the_global_rng_untouched() ->
     for callbacks in ([], [SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=4, action="log")]):
         torch.manual_seed(0)
         module = SeqModule(dropout=0.3, shuffle=True)  # dropout and shuffling draw from the global RNG
-        _fit(module, *callbacks, max_steps=8)
+        fit(module, *callbacks, max_steps=8)
         finals.append({n: p.detach().clone() for n, p in module.named_parameters()} | {"rng": torch.rand(3)})
     assert finals[0].keys() == finals[1].keys()
     for name in finals[0]:
@@ -314,7 +309,7 @@ def test_monitor_leaves_training_bit_identical_and_the_global_rng_untouched() ->
 
 def test_logging_steps_publish_the_latest_check_once_at_its_own_step() -> None:
     torch.manual_seed(0)
-    log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=5,
+    log = _history(fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=5,
                                                               action="log"), max_steps=20))  # fmt: skip
     # checks at 1, 3, 5, ..., logging steps 4, 9, 14, 19 publish the checks of steps 3, 9, 13, 19
     for key in (f"{SA}/mean_collapse", f"{SA}/collapse/a", f"{SA}/std/a", f"{SA}/alerts"):
@@ -333,7 +328,7 @@ def test_inputs_driven_to_align_alert_before_the_loss_is_nonfinite_and_a_stable_
         monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=20, mean_collapse_threshold=0.5,
                                            patience=7, mean_collapse_patience=7, layer_rule="baseline",
                                            action="log")  # fmt: skip
-        _fit(module, monitor, max_steps=90)
+        fit(module, monitor, max_steps=90)
         runs[fault_step] = (module, monitor)
     stable, stable_monitor = runs[None]
     assert all(math.isfinite(v) for v in stable.losses) and stable_monitor.alerts == []
@@ -381,7 +376,7 @@ def test_warmup_steps_mute_the_rules_and_the_baselines_but_not_the_figures() -> 
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, warmup_steps=1000, mean_collapse_threshold=0.5,
                                        action="log")  # fmt: skip
-    log = _history(_fit(Aligning(fault_step=10), monitor, max_steps=30))
+    log = _history(fit(Aligning(fault_step=10), monitor, max_steps=30))
     assert monitor.alerts == []
     assert max(v for _, v in log[f"{SA}/collapse/net.0"]) == pytest.approx(1.0, abs=1e-12)
     assert not monitor.collapse_baseline.baseline.ready.any()  # nothing learnt before warmup_steps
@@ -392,7 +387,7 @@ def test_stop_action_ends_the_run_at_the_alerting_step() -> None:
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, warmup_steps=0, layer_rule="baseline",
                                        action="stop")
-    trainer = _fit(Aligning(fault_step=20), monitor, max_steps=60)
+    trainer = fit(Aligning(fault_step=20), monitor, max_steps=60)
     alert = monitor.alerts[0]
     assert trainer.global_step == alert.step + 1 and alert.acted_step == alert.step
 
@@ -402,7 +397,7 @@ def test_a_user_rule_on_a_logging_rate_figure_fires_when_the_figure_is_logged() 
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=5, action="log",
                                        rules=[Above(f"{SA}/std/b", 0.0, severity="info")])  # fmt: skip
-    log = _history(_fit(SeqModule(), monitor, max_steps=10))
+    log = _history(fit(SeqModule(), monitor, max_steps=10))
     (alert,) = monitor.alerts  # one streak, one alert
     assert (alert.metric, alert.step, alert.severity) == (f"{SA}/std/b", 3, "info")  # the check logged at step 4
     assert alert.value == pytest.approx(dict(log[f"{SA}/std/b"])[3], rel=1e-12)
@@ -414,7 +409,7 @@ def test_nonfinite_weights_give_nan_figures_and_a_critical_alert() -> None:
     singular vectors of the last finite weights), ``stable_rank`` 0.0, and raised nothing."""
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, action="log")  # default warm-up: NaN is never muted
-    log = _history(_fit(SeqModule(nan_step=2), monitor, max_steps=6))  # weights NaN from step 3 on
+    log = _history(fit(SeqModule(nan_step=2), monitor, max_steps=6))  # weights NaN from step 3 on
     for name in "abc":
         for figure in FIGURES:
             series = dict(log[f"{SA}/{figure}/{name}"])
@@ -442,7 +437,7 @@ def test_weights_that_recover_from_nan_get_finite_figures_again() -> None:
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=100, action="log")
     capture = InputCapture(["a"])
-    log = _history(_fit(SeqModule(nan_step=2), Restore(), monitor, capture, max_steps=8))
+    log = _history(fit(SeqModule(nan_step=2), Restore(), monitor, capture, max_steps=8))
     assert all(math.isnan(v) for s, v in log[f"{SA}/sigma1/a"] if 3 <= s <= 4)
     for step in (5, 6, 7):
         expected = _reference(capture.weights[step]["a"], capture.inputs[step]["a"])
@@ -457,7 +452,7 @@ def test_alerts_after_the_last_logging_step_are_kept_and_logged_at_the_end_of_fi
     torch.manual_seed(0)
     memory, csv = MemoryLogger(), CSVLogger(tmp_path, name="csv", version=0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, every_n_steps=5, action="log")
-    _fit(SeqModule(nan_step=9), monitor, max_steps=12, logger=[memory, csv])
+    fit(SeqModule(nan_step=9), monitor, max_steps=12, logger=[memory, csv])
     assert [(a.metric, a.step, a.acted_step) for a in monitor.alerts] == [(f"{SA}/sigma1/{n}", 10, 10) for n in "abc"]
     counts = memory.history[f"{SA}/alerts"]  # logged when the alerts fire, and with the last step's figures
     assert [s for s, _ in counts] == [4, 9, 10, 11] and [v for _, v in counts] == pytest.approx([0, 0, 3, 3], abs=1e-12)
@@ -514,7 +509,7 @@ def test_histograms_reach_tensorboard_at_their_own_cadence(tmp_path: Any) -> Non
 
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=2, histogram_every_n_steps=5, action="log")
-    _fit(SeqModule(), monitor, max_steps=12, logger=tensorboard)
+    fit(SeqModule(), monitor, max_steps=12, logger=tensorboard)
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
     events.Reload()
     # a (6 inputs) and b, c (8 inputs) are measured in two batches: each gets its histogram
@@ -523,7 +518,7 @@ def test_histograms_reach_tensorboard_at_their_own_cadence(tmp_path: Any) -> Non
         assert [e.step for e in events.Histograms(f"{SA}/hist/{name}")] == [5, 9]
     assert f"{SA}/mean_collapse" in events.Tags()["scalars"]
     quiet = TensorBoardLogger(tmp_path, name="per_layer_off", version=0)  # declares no hist/<layer>: logs none
-    _fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, histogram_every_n_steps=5, per_layer=False,
+    fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=2, histogram_every_n_steps=5, per_layer=False,
                                                action="log"), max_steps=12, logger=quiet)  # fmt: skip
     events = EventAccumulator(str(tmp_path / "per_layer_off" / "version_0"), size_guidance={"histograms": 0})
     events.Reload()
@@ -550,7 +545,7 @@ class ConvOnly(pl.LightningModule):
 
 
 def test_model_without_linear_layer_warns_once_and_does_nothing() -> None:
-    trainer, shown = _caught(lambda: _fit(ConvOnly(), SpectralAlignmentMonitor(check_every_n_steps=1), max_steps=4))
+    trainer, shown = _caught(lambda: fit(ConvOnly(), SpectralAlignmentMonitor(check_every_n_steps=1), max_steps=4))
     assert trainer.global_step == 4
     assert len([m for m in shown if "no nn.Linear, nn.MultiheadAttention, nn.Conv2d" in m]) == 1
     assert not [k for k in _history(trainer) if k.startswith(f"{SA}/")]
@@ -581,7 +576,7 @@ def test_multihead_attention_is_watched_through_the_q_k_v_blocks_of_its_in_proje
     # s_2 / s_1 = 0.96 for W_q at initialisation: 500 iterations converge v1 to float32 precision
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, max_rows=64, power_iterations=500, action="log")
     capture = InputCapture(["attn"], weight=lambda m: m.in_proj_weight)
-    log, shown = _caught(lambda: _history(_fit(WithAttention(), monitor, capture, max_steps=3)))
+    log, shown = _caught(lambda: _history(fit(WithAttention(), monitor, capture, max_steps=3)))
     assert _layers(log) == ["a", "attn.k", "attn.q", "attn.v", "b", "c"]  # no out_proj, no head, no unused
     assert not [k for k in log if "out_proj" in k or "unused" in k]
     for step in range(3):
@@ -628,7 +623,7 @@ def test_attention_only_model_has_a_finite_mean_collapse_and_its_model_level_rul
     torch.manual_seed(0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, warmup_steps=0, layer_rule="none",
                                        mean_collapse_patience=3, action="log")  # fmt: skip
-    log, shown = _caught(lambda: _history(_fit(AttentionOnly(fault_step=4), monitor, max_steps=8)))
+    log, shown = _caught(lambda: _history(fit(AttentionOnly(fault_step=4), monitor, max_steps=8)))
     assert _layers(log) == ["attn.k", "attn.q", "attn.v"]
     mean = dict(log[f"{SA}/mean_collapse"])
     assert sorted(mean) == list(range(8)) and all(math.isfinite(v) for v in mean.values())
@@ -646,7 +641,7 @@ def test_a_registered_last_linear_that_is_not_the_output_head_is_reported_once()
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(self.aux(x))
 
-    log, shown = _caught(lambda: _history(_fit(AuxLast(), SpectralAlignmentMonitor(check_every_n_steps=1,
+    log, shown = _caught(lambda: _history(fit(AuxLast(), SpectralAlignmentMonitor(check_every_n_steps=1,
                                                                                    action="log"), max_steps=3)))
     reported = [m for m in shown if "`exclude_head=True` left out 'aux'" in m]
     assert len(reported) == 1 and "ran before ['a', 'b', 'c', 'out']" in reported[0]
@@ -664,7 +659,7 @@ def test_a_registered_last_linear_that_is_not_the_output_head_is_reported_once()
     ],
 )
 def test_layer_selection(kwargs: dict[str, Any], layers: list[str]) -> None:
-    log = _history(_fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
+    log = _history(fit(SeqModule(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
                         max_steps=1))  # fmt: skip
     assert _layers(log) == _layers(log, "collapse") == layers
     assert bool(_layers(log, "std")) == kwargs.get("per_layer", True)  # per_layer=False: collapse and s_1 only
@@ -674,7 +669,7 @@ def test_selection_by_pattern_reaches_attention_blocks() -> None:
     for kwargs, layers in [({"include": ["attn"]}, ["attn.k", "attn.q", "attn.v"]),
                            ({"include": ["attn.q"]}, ["attn.q"]),
                            ({"exclude": ["attn.*", "unused"]}, ["a", "b", "c"])]:  # fmt: skip
-        log = _history(_fit(WithAttention(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
+        log = _history(fit(WithAttention(), SpectralAlignmentMonitor(check_every_n_steps=1, action="log", **kwargs),
                             max_steps=1))  # fmt: skip
         assert _layers(log) == layers, kwargs
 
@@ -682,13 +677,13 @@ def test_selection_by_pattern_reaches_attention_blocks() -> None:
 def test_frozen_layers_are_not_watched() -> None:
     module = SeqModule()
     module.b.requires_grad_(False)
-    log = _history(_fit(module, SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=1))
+    log = _history(fit(module, SpectralAlignmentMonitor(check_every_n_steps=1, action="log"), max_steps=1))
     assert _layers(log) == ["a", "c"]
 
 
 def test_include_matching_nothing_raises_value_error_listing_the_candidates() -> None:
     with pytest.raises(ValueError, match=r"matches no watchable layer; the candidates are \['a', 'b', 'c'\]"):
-        _fit(SeqModule(), SpectralAlignmentMonitor(include=["blocks.*"]), max_steps=1)
+        fit(SeqModule(), SpectralAlignmentMonitor(include=["blocks.*"]), max_steps=1)
 
 
 @pytest.mark.parametrize(
@@ -742,10 +737,10 @@ def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path:
         return SpectralAlignmentMonitor(check_every_n_steps=2, every_n_steps=2, power_iterations=100, action="log")
 
     torch.manual_seed(0)
-    single = _history(_fit(Aligning(n=256, batch_size=64), monitor(), max_steps=8))
+    single = _history(fit(Aligning(n=256, batch_size=64), monitor(), max_steps=8))
     torch.manual_seed(0)
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    _fit(Aligning(n=256, batch_size=32), monitor(), max_steps=8, devices=2, strategy=_ddp(), logger=csv,
+    fit(Aligning(n=256, batch_size=32), monitor(), max_steps=8, devices=2, strategy=_ddp(), logger=csv,
          use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     keys = [k for k in single if k.startswith(f"{SA}/") and k != f"{SA}/alerts"]
@@ -767,7 +762,7 @@ def test_ddp_stop_decision_is_shared_when_only_one_rank_sees_the_collapse(tmp_pa
                                        baseline_rise=0.25, patience=5, mean_collapse_threshold=None,
                                        layer_rule="baseline", action="stop")  # fmt: skip
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    _fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=_ddp(), logger=csv,
+    fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=_ddp(), logger=csv,
          use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     steps = rows["step"][np.isfinite(rows[f"{SA}/mean_collapse"])]
@@ -799,7 +794,7 @@ def test_tiny_transformer_lr_ramp_alerts_before_the_explosion_and_a_small_consta
         results = {}
         for name, schedule, settings in (("stable", stable, {}), ("ramp", ramp, {}), ("ramp per map", ramp, per_map)):
             recorder, monitor = LossRecorder(), SpectralAlignmentMonitor(action="log", **settings)
-            _fit(CharLM(**small, **schedule), recorder, monitor, max_steps=1000, log_every_n_steps=50)
+            fit(CharLM(**small, **schedule), recorder, monitor, max_steps=1000, log_every_n_steps=50)
             results[name] = (divergence_step(recorder.losses), monitor.alerts)
     finally:
         flush_denormals(False)
@@ -866,7 +861,7 @@ def test_a_compiled_model_gives_the_figures_of_the_eager_one(backend: str) -> No
         torch.manual_seed(0)
         module = SeqModule()
         monitor = SpectralAlignmentMonitor(check_every_n_steps=2, max_rows=64, action="log")
-        logs.append(_history(_fit(torch.compile(module, backend=backend) if compiled else module, monitor,
+        logs.append(_history(fit(torch.compile(module, backend=backend) if compiled else module, monitor,
                                   max_steps=6)))  # fmt: skip
         assert _hooks(module) == 0
     eager, compiled_log = logs
