@@ -112,6 +112,18 @@ class GPT(pl.LightningModule):
         tokens = torch.randint(0, vocab, (steps * batch_size, seq_len + 1), generator=g)
         self.data, self.batch_size = TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The model's size options (``--n-layer`` ... ``--vocab``), shared by the benchmarks that use it."""
+        for flag, default in (("--n-layer", 4), ("--n-embd", 64), ("--n-head", 4), ("--seq-len", 64),
+                              ("--batch-size", 8), ("--vocab", 256)):  # fmt: skip
+            parser.add_argument(flag, type=int, default=default)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, steps: int) -> GPT:
+        """The model sized by :meth:`add_arguments`' options, with data for ``steps`` batches."""
+        return cls(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, steps)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
@@ -265,7 +277,7 @@ def op_counter(counts: dict[int, dict[str, int]], cuda: bool) -> Callable[[int, 
 
 def fit(args: argparse.Namespace, callbacks: list[Callback], max_steps: int, log_every_n_steps: int) -> None:
     torch.manual_seed(0)
-    model = GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, max_steps)
+    model = GPT.from_args(args, max_steps)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=max_steps,
         logger=NullLogger(), log_every_n_steps=log_every_n_steps, callbacks=callbacks, precision=args.precision,
@@ -342,12 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every row")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=64)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=256)
+    GPT.add_arguments(parser)
     parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--count-steps", type=int, default=100, help="steps of the fit whose ops are counted")
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (substrings of their names)")
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in [n for n in CONFIGS if n != BASELINE and not any(o in n for o in args.only)]:
             del CONFIGS[name]
     results = measure(args)
-    model = GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, 1)
+    model = GPT.from_args(args, 1)
     n_params, n_tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
     if args.device == "cuda":
         device = torch.cuda.get_device_name()

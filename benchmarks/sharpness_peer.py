@@ -197,7 +197,7 @@ def bench_mlp(repeats: int) -> list[tuple]:
 
 def bench_gpt(args: argparse.Namespace) -> tuple[list[tuple], list[tuple]]:
     torch.manual_seed(0)
-    model = GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len, args.batch_size, args.steps + 1)
+    model = GPT.from_args(args, args.steps + 1)
     batches = [model.data[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps + 1)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     # One AdamW step first, so the optimizer has a second moment to precondition with.
@@ -295,12 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=5, help="random starts of the cold MLP rows")
     parser.add_argument("--steps", type=int, default=4, help="AdamW steps of the warm transformer table")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=64)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=256)
+    GPT.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -308,8 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     header = ("method", "lambda_max", "error", "HVPs", "loss passes", "ms per check")
     mlp = bench_mlp(args.repeats)
     gpt, warm = bench_gpt(args)
-    n_params = sum(p.numel() for p in GPT(args.vocab, args.n_layer, args.n_embd, args.n_head, args.seq_len,
-                                          args.batch_size, 1).parameters())
+    n_params = sum(p.numel() for p in GPT.from_args(args, 1).parameters())
     peer = "PyHessian 0.1" if pyhessian_module is not None else "PyHessian not installed"
     print(f"\n{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {peer}\n")
     print(f"(a) MLP 4-30-2, 212 parameters, fixed batch of 512; cold rows: worst of {args.repeats} random starts\n")
