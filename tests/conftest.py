@@ -91,6 +91,25 @@ def wrap_hooks(callback: Callback, around: Callable[[int, Callable[[], None]], N
         setattr(callback, name, wrapped)  # Lightning looks hooks up on the instance
 
 
+def forbid_host_sync(callback: Callback, steps: set[int]) -> set[int]:
+    """Run every per-step hook of ``callback`` under ``torch.cuda.set_sync_debug_mode("error")`` on
+    ``steps`` (a host sync there raises); return the set, filled during the fit, of the steps checked."""
+    checked: set[int] = set()
+
+    def around(step: int, call: Callable[[], None]) -> None:
+        if step not in steps:
+            return call()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checked.add(step)
+
+    wrap_hooks(callback, around)
+    return checked
+
+
 @pytest.fixture
 def tiny_module() -> TinyModule:
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import math
 import multiprocessing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RowSplit, fit, make_trainer, wrap_hooks
+from conftest import RowSplit, fit, forbid_host_sync, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -400,24 +399,13 @@ class SyncFreeForward(Callback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["causal", "mha"])
 def test_no_host_sync_outside_logging_steps_on_cuda(kind: str) -> None:
-    checked = []
-    quiet = {s for s in range(12) if (s + 1) % 5 != 0}  # every step but the logging steps 4 and 9
-
-    def around(step: int, call: Callable[[], None]) -> None:
-        if step in quiet:  # check steps 1, 3, 5, 7, 11 included: figures leave by a non-blocking copy
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                call()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            checked.append(step)
-        else:
-            call()
-
+    # every step but the logging steps 4 and 9; check steps 1, 3, 5, 7, 11 included: the figures
+    # leave by a non-blocking copy
+    quiet = {s for s in range(12) if (s + 1) % 5 != 0}
     monitor = LogitMonitor(check_every_n_steps=2, every_n_steps=5, action="log")
-    wrap_hooks(monitor, around)
+    checked = forbid_host_sync(monitor, quiet)
     # the model's own forward syncs nowhere (the padding mask comes with the batch)
     trainer = make_trainer(callbacks=[monitor, SyncFreeForward(quiet)], max_steps=12, accelerator="gpu")
     trainer.fit(AttentionClassifier(kind))
-    assert sorted(set(checked)) == sorted(quiet)
+    assert checked == quiet
     assert sorted(trainer.logger.values("logits/attention_max")) == [9, 11]
