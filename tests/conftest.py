@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import itertools
+import multiprocessing
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -108,6 +112,30 @@ def forbid_host_sync(callback: Callback, steps: set[int]) -> set[int]:
 
     wrap_hooks(callback, around)
     return checked
+
+
+class _ForkserverDDP(DDPStrategy):
+    """DDP whose ranks own their module's tensors: those sent to forkserver ranks arrive in shared
+    memory, so both ranks would step the same weights (Lightning unshares them for "spawn" only)."""
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        with torch.no_grad():
+            for tensor in itertools.chain(self.lightning_module.parameters(), self.lightning_module.buffers()):
+                tensor.data = tensor.data.clone()
+        super().setup(trainer)
+
+
+def ddp_on_cpu(timeout_s: float = 60.0) -> DDPStrategy:
+    """DDP over gloo for ``Trainer(accelerator="cpu", devices=2, ...)``, each rank with its own weights.
+
+    forkserver: the ranks fork from a server that imported torch and Lightning once (spawn imports
+    them in both ranks at once, ~3x slower on 2 cores), never from this process, whose OpenMP and
+    logger threads make a plain fork unsafe; and a forked rank leaves by ``os._exit``, skipping the
+    interpreter teardown where a gloo rank occasionally aborts.
+    """
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
+    return _ForkserverDDP(start_method="forkserver", process_group_backend="gloo",
+                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
 @pytest.fixture
@@ -268,25 +296,9 @@ def reachable_tensors(obj: Any) -> dict[int, torch.Tensor]:
 # -- DDP on CPU processes -------------------------------------------------------------------------
 
 
-class RankLocalWeights:
-    """Mixin for a LightningModule run on forkserver DDP ranks: each rank trains its own weights.
-
-    Put it first among the bases (``class RankLocalSpiky(RankLocalWeights, SpikyModule)``), so its
-    ``setup`` is the one Lightning calls.
-    """
-
-    def setup(self, stage: str) -> None:
-        # Tensors sent to forkserver ranks arrive in shared memory, so both ranks would step the same
-        # weights; Lightning unshares them only for "spawn". Give each rank its own copy.
-        with torch.no_grad():
-            for p in self.parameters():
-                p.data = p.data.clone()
-
-
-class RowSplit(RankLocalWeights):
+class RowSplit:
     """Mixin for DDP tests of a LightningModule with a ``data`` set of ``n`` rows: rank r of w reads
-    rows r, r + w, r + 2w, ... in order (Lightning's own sampler would shuffle), and each rank
-    trains its own weights (:class:`RankLocalWeights`).
+    rows r, r + w, r + 2w, ... in order (Lightning's own sampler would shuffle).
 
     Put it first among the bases: ``class RowSplitMLP(RowSplit, FixedBatchMLP)``.
     """

@@ -7,10 +7,8 @@ callback placed before or after the watcher in ``callbacks=[...]`` (Lightning ke
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import multiprocessing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from conftest import (
     RowSplit,
     TinyModule,
     assert_same_state,
+    ddp_on_cpu,
     fit,
     forbid_host_sync,
     make_trainer,
@@ -34,7 +33,6 @@ from conftest import (
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -360,12 +358,7 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_figures_and_every_rank
     # Two ranks of 4 rows: rank 0 reads rows 0, 2, 4, 6, rank 1 rows 1, 3, 5, 7, so each global batch
     # holds the 8 rows of the single-process batch, and DDP averages the two halves' gradients.
     torch.manual_seed(0)
-    # forkserver: the ranks fork from a server that imported torch and Lightning once (spawn would
-    # import them in both ranks at once, ~3x slower on 2 cores), and never from this process,
-    # whose OpenMP and logger threads make a plain fork unsafe.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
-    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
-                           timeout=datetime.timedelta(seconds=60))
+    strategy = ddp_on_cpu()
     csv = CSVLogger(tmp_path, name="ddp", version=0)
     fit(RowSplitTiny(batch_size=4), watcher(), SaveState(tmp_path), max_steps=3, devices=2, strategy=strategy,
          logger=csv, use_distributed_sampler=False)

@@ -10,9 +10,7 @@ than ``max_queries``, so the monitor's maximum is exact.
 
 from __future__ import annotations
 
-import datetime
 import math
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RowSplit, fit, forbid_host_sync, make_trainer
+from conftest import RowSplit, ddp_on_cpu, fit, forbid_host_sync, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -309,9 +306,7 @@ class RowSplitClassifier(RowSplit, AttentionClassifier):
 def test_ddp_on_two_cpu_processes_gives_the_single_process_figures(tmp_path: Path) -> None:
     single = fit(AttentionClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"),
                   max_steps=4).logger
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
-    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
-                           timeout=datetime.timedelta(seconds=60))
+    strategy = ddp_on_cpu()
     fit(RowSplitClassifier("mha", n=8), LogitMonitor(check_every_n_steps=2, action="log"), max_steps=4,
          devices=2, strategy=strategy, logger=CSVLogger(tmp_path, name="ddp", version=0), use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")

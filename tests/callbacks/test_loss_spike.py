@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import functools
 import math
-import multiprocessing
 import os
 from collections import defaultdict
-from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import DispatchCounter, RankLocalWeights, TinyModule, assert_same_state, make_trainer
+from conftest import DispatchCounter, TinyModule, assert_same_state, ddp_on_cpu, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -725,24 +722,17 @@ class RankReport(pl.Callback):
                    os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
 
 
-class RankLocalSpiky(RankLocalWeights, SpikyModule):
-    pass
-
-
 def _ddp_run(tmp_path: Any, action: str) -> tuple[list[dict[str, Any]], np.ndarray]:
     """16 steps on 2 ranks, the loss x10^6 on rank 1 only at step 9; what each rank saw, and the
     rows of rank zero's CSV log (logging every 4 steps)."""
     torch.manual_seed(0)
     detector = LossSpikeDetector(action=action, warmup=5, trend_window=None, every_n_steps=4)
-    # forkserver: ranks fork from a server that imported torch and Lightning once (spawn re-imports them,
-    # ~25 s on 2 cores), never from this process, whose OpenMP and logger threads make a plain fork unsafe.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
-    strategy = DDPStrategy(process_group_backend="gloo", start_method="forkserver", timeout=timedelta(seconds=30))
+    strategy = ddp_on_cpu(timeout_s=30)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=16,
                          logger=CSVLogger(tmp_path, name="ddp", version=0), enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[detector, RankReport(str(tmp_path), bad_step=9)])
-    trainer.fit(RankLocalSpiky(bad_steps=(9,), bad_rank=1, n=64, batch_size=8))
+    trainer.fit(SpikyModule(bad_steps=(9,), bad_rank=1, n=64, batch_size=8))
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)], rows
 

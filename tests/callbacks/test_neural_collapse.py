@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import datetime
 import io
 import math
 import warnings
@@ -21,10 +20,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import MemoryLogger, MixtureClassifier, make_trainer, reachable_tensors
+from conftest import MemoryLogger, MixtureClassifier, ddp_on_cpu, make_trainer, reachable_tensors
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -633,7 +631,7 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_metrics(tmp_path: Any)
 
     single = module()
     log = _fit(single, *_ddp_trackers(single), max_epochs=2).logger
-    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    strategy = ddp_on_cpu()
     ddp = module()
     _fit(ddp, *_ddp_trackers(ddp), max_epochs=2, devices=2, strategy=strategy,
          logger=CSVLogger(tmp_path, name="ddp", version=0))

@@ -9,9 +9,7 @@ of the loss as a function of one flat float64 parameter vector, its top eigenval
 
 from __future__ import annotations
 
-import datetime
 import math
-import multiprocessing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +20,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MemoryLogger, RowSplit, fit, forbid_host_sync, make_trainer
+from conftest import MemoryLogger, RowSplit, ddp_on_cpu, fit, forbid_host_sync, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -387,10 +384,7 @@ def test_ddp_on_two_cpu_processes_gives_the_single_process_sharpness(tmp_path: P
     keys = ("sharpness/lambda_max", "sharpness/stability_ratio", "sharpness/preconditioned_lambda_max")
     single = fit(FixedBatchMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"),
                   max_steps=4).logger
-    # forkserver: ranks fork from a server that imported torch and Lightning once (see test_grad_norm)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "lightning.pytorch", "lightning_diag"])
-    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo",
-                           timeout=datetime.timedelta(seconds=60))
+    strategy = ddp_on_cpu()
     fit(RowSplitMLP(lr=1e-2, momentum=0.9), SharpnessMonitor(check_every_n_steps=2, action="log"), max_steps=4,
          devices=2, strategy=strategy, logger=CSVLogger(tmp_path, name="ddp", version=0), use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")

@@ -7,7 +7,6 @@ numpy's SVD in float64.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import warnings
@@ -18,10 +17,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import MemoryLogger, assert_same_state, fit, make_trainer, reachable_tensors
+from conftest import MemoryLogger, assert_same_state, ddp_on_cpu, fit, make_trainer, reachable_tensors
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -722,10 +720,6 @@ def test_the_edges_of_the_allowed_ranges_are_accepted(kwargs: dict[str, Any]) ->
 # -- distributed ------------------------------------------------------------------------------------
 
 
-def _ddp() -> DDPStrategy:
-    return DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path: Any) -> None:
@@ -740,7 +734,7 @@ def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path:
     single = _history(fit(Aligning(n=256, batch_size=64), monitor(), max_steps=8))
     torch.manual_seed(0)
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    fit(Aligning(n=256, batch_size=32), monitor(), max_steps=8, devices=2, strategy=_ddp(), logger=csv,
+    fit(Aligning(n=256, batch_size=32), monitor(), max_steps=8, devices=2, strategy=ddp_on_cpu(), logger=csv,
          use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     keys = [k for k in single if k.startswith(f"{SA}/") and k != f"{SA}/alerts"]
@@ -762,7 +756,7 @@ def test_ddp_stop_decision_is_shared_when_only_one_rank_sees_the_collapse(tmp_pa
                                        baseline_rise=0.25, patience=5, mean_collapse_threshold=None,
                                        layer_rule="baseline", action="stop")  # fmt: skip
     csv = CSVLogger(tmp_path, name="ddp", version=0)
-    fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=_ddp(), logger=csv,
+    fit(Aligning(fault_step=10, fault_rank=1), monitor, max_steps=60, devices=2, strategy=ddp_on_cpu(), logger=csv,
          use_distributed_sampler=False)
     rows = np.genfromtxt(tmp_path / "ddp" / "version_0" / "metrics.csv", delimiter=",", names=True, deletechars="")
     steps = rows["step"][np.isfinite(rows[f"{SA}/mean_collapse"])]
