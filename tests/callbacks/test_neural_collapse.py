@@ -621,7 +621,6 @@ def _ddp_trackers(module: MixtureClassifier) -> list[NCTracker]:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # about 20 s: two spawned processes
 def test_ddp_on_two_cpu_processes_logs_the_single_process_metrics(tmp_path: Any) -> None:
     # No BatchNorm and lr = 0: every feature is a function of its own input only, so two ranks
     # that split the data between them must reproduce the single-process statistics exactly.

@@ -721,7 +721,6 @@ def test_the_edges_of_the_allowed_ranges_are_accepted(kwargs: dict[str, Any]) ->
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path: Any) -> None:
     """The SA statistics are sums over ranks: two ranks of 32 rows log the figures of one process
     with the 64 rows (the DistributedSampler interleaves, so each step sees the same global batch).
@@ -747,7 +746,6 @@ def test_ddp_figures_equal_the_single_process_on_the_same_global_batch(tmp_path:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_ddp_stop_decision_is_shared_when_only_one_rank_sees_the_collapse(tmp_path: Any) -> None:
     torch.manual_seed(0)
     # Only rank 1's inputs are aligned: the global collapse is about 0.5 (half the rows one-sided), so the
