@@ -267,6 +267,11 @@ class DiagnosticCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
         self.attach(trainer, pl_module)
+        same = [c for c in trainer.callbacks if isinstance(c, DiagnosticCallback) and c.family == self.family]
+        if len(same) > 1 and same[0] is self:  # said once, by the first of them
+            self.warn_once("family", f"{len(same)} monitors on this trainer log under '{self.family}/': their "
+                           "figures and alert counts share keys and interleave in the logs (NCTracker takes a "
+                           "`prefix`; otherwise attach one monitor per family)")
         self.book.check_patterns([k.key(self.family, layer) for k in self.declared_keys()
                                   for layer in (self.layers if k.per_layer else [None])]
                                  + [k.full(self.family) for k in self.declared_keys()])  # fmt: skip

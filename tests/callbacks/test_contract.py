@@ -273,3 +273,17 @@ def test_figures_reach_the_keys_they_were_measured_for_whatever_their_order() ->
     keys, values = monitor._pack(Figures({"a/{layer}": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}, ["x", "y"]))
     assert keys == ("ordered/b", "ordered/a/x", "ordered/a/y")
     assert values.tolist() == pytest.approx([3.0, 1.0, 2.0])
+
+
+
+@pytest.mark.parametrize("second", [{"include": ["*"]}, {"prefix": "nc_b"}], ids=["same family", "own prefix"])
+def test_two_monitors_logging_under_one_family_are_said_once(second: dict[str, Any]) -> None:
+    name = "NCTracker" if "prefix" in second else "GradNormWatcher"
+    twins = [make(name, action="log"), make(name, action="log", **second)]  # distinct state keys
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=twins, max_steps=2, log_every_n_steps=50).fit(Poisoned())
+    said = [w for w in caught if issubclass(w.category, DiagnosticWarning) and "share keys" in str(w.message)]
+    assert len(said) == (0 if name == "NCTracker" else 1)  # the prefix gives the second tracker its own family
+    if said:
+        assert "2 monitors on this trainer log under 'grad_norm/'" in str(said[0].message)
