@@ -14,8 +14,9 @@ from torch import Tensor
 from lightning_diag._checks import check_int
 from lightning_diag.alerts import Above, Alert, NonFinite, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback, Figures, HostFigures, action
-from lightning_diag.callbacks._interventions import OptimizerGate, Snapshot, scale_learning_rates
-from lightning_diag.callbacks._trainer import loss_scale, warn
+from lightning_diag.callbacks._interventions import Snapshot, StepControl, nonfinite_count
+from lightning_diag.callbacks._sharding import local_grads
+from lightning_diag.callbacks._trainer import has_grad_scaler, loss_scale, warn
 from lightning_diag.keys import Key
 from lightning_diag.metrics.spikes import LossStatistics
 
@@ -26,6 +27,7 @@ SpikeAction = Union[
 ]
 _MAX_BAD_BATCHES = 100_000
 _LOSS, _RULES, _COUNTS = "loss and EMA baseline", "ratio to minimum, trend", "events, skips, rollbacks, LR scale"
+_GRADS = "loss_spike/nonfinite_grads"
 
 
 class LossSpikeDetector(DiagnosticCallback):
@@ -34,7 +36,9 @@ class LossSpikeDetector(DiagnosticCallback):
     Every optimizer step the loss reaches the host without a sync and goes through four rules
     (statistics in :class:`~lightning_diag.metrics.spikes.LossStatistics`; why these, in
     ``docs/loss_spike.md``); each fires after its patience in steps, once per streak:
-    (a) **non-finite** loss; (b) **z-score** above ``z_threshold`` (6, OLMo-core's) against a
+    (a) **non-finite** loss, or a non-finite **gradient** behind a finite loss
+    (``nonfinite_grads``, decided on the gradients the optimizer is about to use; under fp16 loss
+    scaling the ``GradScaler`` skips such steps itself and they are not counted); (b) **z-score** above ``z_threshold`` (6, OLMo-core's) against a
     ZClip-style EMA baseline that absorbs spikes winsorized; (c) **k x running minimum**: ``loss >
     factor * best`` for ``factor_patience`` steps (llm-foundry's ``KillLossSpike`` uses 2 and 5), with
     ``best`` the lowest smoothed loss; (d) **trend**: over ``trend_window`` steps the least-squares
@@ -54,19 +58,26 @@ class LossSpikeDetector(DiagnosticCallback):
     **Actions** (``action=``), within one step of the rule firing:
 
     - ``"log"``, ``"warn"``, ``"stop"``, ``"raise"``, callable: as in every monitor.
-    - ``"skip"``: every optimizer's ``step`` is wrapped while training runs: after the closure
-      (forward, backward, this detector's measurement), the step runs only if no rule (a)-(c) is
-      in firing state. A skipped step leaves parameters, optimizer moments and step counts
-      untouched (``global_step`` and schedulers advance, as for an fp16 overflow step); under
-      manual optimization every optimizer of the batch is skipped. Costs one host read of the loss
-      per step (whether a step runs is a Python branch). After ``max_consecutive_skips`` skips in
-      a row the run stops. Alerts are warned as with ``"warn"``.
+    - ``"skip"``: the guard. Every optimizer's ``step`` is wrapped while training runs: after the
+      closure (forward, backward, this detector's measurement), the step runs only if no rule
+      (a)-(c) is in firing state, so a NaN or inf loss or gradient never reaches the weights or
+      the optimizer's moments. A skipped step leaves parameters, moments and step counts untouched
+      (``global_step`` and schedulers advance, as for an fp16 overflow step); under manual
+      optimization every optimizer of a bad batch is skipped, whichever of its losses was bad.
+      Costs one host read of the loss and gradient flag per step (whether a step runs is a Python
+      branch); under DDP and FSDP2 both are global (one all-reduce), so every rank decides alike.
+      After ``max_consecutive_skips`` skips in a row the run stops with a critical alert naming
+      the cause, instead of skipping on a dead model. Alerts are warned as with ``"warn"``.
     - ``"rollback"``: restore the model, optimizer state and this detector's statistics from the
       last good in-memory snapshot (CPU copies, taken at the start and every
       ``snapshot_every_n_steps`` while no rule is active) and continue with the next batches. After
       ``max_rollbacks`` rollbacks the next alert restores and stops the run.
-    - ``"reduce_lr"``: multiply every learning rate by ``lr_factor`` (also ``initial_lr`` and each
-      scheduler's ``base_lrs``, so schedulers computing from them keep the reduction).
+    - ``"reduce_lr"``: multiply the learning rates the optimizers use by ``lr_factor``, for the rest
+      of the run (``lr_scale``). The scale is applied around each optimizer's ``step`` and the
+      schedule's own values are put back after it, so every scheduler (``SequentialLR``,
+      ``ChainedScheduler``, ``OneCycleLR``, ``ReduceLROnPlateau``, ...) keeps it: the rate in use
+      is the schedule's times ``lr_scale`` (``param_groups`` and ``LearningRateMonitor`` show
+      the schedule's).
 
     Args:
         monitor: ``None`` for the training loss, or the name of a logged metric.
@@ -86,7 +97,7 @@ class LossSpikeDetector(DiagnosticCallback):
             ``"reduce_lr"`` or ``callable(alert, trainer)``.
         snapshot_every_n_steps: minimum steps between rollback snapshots.
         max_rollbacks: rollbacks allowed before the next alert stops the run.
-        max_consecutive_skips: skipped steps in a row before the run stops.
+        max_consecutive_skips: skipped steps in a row before the run stops (a critical alert).
         lr_factor: multiplier of the learning rates for ``"reduce_lr"``, in ``(0, 1)``.
         rules: a rule or a list of extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
 
@@ -94,7 +105,7 @@ class LossSpikeDetector(DiagnosticCallback):
         >>> skip = LossSpikeDetector(action="skip", trend_window=None)  # drop bad batches
         >>> guard = LossSpikeDetector(action="stop", z_threshold=None, factor=None)  # stop slow blow-ups
         >>> [rule.metric for rule in guard.book.rules]
-        ['loss_spike/loss', 'loss_spike/trend']
+        ['loss_spike/loss', 'loss_spike/nonfinite_grads', 'loss_spike/trend']
     """
 
     family = "loss_spike"
@@ -106,12 +117,14 @@ class LossSpikeDetector(DiagnosticCallback):
             requires="factor", host=True),
         Key("trend", "relative rise over the trend window, at the 3-sigma lower bound", _RULES, rate="step",
             requires="trend_window", host=True),
+        Key("nonfinite_grads", "1 when a gradient holds NaN or inf behind a finite loss (0 under fp16 scaling)", _COUNTS,
+            rate="step"),
         Key("events", "bad steps so far (rules a-c in firing state)", _COUNTS, rate="step", host=True),
         Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping",
             note="with action='skip'", host=True),
         Key("rollbacks", "rollbacks so far", _COUNTS, rate="step", requires="rolling_back",
             note="with action='rollback'", host=True),
-        Key("lr_scale", "product of the learning-rate reductions", _COUNTS, rate="step", requires="reducing_lr",
+        Key("lr_scale", "factor on the schedule's learning rates (product of the reductions)", _COUNTS, rate="step", requires="reducing_lr",
             note="with action='reduce_lr'", host=True),
     )  # fmt: skip
 
@@ -135,7 +148,7 @@ class LossSpikeDetector(DiagnosticCallback):
         action: SpikeAction = "warn",
         snapshot_every_n_steps: int = 100,
         max_rollbacks: int = 3,
-        max_consecutive_skips: int = 100,
+        max_consecutive_skips: int = 10,
         lr_factor: float = 0.5,
         rules: Rule | Sequence[Rule] = (),
     ) -> None:
@@ -155,7 +168,8 @@ class LossSpikeDetector(DiagnosticCallback):
         self.stats = LossStatistics(mode=mode, alpha=alpha, warmup=warmup, trend_window=trend_window,
                                     winsorize=z_threshold or 6.0)  # fmt: skip
         loss = "loss_spike/loss"
-        self._batch_rules: list[Rule] = [NonFinite(loss, patience=nonfinite_patience)]
+        self._batch_rules: list[Rule] = [NonFinite(loss, patience=nonfinite_patience),
+                                         Above(_GRADS, 0.5, patience=nonfinite_patience, severity="critical")]
         if z_threshold is not None:
             self._batch_rules.append(Above("loss_spike/zscore", z_threshold, patience=zscore_patience))
         if factor is not None:
@@ -170,10 +184,11 @@ class LossSpikeDetector(DiagnosticCallback):
         self._micro_batches: list[tuple[int, int | None]] = []
         self._step_batches: dict[int, list[tuple[int, int | None]]] = {}
         self._gate: tuple[int, bool] | None = None  # (batch counter, skip it): every optimizer of a batch alike
-        self._optimizer_gate = OptimizerGate(self._skip_now)
+        self._control = StepControl(skip=self._skip_now if self.skipping else None, lr_scale=self._lr_scale)
         self._snapshot: Snapshot | None = None
         self._trainer_ref: pl.Trainer | None = None  # the gate asks without a trainer argument
         self._last_trouble = -(10**12)  # last step at which a rule was active
+        self._cause = "loss"  # the rules that made the last bad step bad
 
     @staticmethod
     def _validate(
@@ -215,13 +230,13 @@ class LossSpikeDetector(DiagnosticCallback):
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_sum, self._micro, self._micro_batches, self._gate = None, 0, [], None
         self._trainer_ref = trainer
-        if self.skipping:
-            self._optimizer_gate.install(trainer.optimizers)
+        if self.skipping or self.reducing_lr:
+            self._control.install(trainer.optimizers)
         if self.rolling_back:
             self._snapshot = Snapshot.take(trainer, self._statistics())
 
     def detach(self) -> None:
-        self._optimizer_gate.remove()
+        self._control.remove()
         self._snapshot, self._loss_sum, self._trainer_ref = None, None, None
 
     def on_train_batch_start(
@@ -249,10 +264,22 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> Figures:
         loss, self._loss_sum, self._micro = self._loss_sum / self._micro if self._micro > 1 else self._loss_sum, None, 0
-        if trainer.world_size > 1:  # every rank decides on the same (global) loss
-            loss = trainer.strategy.reduce(loss, reduce_op="mean")
+        bad_grads = self._nonfinite_grads(trainer, optimizer)
+        if trainer.world_size > 1:  # every rank decides on the same (global) loss and flag: one all-reduce
+            loss, bad_grads = trainer.strategy.reduce(torch.stack([loss, bad_grads]), reduce_op="mean")
+            bad_grads = (bad_grads > 0).float()  # any rank (a shard of a parameter under FSDP2)
+        bad_grads = bad_grads * loss.isfinite()  # behind a finite loss: a NaN loss is one event, not two
         self._step_batches[trainer.global_step], self._micro_batches = self._micro_batches, []
-        return Figures({"loss": loss})
+        return Figures({"loss": loss, "nonfinite_grads": bad_grads})
+
+    @staticmethod
+    def _nonfinite_grads(trainer: pl.Trainer, optimizer: Any) -> Tensor:
+        """1.0 when a gradient ``optimizer`` is about to use holds NaN or inf (a device tensor); 0 under
+        fp16 loss scaling, where such steps are routine and the scaler skips them itself."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if has_grad_scaler(trainer) or not params:
+            return torch.zeros((), device=params[0].device if params else None)
+        return (nonfinite_count(local_grads(params)) > 0).float()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -261,7 +288,7 @@ class LossSpikeDetector(DiagnosticCallback):
         if self.monitor is not None and self.check_on == "step" and step > self._measured_step >= -1:
             self._measured_step = step
             self._step_batches[step], self._micro_batches = self._micro_batches, []
-            self.record(step, Figures({"loss": self._read_metric(trainer)}))
+            self.record(step, Figures({"loss": self._read_metric(trainer), "nonfinite_grads": torch.zeros(())}))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.rolling_back and self._snapshot_due(trainer):
             self.drain(trainer, step, wait=True)  # on a GPU this step's loss may still be on its way: is it bad?
@@ -271,7 +298,7 @@ class LossSpikeDetector(DiagnosticCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_on == "validation" and not trainer.sanity_checking:
             self._step_batches[trainer.global_step] = [(trainer.current_epoch, None)]  # for bad_batches
-            self.record(trainer.global_step, Figures({"loss": self._read_metric(trainer)}))
+            self.record(trainer.global_step, Figures({"loss": self._read_metric(trainer), "nonfinite_grads": torch.zeros(())}))
             self.drain(trainer, trainer.global_step, wait=True)
             self.publish(trainer, trainer.global_step)
 
@@ -301,7 +328,10 @@ class LossSpikeDetector(DiagnosticCallback):
                 self.bad_batches.append({"epoch": epoch, "batch_idx": batch_idx, "step": step})
             del self.bad_batches[:-_MAX_BAD_BATCHES]
         self._step_batches.pop(step, None)
-        self._gate = (self._batches_seen, bad)
+        if bad:
+            self._cause = ", ".join(r.metric.rpartition("/")[2] for r in self._batch_rules if r.active.any())
+        sticky = self._gate is not None and self._gate == (self._batches_seen, True)  # a bad batch stays bad
+        self._gate = (self._batches_seen, bad or sticky)
         return self._counters()
 
     def _counters(self) -> dict[str, float]:
@@ -323,19 +353,34 @@ class LossSpikeDetector(DiagnosticCallback):
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def _skip_now(self) -> bool:
-        """The gate's question, after the closure: skip this optimizer step? (one host read per step)"""
+    def _skip_now(self, optimizer: Any) -> bool:
+        """The guard's question, after the closure: skip this optimizer step? (one host read per step)"""
         trainer = self._trainer_ref
-        if self._measured_step == trainer.global_step:  # measured now: decide on this step's loss
+        if self._measured_step == trainer.global_step:  # measured now: decide on this step's loss and gradients
             self.drain(trainer, trainer.global_step, wait=True)
         skip = self._gate is not None and self._gate == (self._batches_seen, True)
+        if not skip and self._measured_step != trainer.global_step:  # an optimizer stepping after another's
+            skip = bool(self._nonfinite_grads(trainer, optimizer) > 0)  # measurement (manual optimization)
+            if skip:
+                self._gate, self._cause = (self._batches_seen, True), "nonfinite_grads"
         self._consecutive_skips = self._consecutive_skips + 1 if skip else 0
         self.skipped += int(skip)
         if self._consecutive_skips >= self.max_consecutive_skips and not trainer.should_stop:
             trainer.should_stop = True
-            warn(f"lightning_diag: {self.source}: {self._consecutive_skips} steps skipped in a row (max_consecutive_"
-                 f"skips={self.max_consecutive_skips}); the loss has left its baseline for good -> stopping the run")
+            self._raise(trainer, [self._budget_alert(trainer.global_step)], trainer.global_step, act=False)
+            warn(f"lightning_diag: {self._budget_alert(trainer.global_step)} -> stopping the run")
         return skip
+
+    def _budget_alert(self, step: int) -> Alert:
+        """The critical alert of a spent skip budget, naming what kept the steps bad."""
+        return Alert(self.source, "loss_spike/skipped", step, float(self._consecutive_skips),
+                     float(self.max_consecutive_skips), "critical",
+                     f"{self.source}: {self._consecutive_skips} steps skipped in a row (max_consecutive_skips="
+                     f"{self.max_consecutive_skips}), each for {self._cause}: the model no longer trains",
+                     acted_step=step)  # fmt: skip
+
+    def _lr_scale(self, optimizer: Any) -> float:
+        return self.lr_scale
 
     @action("skip")
     def _skip(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
@@ -357,10 +402,9 @@ class LossSpikeDetector(DiagnosticCallback):
 
     @action("reduce_lr")
     def _reduce_lr(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
-        scale_learning_rates(trainer, self.lr_factor)
         self.lr_scale *= self.lr_factor
-        warn(f"lightning_diag: {alerts[0]} -> learning rates multiplied by {self.lr_factor:g} "
-             f"(now x{self.lr_scale:g} of the original)")  # fmt: skip
+        warn(f"lightning_diag: {alerts[0]} -> learning rates in use multiplied by {self.lr_factor:g} "
+             f"(now x{self.lr_scale:g} of the schedule's)")  # fmt: skip
 
     def _snapshot_due(self, trainer: pl.Trainer) -> bool:
         """``snapshot_every_n_steps`` steps done since the last snapshot and since the last step a rule was active."""

@@ -164,12 +164,12 @@ def test_max_mode_watches_drops_of_an_accuracy():
 
 def test_disabled_rules_are_not_evaluated_or_logged():
     detector = LossSpikeDetector(z_threshold=None, factor=None, trend_window=None, action="log", every_n_steps=1)
-    assert [r.metric for r in detector.book.rules] == ["loss_spike/loss"]
-    assert [k.name for k in detector.declared_keys()] == ["loss", "ema", "zscore", "events"]
+    assert [r.metric for r in detector.book.rules] == ["loss_spike/loss", "loss_spike/nonfinite_grads"]
+    assert [k.name for k in detector.declared_keys()] == ["loss", "ema", "zscore", "nonfinite_grads", "events"]
     trainer = make_trainer(max_steps=3, callbacks=[detector])
     trainer.fit(TinyModule())
     logged = sorted(k for k in trainer.logger.history if k.startswith("loss_spike/"))
-    assert logged == [f"loss_spike/{name}" for name in ("alerts", "ema", "events", "loss", "zscore")]
+    assert logged == [f"loss_spike/{name}" for name in ("alerts", "ema", "events", "loss", "nonfinite_grads", "zscore")]
 
 
 def test_without_the_zscore_rule_spikes_still_enter_the_statistics_winsorised():
@@ -208,11 +208,13 @@ def _hook_ops(depth: int, every_n_steps: int, step: int, monkeypatch: pytest.Mon
 
 
 def test_hooks_dispatch_one_op_per_step_and_never_read_the_device(monkeypatch):
-    """The loss leaves for the host as the tensor it is: the only op per step is its ``detach``,
-    on quiet and logging steps alike (everything else, statistics, rules, logging, is host numpy)."""
+    """The loss and the gradient flag leave for the host in one small tensor: a fixed handful of ops
+    per step, the same for 2 and 20 layers (one fused max-abs norm over the gradients), on quiet
+    and logging steps alike (everything else, statistics, rules, logging, is host numpy)."""
     for every_n_steps in (5, 1):  # step 2 is a quiet step, then a logging step
         (shallow, built_shallow), (deep, built_deep) = (_hook_ops(d, every_n_steps, 2, monkeypatch) for d in (2, 20))
-        assert dict(shallow.ops) == dict(deep.ops) == {"aten.detach": 1}, (dict(shallow.ops), dict(deep.ops))
+        assert dict(shallow.ops) == dict(deep.ops), (dict(shallow.ops), dict(deep.ops))
+        assert shallow.ops["aten._foreach_norm"] == 1 and sum(shallow.ops.values()) <= 20, dict(shallow.ops)
         assert shallow.ops.get("aten._local_scalar_dense", 0) == 0  # no .item(), bool(), float() on a tensor
         assert built_shallow == built_deep == []
     with DispatchCounter() as counter:  # the key is right: a read-back is counted
@@ -259,7 +261,8 @@ def test_trainer_run_fires_on_the_same_steps_as_the_stream_and_logs_every_key():
     assert math.isclose(history["loss_spike/loss"][0][1], stream[49], rel_tol=1e-6)
     assert detector.bad_batches == [{"epoch": 0, "batch_idx": 300, "step": 300}]
     declared = {key.key(detector.family) for key in detector.declared_keys()}
-    assert declared == {f"loss_spike/{name}" for name in ("loss", "ema", "zscore", "ratio_to_min", "trend", "events")}
+    assert declared == {f"loss_spike/{name}" for name in ("loss", "ema", "zscore", "ratio_to_min", "trend",
+                                                          "nonfinite_grads", "events")}
     assert {key for key in history if key.startswith("loss_spike/")} == declared | {"loss_spike/alerts"}
 
 
@@ -437,16 +440,72 @@ class WithLambdaLR(SpikyModule):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)}
 
 
-def test_reduce_lr_multiplies_learning_rates_and_lambda_schedulers_keep_it():
+class RateInUse(pl.Callback):
+    """The learning rate each SGD step used, read from the update itself: ``-(w_after - w_before) / grad``."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+        self._before: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        p = max(pl_module.parameters(), key=lambda q: float(q.grad.abs().max()))
+        self._before = (p, p.detach().clone(), p.grad.detach().clone())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        p, before, grad = self._before
+        i = int(grad.abs().argmax())
+        self.rates[trainer.global_step - 1] = float((before.flatten()[i] - p.detach().flatten()[i]) / grad.flatten()[i])
+
+
+def test_reduce_lr_multiplies_the_rate_in_use_and_lambda_schedulers_keep_it():
     torch.manual_seed(0)
     detector = LossSpikeDetector(action="reduce_lr", lr_factor=0.25, warmup=5, factor=None, trend_window=None,
                                  every_n_steps=1)
-    trainer = make_trainer(max_steps=25, callbacks=[detector])
+    rates = RateInUse()
+    trainer = make_trainer(max_steps=25, callbacks=[detector, rates])
     with pytest.warns(UserWarning, match="multiplied by 0.25"):
         trainer.fit(WithLambdaLR(bad_steps=(15,)))
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # LambdaLR stepped 9 more times
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)  # the schedule's own value...
+    assert rates.rates[14] == pytest.approx(0.01, rel=1e-3)
+    assert rates.rates[16] == pytest.approx(0.0025, rel=1e-3) and rates.rates[24] == pytest.approx(0.0025, rel=1e-3)
     history = trainer.logger.history["loss_spike/lr_scale"]
     assert history[14:17] == [(14, 1.0), (15, 0.25), (16, 0.25)] and history[-1] == (24, 0.25)  # logged after acting
+
+
+class WithScheduler(SpikyModule):
+    """SGD at 0.01 under ``SequentialLR`` (x1, then x0.5 from step 18) or ``ChainedScheduler`` (x0.5, then x1)."""
+
+    def __init__(self, kind: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kind = kind
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler
+        if self.kind == "sequential":
+            parts = [sched.ConstantLR(optimizer, factor=1.0, total_iters=18), sched.ConstantLR(optimizer, factor=0.5,
+                                                                                               total_iters=10**6)]
+            scheduler = sched.SequentialLR(optimizer, parts, milestones=[18])
+        else:
+            scheduler = sched.ChainedScheduler([sched.ConstantLR(optimizer, factor=0.5, total_iters=18),
+                                                sched.MultiplicativeLR(optimizer, lambda s: 1.0)])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("kind", ["sequential", "chained"])
+def test_reduce_lr_survives_sequential_and_chained_schedulers(kind):
+    """Issue 18, 2. Before: ``SequentialLR`` and ``ChainedScheduler`` put the learning rate back to
+    1.0x of the schedule at their milestone, while ``loss_spike/lr_scale`` still said 0.25 (the
+    reduction was written into ``param_groups``, which these schedulers overwrite)."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action="reduce_lr", lr_factor=0.25, warmup=5, factor=None, trend_window=None)
+    rates = RateInUse()
+    with pytest.warns(UserWarning, match="multiplied by 0.25"):
+        make_trainer(max_steps=25, callbacks=[detector, rates]).fit(WithScheduler(kind, bad_steps=(15,)))
+    schedule = {s: 0.01 * (0.5 if (kind == "sequential") == (s >= 18) else 1.0) for s in range(25)}
+    assert detector.lr_scale == 0.25
+    for step in (14, 16, 20, 24):  # before the reduction, after it, and past the milestone
+        assert rates.rates[step] == pytest.approx(schedule[step] * (0.25 if step > 15 else 1.0), rel=1e-3), step
 
 
 def test_warn_action_warns_once_per_alert():
@@ -549,7 +608,7 @@ def test_skip_refuses_lbfgs():
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.LBFGS(self.parameters())
 
-    with pytest.raises(ValueError, match="cannot gate LBFGS"):
+    with pytest.raises(ValueError, match="cannot skip or scale the steps of LBFGS"):
         make_trainer(max_steps=2, callbacks=[LossSpikeDetector(action="skip")]).fit(WithLBFGS())
 
 
@@ -691,7 +750,7 @@ def test_every_action_takes_effect_within_one_step_at_the_default_logging_cadenc
     if action in ("skip", "rollback"):
         assert all(torch.isfinite(p).all() for p in module.parameters())
     if action == "reduce_lr":
-        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5e-2)  # reduced once, for the streak
+        assert detector.lr_scale == 0.5  # reduced once, for the streak
 
 
 # -- DDP on 2 CPU processes ---------------------------------------------------------------------
@@ -765,3 +824,123 @@ def test_ddp_spike_on_one_rank_stops_both_at_once(tmp_path):
     for rank in (rank0, rank1):
         alerts = [(a["metric"], a["step"], a["acted_step"]) for a in rank["state"]["alerts"]]
         assert alerts == [("loss_spike/zscore", 9, 9)]
+
+
+# -- the guard: a non-finite gradient behind a finite loss --------------------------------------
+
+
+class NanGradsFrom(SpikyModule):
+    """From step ``start`` on (until ``stop``) the loss stays finite but every gradient is NaN:
+    ``sqrt(0 * w)`` adds 0 to the loss and ``0 * inf = NaN`` to each weight's gradient."""
+
+    def __init__(self, start: int, stop: int = 10**9) -> None:
+        super().__init__(bad_steps=())
+        self.start, self.stop = start, stop
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.start <= self.global_step < self.stop:
+            loss = loss + sum((p * 0).abs().sqrt().sum() for p in self.parameters())
+        return loss
+
+
+def test_nan_gradients_behind_a_finite_loss_are_detected_and_skipped_and_adam_stays_finite():
+    """Issue 18, 1. Before: the README's ``LossSpikeDetector(action="skip")`` let a step with a finite
+    loss and NaN gradients through: the weights and Adam's moments became NaN, and the detector
+    only fired one step later, on the NaN loss of a dead model."""
+    torch.manual_seed(0)
+    detector, probe = LossSpikeDetector(action="skip", warmup=5, trend_window=None), StateProbe()
+    trainer = make_trainer(max_steps=20, callbacks=[detector, probe])
+    trainer.fit(NanGradsFrom(12, stop=13))
+    (model_before, adam_before), (model_after, adam_after) = probe.before[12], probe.after[12]
+    assert _equal(model_before, model_after) and _equal(adam_before, adam_after)  # nothing reached the weights
+    assert all(torch.isfinite(t).all() for state in adam_after.values() for t in state.values())
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert [(a.metric, a.step, a.severity) for a in detector.alerts] == [("loss_spike/nonfinite_grads", 12, "critical")]
+    assert detector.skipped == 1 and detector.bad_batches == [{"epoch": 1, "batch_idx": 4, "step": 12}]
+    assert not _equal(probe.before[13][0], probe.after[13][0])  # training goes on
+
+
+def test_without_skip_nan_gradients_reach_the_weights_and_are_alerted():
+    """The same run with ``action="log"``: the alert names the gradients (one alert for the event),
+    and nothing stops the update: this is what ``skip`` prevents."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action="log", warmup=5, trend_window=None)
+    trainer = make_trainer(max_steps=14, callbacks=[detector])
+    trainer.fit(NanGradsFrom(12, stop=13))
+    assert not all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert [(a.metric, a.step) for a in detector.alerts][0] == ("loss_spike/nonfinite_grads", 12)
+
+
+def test_the_skip_budget_stops_a_dead_model_with_a_critical_alert_naming_the_cause():
+    """Issue 18, 1. Before: with NaN gradients from step 22 on, ``skip`` skipped 77 steps of a dead
+    model without stopping (default budget 100). Now the default is 10 and the stop is a critical
+    alert that names why the steps were bad."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action="skip", warmup=5, trend_window=None)
+    assert detector.max_consecutive_skips == 10
+    trainer = make_trainer(max_steps=60, callbacks=[detector])
+    with pytest.warns(UserWarning, match="10 steps skipped in a row"):
+        trainer.fit(NanGradsFrom(12))
+    assert trainer.global_step == 22 and detector.skipped == 10
+    last = detector.alerts[-1]
+    assert (last.metric, last.severity, last.step) == ("loss_spike/skipped", "critical", 21)
+    assert "nonfinite_grads" in last.message and "no longer trains" in last.message
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+class TwoLosses(TwoOptimizers):
+    """Manual optimization, one loss per optimizer: the encoder's loss is NaN at ``nan_batch``, the
+    head's loss (on detached features) stays finite."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_encoder, opt_head = self.optimizers()
+        features = self.encoder(x)
+        encoder_loss = nn.functional.mse_loss(self.head(features), y)
+        if batch_idx == self.nan_batch:
+            encoder_loss = encoder_loss * float("nan")
+        opt_encoder.zero_grad()
+        self.manual_backward(encoder_loss)
+        opt_encoder.step()
+        opt_head.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self.head(features.detach()), y))
+        opt_head.step()
+
+
+def test_manual_optimization_skips_every_optimizer_of_a_batch_whose_first_loss_was_nan():
+    """Issue 18, 2. Before: with one loss per optimizer, the second optimizer stepped in the batch
+    whose first loss was NaN (its own loss was finite): the batch was half-applied."""
+    torch.manual_seed(0)
+    detector, probe = LossSpikeDetector(action="skip", warmup=3, trend_window=None), BatchProbe()
+    make_trainer(max_steps=16, callbacks=[detector, probe]).fit(TwoLosses(nan_batch=5, backward="each"))
+    (model_before, adams_before), (model_after, adams_after) = probe.before[5], probe.after[5]
+    assert _equal(model_before, model_after) and all(_equal(a, b) for a, b in zip(adams_before, adams_after))
+    assert detector.skipped == 2
+    assert not torch.equal(probe.before[6][0]["head.weight"], probe.after[6][0]["head.weight"])
+
+
+@pytest.mark.parametrize("action", ["stop", "raise", "skip", "rollback", "reduce_lr", "warn"])
+def test_every_action_acts_on_nan_gradients_behind_a_finite_loss(action):
+    """The gradient rule is a batch rule like the non-finite loss: every action takes effect on it
+    within one step, and skip and rollback keep the weights finite."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action=action, warmup=5, trend_window=None, snapshot_every_n_steps=4)
+    trainer = make_trainer(max_steps=16, callbacks=[detector], log_every_n_steps=50)
+    module = NanGradsFrom(10, stop=11)
+    if action == "raise":
+        with pytest.raises(DivergenceError, match="nonfinite_grads"):
+            trainer.fit(module)
+    elif action == "warn":
+        with pytest.warns(UserWarning, match="nonfinite_grads"):
+            trainer.fit(module)
+    else:
+        trainer.fit(module)
+    first = detector.alerts[0]
+    assert (first.metric, first.step, first.acted_step) == ("loss_spike/nonfinite_grads", 10, 10)
+    if action == "stop":
+        assert trainer.global_step == 11
+    if action in ("skip", "rollback"):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    if action == "reduce_lr":  # reduced at once (and again when the NaN weights give a NaN loss next)
+        assert detector.lr_scale < 1.0
