@@ -60,18 +60,18 @@ def nonfinite_count(tensors: list[Tensor]) -> Tensor:
 
     The max-abs norm of each tensor (one fused ``_foreach_norm``) is finite exactly when every entry
     is: unlike a 2-norm it cannot overflow on large finite values. Sparse tensors are read through
-    their stored values.
+    their stored values; empty tensors (a rank's empty shard) count as finite.
 
     Example:
         >>> nonfinite_count([torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
         tensor(2.)
     """
-    dense = [t for t in tensors if t.layout == torch.strided]
+    dense = [t for t in tensors if t.layout == torch.strided and t.numel()]  # an empty shard has no max
     values = [t.coalesce().values() for t in tensors if t.layout != torch.strided]
     norms = list(torch._foreach_norm(dense, ord=math.inf)) if dense else []
     norms += [v.abs().amax() if v.numel() else v.new_zeros(()) for v in values]
     if not norms:
-        return torch.zeros(())
+        return torch.zeros((), device=tensors[0].device if tensors else None)
     return (~torch.stack(norms).isfinite()).sum(dtype=torch.float32)
 
 
