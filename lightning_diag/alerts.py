@@ -1,16 +1,18 @@
 """The alert layer shared by every monitor: the :class:`Alert` record, threshold rules and the book
 that evaluates them.
 
-A rule watches one logged key, or every key matching a glob pattern (each key independently), and
-fires when its condition has held for ``patience`` consecutive **steps**, once per streak: a metric
-that stays above its threshold for 1,000 steps is one alert, not 1,000. Patience counts steps, not
+A rule watches one logged key, every key matching a glob pattern, or every layer's key of a
+template such as ``"grad_norm/layer/{layer}"`` (each key independently), and fires when its
+condition has held for ``patience`` consecutive **steps**, once per streak: a metric that stays
+above its threshold for 1,000 steps is one alert, not 1,000. Patience counts steps, not
 measurements, so it means the same for a figure known every step and one known every tenth step
 (a streak that begins at a check and still holds at the next one has lasted the steps between).
 
 Rules run on the host, in float64 numpy, one vectorized pass per rule over all its keys: a
 monitor's figures reach the host asynchronously (``callbacks/_base.py``), so deciding there costs
 no device kernel and no sync. :class:`RuleBook` is what a monitor holds: its built-in rules and the
-user's, bound to its keys.
+user's, bound to its keys; in a checkpoint each rule's state is filed under the rule's kind and
+arguments (:meth:`Rule.state_key`), so ``rules=`` may be given in another order on resume.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_int, check_number
+from lightning_diag.keys import LAYER
 from lightning_diag.metrics.stats import EmaBaseline
 
 if TYPE_CHECKING:
@@ -97,14 +100,29 @@ class DivergenceError(RuntimeError):
         self.alerts = list(alerts)
         super().__init__("; ".join(a.message for a in self.alerts) or "divergence alert")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the alerts (the default passes the message as ``alerts``): a multiprocessing
+        # launcher pickles the error of a rank to raise it in the main process.
+        return type(self), (self.alerts,), self.__dict__
+
+
+def _check_threshold(threshold: Any, low: float, allowed: str) -> None:
+    """:func:`check_number` on a threshold (inf allowed; -inf too when it is ``low``), its message saying
+    what is ``allowed`` in a rule's words (``-inf`` as a bound would tell a user nothing)."""
+    try:
+        check_number("threshold", threshold, low, low_open=low > -np.inf, high_open=False)
+    except ValueError:
+        raise ValueError(f"`threshold` {allowed}, got {threshold!r}") from None
+
 
 class Rule:
     """Base of the threshold rules: fires when :meth:`hits` holds for ``patience`` steps in a row.
 
     Args:
-        metric: the logged key the rule watches, or a glob pattern over the monitor's keys
-            (``"grad_norm/layer/*"``); each matching key is watched independently.
-        threshold: the value the metric is compared with (a finite number).
+        metric: the logged key the rule watches, a glob pattern over the monitor's keys
+            (``"grad_norm/layer/*"``) or a declared template (``"grad_norm/layer/{layer}"``: every
+            layer's key); each matching key is watched independently.
+        threshold: the value the metric is compared with (a number, not NaN).
         patience: steps the condition must hold, counting the first, before the rule fires (>= 1).
         severity: ``"info"`` (recorded and logged, never acted on), ``"warning"`` or ``"critical"``.
 
@@ -118,19 +136,19 @@ class Rule:
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` must be a non-empty string, got {metric!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"`threshold` must be a number, got {threshold!r}")
+        _check_threshold(threshold, -np.inf, "must be a number (not NaN)")  # inf is allowed: NonFinite's
         check_int("patience", patience, 1)
         if severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {SEVERITIES}, got {severity!r}")
         self.metric, self.threshold, self.patience, self.severity = metric, float(threshold), patience, severity
+        self._pattern = metric.replace(LAYER, "*")  # a template watches every layer (a layer in a key has no "/")
         self.keys: list[str] = []
         self.start = np.zeros(0, dtype=np.int64)  # step at which each key's streak began, -1: none
         self.fired = np.zeros(0, dtype=bool)  # the current streak has fired
         self.active = np.zeros(0, dtype=bool)  # in firing state at the last update
 
     def watches(self, key: str) -> bool:
-        return fnmatch.fnmatchcase(key, self.metric)
+        return fnmatch.fnmatchcase(key, self._pattern)
 
     def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Bool per value: the condition holds (``slots`` index the rule's own keys)."""
@@ -176,6 +194,10 @@ class Rule:
     def alert(self, source: str, key: str, step: int, value: float) -> Alert:
         message = f"{source}: {key} = {value:.4g} ({self.describe()}) at step {step}"
         return Alert(source, key, step, value, self.threshold, self.severity, message)
+
+    def state_key(self) -> str:
+        """What the rule's state is filed under in a checkpoint: its kind and arguments, not its place in a list."""
+        return f"{type(self).__name__}({self.metric!r}, {self.threshold!r}, {self.patience}, {self.severity!r})"
 
     def state_dict(self) -> dict[str, Any]:
         # Lists, not arrays: a checkpoint must load with torch.load(weights_only=True).
@@ -261,11 +283,12 @@ class ZScore(Rule):
         patience: int = 1,
         severity: Severity = "warning",
     ) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(f"`threshold` of a z-score must be > 0 (a z-score <= 0 fires on everything), "
-                             f"got {threshold!r}")
+        _check_threshold(threshold, 0.0, "of a z-score must be > 0 (a z-score <= 0 fires on everything)")
         super().__init__(metric, threshold, patience=patience, severity=severity)
         self.baseline = EmaBaseline(0, alpha=alpha, warmup=warmup)
+
+    def state_key(self) -> str:
+        return f"{super().state_key()[:-1]}, alpha={self.baseline.alpha!r}, warmup={self.baseline.warmup})"
 
     def _resize(self, n: int) -> None:
         super()._resize(n)
@@ -357,10 +380,36 @@ class RuleBook:
         return alerts
 
     def state_dict(self) -> dict[str, Any]:
-        return {"builtin": [r.state_dict() for r in self.builtin], "user": [r.state_dict() for r in self.user]}
+        """Each rule's state under its :meth:`~Rule.state_key` (so the order of ``rules=`` may change)."""
+        return {group: {name: rule.state_dict() for name, rule in _named(rules).items()}
+                for group, rules in (("builtin", self.builtin), ("user", self.user))}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for group, states in ((self.builtin, "builtin"), (self.user, "user")):
-            for rule, rule_state in zip(group, state.get(states, [])):
-                rule.load_state_dict(rule_state)
+        """Restore each rule from the state filed under its :meth:`~Rule.state_key`, else under the same kind
+        and metric (a monitor may set a built-in rule's patience at fit start, after the load); a rule
+        found under neither (a new one) starts afresh."""
+        for group, rules in (("builtin", self.builtin), ("user", self.user)):
+            saved, named = state.get(group, {}), _named(rules)
+            # A checkpoint of a version that filed the states by position: read as then.
+            saved = dict(zip(named, saved)) if isinstance(saved, list) else dict(saved)
+            unmatched = [(name, rule) for name, rule in named.items() if name not in saved]
+            for name, rule in named.items():
+                if name in saved:
+                    rule.load_state_dict(saved.pop(name))
+            for _, rule in unmatched:
+                kind = f"{type(rule).__name__}({rule.metric!r}, "
+                name = next((n for n in saved if n.startswith(kind)), None)
+                if name is not None:
+                    rule.load_state_dict(saved.pop(name))
         self._index.clear()  # the rules' slots were replaced
+
+
+def _named(rules: Sequence[Rule]) -> dict[str, Rule]:
+    """The rules by :meth:`~Rule.state_key`; a repeated rule is numbered (``" #2"``) in its order of appearance."""
+    seen: Counter[str] = Counter()
+    named = {}
+    for rule in rules:
+        key = rule.state_key()
+        seen[key] += 1
+        named[key if seen[key] == 1 else f"{key} #{seen[key]}"] = rule
+    return named

@@ -1,7 +1,10 @@
 """The one key scheme, and the declarations that the docs, the dashboard and the report derive from.
 
 Every figure a monitor logs is ``<family>/<figure>`` (model level) or ``<family>/<figure>/<layer>``
-(one per layer; ``<layer>`` is a module name such as ``blocks.0.mlp.fc``, never containing ``/``).
+(one per layer; ``<layer>`` is a module name such as ``blocks.0.mlp.fc``). A module name may hold
+a ``/`` (``nn.ModuleDict({"enc/0": ...})``), so a layer is written in a key with ``/`` as ``%2F`` and
+``%`` as ``%25`` (:func:`layer_in_key`, reversed by :func:`split_key`): a key never has more than three
+parts, whatever the model.
 ``<family>`` is the monitor's namespace (``grad_norm``, ``loss_spike``, ``spectral_alignment``,
 ``nc``, ...), so TensorBoard and W&B group a monitor's figures in one section, and a key's depth
 says what it is: two parts, a model-level figure; three, a per-layer one. A monitor *declares* its
@@ -15,6 +18,8 @@ Example:
     ('grad_norm/layer/{layer}', True, True)
     >>> split_key("grad_norm/layer/blocks.0.fc"), split_key("grad_norm/total")
     (('grad_norm', 'layer', 'blocks.0.fc'), ('grad_norm', 'total', None))
+    >>> key.key("grad_norm", "enc/0"), split_key("grad_norm/layer/enc%2F0")
+    ('grad_norm/layer/enc%2F0', ('grad_norm', 'layer', 'enc/0'))
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["LAYER", "Key", "Kind", "Rate", "keys_section", "keys_table", "layer_keys", "split_key"]
+__all__ = ["LAYER", "Key", "Kind", "Rate", "keys_section", "keys_table", "layer_in_key", "layer_keys", "split_key"]
 
 LAYER = "{layer}"
+_ESCAPED = re.compile("%(25|2F)")
 
 Kind = Literal["scalar", "histogram", "image"]
 # How often a scalar is known, which is also how often rules see it:
@@ -84,8 +90,8 @@ class Key:
         return f"{family}/{self.name}"
 
     def key(self, family: str, layer: str | None = None) -> str:
-        """The logged key, for ``layer`` if per-layer."""
-        return f"{family}/{self.figure}/{layer}" if self.per_layer else f"{family}/{self.name}"
+        """The logged key, for ``layer`` (any module name, see :func:`layer_in_key`) if per-layer."""
+        return f"{family}/{self.figure}/{layer_in_key(layer)}" if self.per_layer else f"{family}/{self.name}"
 
     def regex(self, family: str) -> str:
         """Regular expression of the logged keys (a layer is any run of characters but ``/``)."""
@@ -100,8 +106,15 @@ class Key:
         return f"{when}, {self.note}" if self.note else when
 
 
+def layer_in_key(layer: str) -> str:
+    """How a layer is written in a key: its name with ``%`` as ``%25`` and ``/`` as ``%2F`` (the one
+    escaping: a ``/`` would add a part to the key; :func:`split_key` gives the name back)."""
+    return str(layer).replace("%", "%25").replace("/", "%2F")
+
+
 def split_key(key: str) -> tuple[str, str, str | None]:
-    """``(family, figure, layer)`` of a logged key; ``layer`` is None for a model-level key.
+    """``(family, figure, layer)`` of a logged key; ``layer`` is None for a model-level key, else the
+    layer's name (:func:`layer_in_key` reversed).
 
     Raises:
         ValueError: the key is not ``family/figure`` or ``family/figure/layer``.
@@ -109,7 +122,8 @@ def split_key(key: str) -> tuple[str, str, str | None]:
     parts = key.split("/")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"{key!r} is not '<family>/<figure>' or '<family>/<figure>/<layer>'")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    layer = _ESCAPED.sub(lambda m: "%" if m[1] == "25" else "/", parts[2]) if len(parts) == 3 else None
+    return parts[0], parts[1], layer
 
 
 def keys_table(family: str, keys: Iterable[Key], *, rst: bool = False) -> str:

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 
@@ -94,6 +96,8 @@ def test_rule_state_round_trip_keeps_streak_and_baseline():
         (lambda: Above("m", 1.0, patience=0), "patience"),
         (lambda: Below("m", 1.0, severity="fatal"), "severity"),
         (lambda: ZScore("m", -1.0), r"z-score must be > 0"),
+        (lambda: ZScore("m", float("nan")), r"`threshold` of a z-score must be > 0.*got nan"),
+        (lambda: Above("m", True), r"`threshold` must be a number.*got True"),
         (lambda: as_rules("Above"), "rules"),
         (lambda: as_rules([Above("m", 1.0), "x"]), "rules"),
     ],
@@ -112,3 +116,48 @@ def test_divergence_error_carries_its_alerts():
     alerts = _run(Above("m", 0.0), [1.0])
     err = DivergenceError(alerts)
     assert err.alerts == alerts and "m = 1" in str(err)
+
+
+def test_a_divergence_error_survives_pickling_with_its_message_and_alerts():
+    alerts = _run(Above("m", 0.0), [1.0]) + _run(Above("m", 0.0, severity="critical"), [float("inf")], source="other")
+    error = pickle.loads(pickle.dumps(DivergenceError(alerts)))  # what a multiprocessing launcher does
+    assert type(error) is DivergenceError and error.alerts == alerts
+    assert str(error) == str(DivergenceError(alerts)) and "m = 1" in str(error) and "m = inf" in str(error)
+
+
+def test_a_rule_on_a_template_key_watches_every_layer_and_only_that_figure():
+    book = RuleBook("t", user=[Above("grad_norm/layer/{layer}", 1.0)])
+    book.check_patterns(["grad_norm/total", "grad_norm/layer/{layer}"])  # accepted before any layer is known
+    keys = ["grad_norm/total", "grad_norm/layer/a", "grad_norm/layer/b%2Fc", "grad_norm/weight_norm/a"]
+    alerts = book.update(0, keys, np.array([5.0, 2.0, 3.0, 4.0]))
+    assert [a.metric for a in alerts] == ["grad_norm/layer/a", "grad_norm/layer/b%2Fc"]
+
+
+def _book(order):
+    rules = [ZScore("m", 3.0, warmup=3), Above("m", 1.0, patience=3), Above("m", 1.0, patience=3, severity="info"),
+             Above("m", 2.0), Below("m/*", 0.5, patience=2)]
+    return RuleBook("t", user=[rules[i] for i in order])
+
+
+def _feed(book, steps):
+    return [(a.metric, a.step, a.severity, a.threshold) for s in steps
+            for a in book.update(s, ["m", "m/a"], np.array([1.0 + 0.1 * s + 5.0 * (s == 6), 0.2]))]
+
+
+def test_rule_state_is_filed_by_rule_not_by_position_in_the_list():
+    whole, first, resumed = _book(range(5)), _book(range(5)), _book([4, 2, 0, 3, 1])
+    fired_whole = _feed(whole, range(8))
+    _feed(first, range(4))
+    resumed.load_state_dict(first.state_dict())  # was: KeyError('baseline'), a ZScore given an Above's state
+    assert sorted(_feed(resumed, range(4, 8))) == sorted(f for f in fired_whole if f[1] >= 4)
+    assert resumed.state_dict() == whole.state_dict()
+
+
+def test_a_builtin_rule_whose_patience_is_set_after_the_load_keeps_its_state():
+    saved = RuleBook("t", [NonFinite("m", patience=3)])
+    saved.update(0, ["m"], np.array([np.nan]))
+    loaded = RuleBook("t", [NonFinite("m")])  # a monitor sets the patience at fit start, after the load
+    loaded.load_state_dict(saved.state_dict())
+    loaded.builtin[0].patience = 3
+    assert [a.step for a in loaded.update(1, ["m"], np.array([np.nan])) + loaded.update(2, ["m"], np.array([np.nan]))
+            ] == [2]

@@ -42,13 +42,14 @@ from lightning_diag.callbacks._dashboard import custom_scalars_layout
 from lightning_diag.callbacks._trainer import (
     HostCopy, log_metrics, log_text, show_alert_count, warn, write_alert_lines, write_dashboard_once,
 )  # fmt: skip
-from lightning_diag.keys import Key, keys_table
+from lightning_diag.keys import Key, keys_table, layer_in_key, split_key
 
 __all__ = ["Cadence", "DiagnosticCallback", "Figures", "HostFigures", "action", "diagnostic_callbacks", "total_alerts"]
 
 _WARNINGS_PER_KEY = 5  # "warn" action: at most this many warnings per metric, then log only
 _MAX_ALERTS = 10_000  # history kept in memory and in checkpoints
 STREAM_RATES = ("step", "check", "eval")
+_HOOKS = {n for n, f in vars(Callback).items() if callable(f) and not n.startswith("_")}  # Lightning calls these
 
 
 @dataclass
@@ -104,6 +105,22 @@ class HostFigures:
     per_layer: dict[str, np.ndarray]
 
 
+def _no_stop_iteration(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` with a ``StopIteration`` turned into a ``RuntimeError`` (as PEP 479 does in generators):
+    Lightning's loop reads a ``StopIteration`` from any hook as the end of the data and ends the epoch
+    without a word, so a bug would silently cut the run short."""
+
+    @functools.wraps(hook)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(self, *args, **kwargs)
+        except StopIteration as error:
+            raise RuntimeError(f"lightning_diag: {type(self).__name__}.{hook.__name__} raised StopIteration (a "
+                               "bug: Lightning would have read it as the end of the data)") from error
+
+    return guarded
+
+
 def action(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a method ``handler(self, trainer, alerts)`` as the action ``name`` of a monitor class."""
 
@@ -148,6 +165,8 @@ class DiagnosticCallback(Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for name in _HOOKS & vars(cls).keys():
+            setattr(cls, name, _no_stop_iteration(vars(cls)[name]))
         own = {f._action_name: name for name, f in vars(cls).items() if hasattr(f, "_action_name")}
         cls._actions = {**cls._actions, **own}
         if cls.KEYS and cls.__doc__ and "Logged keys" not in cls.__doc__:  # generated, so it cannot drift
@@ -156,7 +175,7 @@ class DiagnosticCallback(Callback):
 
     def __init__(self, *, every_n_steps: int | None = None, action: Any = "warn", rules: Any = ()) -> None:
         check_int("every_n_steps", every_n_steps, 1, optional=True)
-        if not (callable(action) or action in self._actions):
+        if not (callable(action) or (isinstance(action, str) and action in self._actions)):
             raise ValueError(
                 f"`action` must be one of {tuple(self._actions)} or a callable(alert, trainer), got {action!r}"
             )
@@ -170,6 +189,7 @@ class DiagnosticCallback(Callback):
         self._log_cadence = Cadence(every_n_steps)
         self.checks = Cadence(None)  # a monitor that measures on check steps sets its cadence here
         self._armed_step = -1
+        self._ending = False  # the run is ending on an exception: record and log alerts, take no action
         self._measured_step = -1
         self._in_flight: list[HostCopy] = []
         self._held: _Held | None = None
@@ -177,6 +197,7 @@ class DiagnosticCallback(Callback):
         self._logged_step = -1
         self._unacted: list[Alert] = []
         self._keys: dict[tuple[Any, ...], tuple[tuple[str, ...], np.ndarray]] = {}
+        self._is_stream: dict[tuple[str, ...], np.ndarray] = {}  # packed keys -> which are streams (by declaration)
         self._device_index: dict[tuple[Any, ...], Tensor] = {}
         self._logged_only: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -336,11 +357,15 @@ class DiagnosticCallback(Callback):
             self.publish(trainer, self._host[0])
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        try:  # record (and log) what fired before the failure; no action: the run is ending anyway
+        self._ending = True  # record (and log) what fired before the failure; no action: the run is ending anyway
+        try:  # the figures held for a logging step too: the rules on them (per-layer ones) run when they are read
             self.drain(trainer, trainer.global_step, wait=True, act=False)
+            if self._held is not None:
+                self.publish(trainer, self._held.step)
         except Exception as error:  # noqa: BLE001 - never mask the run's own exception
             self.warn_once("exception", f"could not record the last alerts ({type(error).__name__}: {error})")
         finally:
+            self._ending = False
             self._release()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -362,12 +387,14 @@ class DiagnosticCallback(Callback):
         cache = (tuple(figures.values), tuple(figures.layers))
         if cache not in self._keys:
             declared = {k.name: k for k in self.KEYS}
-            # In the order of the packed tensor: the model-level figures, then each per-layer one.
+            # In the order of the packed tensor: the model-level figures, then each per-layer one. A key's rate
+            # is its declaration's: never parsed back from the key (a layer's name may hold anything).
             names = sorted(figures.values, key=lambda n: declared[n].per_layer)
-            keys = [declared[n].key(self.family, layer) for n in names
+            each = [(declared[n].key(self.family, layer), declared[n].rate in STREAM_RATES) for n in names
                     for layer in (figures.layers if declared[n].per_layer else [None])]  # fmt: skip
-            streams = np.array([i for i, k in enumerate(keys) if self._rate(k) in STREAM_RATES], dtype=np.int64)
-            self._keys[cache] = (tuple(keys), streams)
+            keys, is_stream = tuple(k for k, _ in each), np.array([s for _, s in each], dtype=bool)
+            self._is_stream[keys] = is_stream
+            self._keys[cache] = (keys, np.flatnonzero(is_stream))
         keys, _ = self._keys[cache]
         scalars = [v for n, v in figures.values.items() if not n.endswith("{layer}")]
         layered = [v for n, v in figures.values.items() if n.endswith("{layer}")]
@@ -375,9 +402,6 @@ class DiagnosticCallback(Callback):
             return keys, scalars[0]  # 0-d: no op at all
         parts = ([torch.stack(scalars)] if scalars else []) + layered
         return keys, parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _rate(self, key: str) -> str:
-        return next(k.rate for k in self.KEYS if k.matches(key, self.family))
 
     def record(self, step: int, figures: Figures) -> None:
         """Hand one measurement to the base: its streams leave for the host now, the rest waits."""
@@ -421,7 +445,7 @@ class DiagnosticCallback(Callback):
         values: list[Any] = []
         for name, value in derived.items():
             if name.endswith("/{layer}"):
-                keys += [f"{self.family}/{name[:-8]}/{layer}" for layer in layers]
+                keys += [f"{self.family}/{name[:-8]}/{layer_in_key(layer)}" for layer in layers]
                 values += list(np.asarray(value, dtype=np.float64).reshape(-1))
             else:
                 keys.append(f"{self.family}/{name}")
@@ -437,7 +461,7 @@ class DiagnosticCallback(Callback):
             flat = torch.cat([v.reshape(-1).to(torch.float64) for _, v in parts]).tolist()  # the one host read
             keys = tuple(k for keys, _ in parts for k in keys)
             metrics.update(zip(keys, flat))
-            self._rules_on_logged(trainer, held.step, step, keys, flat)
+            self._rules_on_logged(trainer, held.step, step, parts, flat)
             step = held.step
         if self._host is not None and self._host[0] == step:
             metrics.update(zip(self._host[1], self._host[2].tolist()))
@@ -449,12 +473,12 @@ class DiagnosticCallback(Callback):
         show_alert_count(trainer, total_alerts)
         log_metrics(trainer, metrics, step)
 
-    def _rules_on_logged(self, trainer: pl.Trainer, step: int, now: int, keys: tuple[str, ...], values: list[float]
-                         ) -> None:
+    def _rules_on_logged(self, trainer: pl.Trainer, step: int, now: int,
+                         parts: list[tuple[tuple[str, ...], Tensor]], values: list[float]) -> None:
         """The rules on logging-rate figures, which reach the host only here (the streams were ruled on already)."""
+        keys = tuple(k for part, _ in parts for k in part)
         if keys not in self._logged_only:
-            self._logged_only[keys] = np.array([i for i, k in enumerate(keys) if self._rate(k) not in STREAM_RATES],
-                                               dtype=np.int64)  # fmt: skip
+            self._logged_only[keys] = np.flatnonzero(~np.concatenate([self._is_stream[part] for part, _ in parts]))
         index = self._logged_only[keys]
         alerts = self.book.update(step, [keys[i] for i in index], np.asarray(values, dtype=np.float64)[index])
         if alerts:
@@ -463,6 +487,7 @@ class DiagnosticCallback(Callback):
     # -- alerts and actions -----------------------------------------------------------------------
 
     def _raise(self, trainer: pl.Trainer, alerts: list[Alert], now: int, act: bool) -> None:
+        act = act and not self._ending
         if act:
             alerts = [dataclasses.replace(a, acted_step=now) if a.severity != "info" else a for a in alerts]
         self.alerts = (self.alerts + alerts)[-_MAX_ALERTS:]
@@ -523,6 +548,8 @@ class DiagnosticCallback(Callback):
 DiagnosticCallback._actions = {
     f._action_name: n for n, f in vars(DiagnosticCallback).items() if hasattr(f, "_action_name")
 }
+for _name in _HOOKS & vars(DiagnosticCallback).keys():
+    setattr(DiagnosticCallback, _name, _no_stop_iteration(vars(DiagnosticCallback)[_name]))
 
 
 def _host_layers(keys: Sequence[str]) -> tuple[str, ...]:
@@ -534,16 +561,16 @@ def _host_layers(keys: Sequence[str]) -> tuple[str, ...]:
 def _layout(keys: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, int], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """How a key set splits into figures, once per key set: ``(layers, scalar -> index, figure -> (key
     indices, layer positions))``."""
-    layers = tuple(dict.fromkeys(k.split("/")[2] for k in keys if k.count("/") == 2))
+    parts = [split_key(k) for k in keys]  # the layers' own names (a key escapes a "/" in one)
+    layers = tuple(dict.fromkeys(layer for _, _, layer in parts if layer is not None))
     position = {layer: i for i, layer in enumerate(layers)}
     scalars: dict[str, int] = {}
     per_layer: dict[str, tuple[list[int], list[int]]] = {}
-    for i, key in enumerate(keys):
-        _, figure, *layer = key.split("/")
-        if layer:
+    for i, (_, figure, layer) in enumerate(parts):
+        if layer is not None:
             index, slots = per_layer.setdefault(figure + "/{layer}", ([], []))
             index.append(i)
-            slots.append(position[layer[0]])
+            slots.append(position[layer])
         else:
             scalars[figure] = i
     return layers, scalars, {f: (np.array(a), np.array(b)) for f, (a, b) in per_layer.items()}
