@@ -168,6 +168,7 @@ class GradNormWatcher(DiagnosticCallback):
         self._trainable: tuple[bool, ...] = ()
         self._watches: dict[tuple[bool, ...], _Watch | None] = {}
         self._watch: _Watch | None = None
+        self._optimizers: set[int] = set()
         self._before_step: tuple[list[Tensor], list[Tensor], Tensor, Tensor, list[str]] | None = None
 
     @property
@@ -239,6 +240,7 @@ class GradNormWatcher(DiagnosticCallback):
     def detach(self) -> None:
         self._watches.clear()
         self._watch, self._module, self._all_params = None, None, []
+        self._optimizers.clear()
         self._before_step = None
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -275,6 +277,7 @@ class GradNormWatcher(DiagnosticCallback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool
     ) -> Figures | None:
+        self._warn_if_several_optimizers(optimizer)
         watch = self._follow_trainable(trainer)
         if watch is None:
             return None
@@ -301,6 +304,16 @@ class GradNormWatcher(DiagnosticCallback):
                 layer_grad = grouped_norms(norms, layer_index, len(layer_names)) if self.per_layer else None
                 values.update(self._weight_figures(trainer, layer_grad, layer_weight, weights, layer_index, layer_names))
         return Figures(values, layer_names)
+
+    def _warn_if_several_optimizers(self, optimizer: Any) -> None:
+        """One baseline serves every optimizer: say so once when a second one steps (one set add per step)."""
+        self._optimizers.add(id(optimizer))
+        if len(self._optimizers) > 1:
+            self.warn_once("optimizers", f"{len(self._optimizers)} optimizers step in this run; each step's norm is "
+                           "that of the stepping optimizer's gradients, but one ZClip baseline follows all of them, "
+                           "so z-scores" + (" and clipping" if self.clipping else "") + " compare their norms with "
+                           "one another (watch each optimizer's layers with its own GradNormWatcher(include=...) "
+                           "if their scales differ)")
 
     def _measure_sharded(self, watch: _Watch, trainer: pl.Trainer, optimizer: Any, logging: bool) -> Figures:
         """FSDP and other sharding: local squares, one SUM all-reduce of the per-layer sums, never a gather.

@@ -869,7 +869,8 @@ def test_manual_optimization_with_two_optimizers_logs_every_logging_step_and_eac
     taken by the first optimizer (4, 14) were held and never published, so only 9 and 19 were logged
     and ``first`` never; and a step also measured the other optimizer's stale gradients."""
     module = TwoOptimizers()
-    log = fit(module, GradNormWatcher(every_n_steps=5, action="log"), max_steps=20).logger  # 10 batches
+    watcher = GradNormWatcher(every_n_steps=5, update_ratio=True, action="log")
+    log = fit(module, watcher, max_steps=20).logger  # 10 batches
     assert module.trainer.global_step == 20
     # hand-built: the logging steps of global_step (s + 1) % 5 == 0; even steps are `first`'s, odd `second`'s
     assert sorted(log.values("grad_norm/layer/first")) == [4, 14]
@@ -880,6 +881,17 @@ def test_manual_optimization_with_two_optimizers_logs_every_logging_step_and_eac
         reference = _norm64(module.grads[step])  # the stepping optimizer's gradients only
         assert log.values("grad_norm/total")[step] == pytest.approx(reference, rel=1e-5), step
         assert log.values(f"grad_norm/layer/{layer}")[step] == pytest.approx(reference, rel=1e-5), step
+        # SGD moves the layer by lr * g: its update ratio is lr * ||g|| / ||w||, measured once it has stepped
+        ratio = 0.05 * reference / log.values(f"grad_norm/weight_norm/{layer}")[step]
+        assert log.values(f"grad_norm/update_ratio/{layer}")[step] == pytest.approx(ratio, rel=1e-4), step
+
+
+def test_one_baseline_for_two_optimizers_is_said_once() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TwoOptimizers(), GradNormWatcher(clip="zclip", action="log"), max_steps=6)
+    said = [str(w.message) for w in caught if "optimizers step in this run" in str(w.message)]
+    assert len(said) == 1 and "clipping" in said[0]
 
 
 class UnfreezeAt(Callback):
