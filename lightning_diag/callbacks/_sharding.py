@@ -64,7 +64,7 @@ from lightning_diag.layers import ParameterGroups, group_parameters
 from lightning_diag.metrics.norms import grouped_squares
 
 __all__ = [
-    "Sharding", "clean_name", "deepspeed_global_grad_norm", "deepspeed_limitation", "deepspeed_local_grads",
+    "Sharding", "clean_name", "count_flagged", "deepspeed_global_grad_norm", "deepspeed_limitation", "deepspeed_local_grads",
     "deepspeed_zero_stage", "is_row_sharded", "local_grads", "local_tensor", "local_tensors", "max_over_ranks",
     "mean_over_ranks",
     "resolve_parameters", "sharding_of", "sum_over_ranks", "weight_rows", "whole_tensor",
@@ -265,15 +265,38 @@ class Sharding:
         return self.all_reduce_sum(grouped_squares(self.keep_owned(squares), group_index, num_groups))
 
     def count_nonfinite(self, squares: Tensor) -> Tensor:
-        """Number of parameters (counted once over all ranks) with a non-finite local part.
+        """Number of parameters whose counted local part on *this* rank is non-finite (no collective).
 
-        Local to this rank (no collective): pack it into the vector that goes through
-        :meth:`all_reduce_sum`.
+        Not a global count once summed over ranks: a parameter sharded over ``w`` ranks with a
+        non-finite piece on each would count ``w`` times. For the global count pack
+        :meth:`nonfinite_flags` into the all-reduce and read it with :func:`count_flagged`.
+        """
+        return self.nonfinite_flags(squares).sum()
+
+    def nonfinite_flags(self, squares: Tensor) -> Tensor:
+        """Per parameter, 1 where this rank's counted part is non-finite, else 0 (local, no collective).
+
+        A parameter is non-finite when *any* of its parts is: the maximum of the flags over the
+        ranks. Summed in the one SUM all-reduce with the other figures, a flag is > 0 exactly where
+        that maximum is 1, so :func:`count_flagged` of the sum counts each parameter once, however
+        many ranks hold a bad piece of it.
+
+        Example:
+            >>> s = Sharding("dtensor", owned=(True, True))
+            >>> rank0, rank1 = torch.tensor([float("nan"), 1.0]), torch.tensor([float("inf"), 4.0])
+            >>> count_flagged(s.nonfinite_flags(rank0) + s.nonfinite_flags(rank1))  # the all-reduce's sum
+            tensor(1.)
         """
         bad = ~torch.isfinite(squares)
-        if self.owned is not None:
+        if self.owned is not None:  # a replica's piece is the owner's: counted there
             bad = bad & self._mask(bad.device)
-        return bad.sum().to(squares.dtype)
+        return bad.to(squares.dtype if squares.is_floating_point() else torch.float64)
+
+
+def count_flagged(flags: Tensor) -> Tensor:
+    """Number of parameters flagged on any rank, from the sum over ranks of :meth:`Sharding.nonfinite_flags`
+    (or of any 0/1 flags): a maximum over ranks, read from a sum."""
+    return (flags > 0).sum().to(flags.dtype)
 
 
 def sharding_of(trainer: pl.Trainer, params: Sequence[Tensor], names: Sequence[str] | None = None) -> Sharding:

@@ -22,45 +22,45 @@ __all__ = ["count_nonfinite", "grouped_norms", "grouped_squares", "squared_norms
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of each tensor, in float32, stacked into one 1-D tensor.
+    """L2 norm of each tensor, accumulated and returned in float64, stacked into one 1-D tensor.
 
-    Dense tensors go through one ``torch._foreach_norm`` call; sparse tensors (rare: an
-    ``nn.Embedding(sparse=True)`` gradient) are coalesced and normed one by one. A tensor that
-    holds an inf or NaN gets a non-finite norm.
+    Dense tensors go through one ``torch._foreach_norm(..., dtype=torch.float64)`` call (fused on
+    CUDA, where the squares are summed in float64); sparse tensors (rare: an
+    ``nn.Embedding(sparse=True)`` gradient) are coalesced and normed one by one. float64 because
+    float32 squares overflow from norms of about ``1.8e19``: a finite gradient of ``1e20`` would
+    read as ``inf`` and escape clipping. In float64 every finite float32/bf16/fp16 tensor gets a
+    finite norm, and one that holds an inf or NaN a non-finite one.
 
     Example:
-        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.float16)])
-        tensor([5., 2.])
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.full((4,), 1e20)])
+        tensor([5.0000e+00, 2.0000e+20], dtype=torch.float64)
     """
     if not tensors:
-        return torch.zeros(0)
+        return torch.zeros(0, dtype=torch.float64)
     out: list[Tensor | None] = [None] * len(tensors)
-    # dtype=float32 keeps fp16/bf16 sums from overflowing; float64 tensors cannot be narrowed by
-    # the kernel, so they get their own call (rare: one extra kernel at most).
-    for wide in (False, True):
-        index = [i for i, t in enumerate(tensors) if not t.is_sparse and (t.dtype == torch.float64) == wide]
-        if index:
-            norms = torch._foreach_norm([tensors[i] for i in index], 2, dtype=None if wide else torch.float32)
-            for i, n in zip(index, norms):
-                out[i] = n
+    index = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    if index:
+        norms = torch._foreach_norm([tensors[i] for i in index], 2, dtype=torch.float64)
+        for i, n in zip(index, norms):
+            out[i] = n
     for i, t in enumerate(tensors):
         if t.is_sparse:
-            out[i] = t.coalesce().values().float().norm()
-    return torch.stack(out).float()  # stack promotes to float64 if any was; back to float32
+            out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=torch.float64)
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """Squared L2 norm of each tensor, in float32: ``tensor_norms(tensors).square()``.
+    """Squared L2 norm of each tensor, in float64: ``tensor_norms(tensors).square()``.
 
     What a rank contributes for its local shards: squared norms add over the disjoint pieces of a
     tensor (``||g||^2 = sum_i ||g_i||^2``) where norms do not. Same fused kernels as
     :func:`tensor_norms`, plus one ``square``; an empty tensor (a rank that holds no piece of a
-    parameter) gives 0, a non-finite one inf/NaN. float32 squares overflow above norms of about
-    ``1.8e19``, far beyond any weight or gradient that is still finite in bf16/fp16.
+    parameter) gives 0, a non-finite one inf/NaN. float64: the square of any finite float32 norm
+    (up to about ``1e39``) is finite.
 
     Example:
         >>> squared_norms([torch.tensor([3.0, 4.0]), torch.ones(0)])
-        tensor([25.,  0.])
+        tensor([25.,  0.], dtype=torch.float64)
     """
     return tensor_norms(tensors).square()
 

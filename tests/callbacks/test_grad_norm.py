@@ -238,9 +238,10 @@ def _hook_ops(depth: int, every_n_steps: int, step: int, **kwargs: Any) -> Dispa
 # from the host's baseline floats (17 one-element ops) and one _foreach_mul_. Logging step: the non-finite
 # count and the per-layer figures, grouped on the device (index_add_), and one cat for the host
 # read (the index of the streams among them is built once, at the first logging step); update_ratio
-# adds a copy of the weights and, after the step, the norms of the updates.
+# adds a copy of the weights and, after the step, the norms of the updates and the model-level ratio
+# (4 one-element ops and the stack that packs it). Norms are float64 from the foreach kernel itself.
 QUIET_OPS = {"default": 3, "zclip+update": 21}
-LOGGING_OPS = {"default": 27, "zclip+update": 57}
+LOGGING_OPS = {"default": 27, "zclip+update": 62}
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"clip": "zclip", "update_ratio": True, "warmup": 2}],
@@ -799,3 +800,173 @@ def test_no_host_sync_between_logging_steps_on_cuda() -> None:
     assert checked == {1, 2, 3, 5, 6, 7, 8, 10, 11}
     # logging steps 4 and 9; the host's figures of the last step are flushed at the end of fit
     assert sorted(trainer.logger.values("grad_norm/total")) == [4, 9, 11]
+
+
+# -- safety issue: overflow, several optimizers, unfreezing, model-level update ratio, arguments ---
+
+
+def _numpy_norm(tensors: list[torch.Tensor]) -> float:
+    """Float64 numpy L2 norm over several tensors (squares summed in float64: no overflow below 1e154)."""
+    return float(np.sqrt(sum(np.sum(t.double().numpy() ** 2) for t in tensors)))
+
+
+def test_zclip_clips_a_finite_gradient_whose_float32_squares_overflow() -> None:
+    """Before: float32 per-tensor norms of a 1e20-scale gradient overflowed (1e40 > 3.4e38), the total
+    read as inf, ZClip left it alone and SGD took the step (weights of order 1e18)."""
+    torch.manual_seed(0)
+    module = CapturingTiny(lr=0.02)
+    spike = ScaleGrads(step=9, factor=1e20)
+    watcher = GradNormWatcher(clip="zclip", warmup=5, action="log")
+    log = fit(module, spike, watcher, max_steps=11).logger
+    totals = [_numpy_norm(spike.grads[s]) for s in range(11)]
+    assert 1e19 < totals[9] < 1e23 and all(math.isfinite(t) for t in totals)
+    z, clipped = _zclip_reference(totals, warmup=5, alpha=0.97, z_threshold=2.5)[9]
+    assert z > 2.5
+    assert log.values("grad_norm/total")[9] == pytest.approx(totals[9], rel=1e-5)
+    assert log.values("grad_norm/nonfinite")[9] == pytest.approx(0.0, abs=1e-12)
+    assert log.values("grad_norm/clip_coef")[9] == pytest.approx(clipped / totals[9], rel=1e-4)
+    assert _numpy_norm(list(module.grads[9].values())) == pytest.approx(clipped, rel=1e-4)  # what SGD received
+    assert not watcher.alerts or all(a.metric != "grad_norm/total" for a in watcher.alerts)
+    weights = [p.detach() for p in module.parameters()]
+    assert max(float(w.abs().max()) for w in weights) < 10.0
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization: ``first`` and ``second`` are two regressors with an optimizer each; every
+    batch steps ``first`` (global steps 0, 2, 4, ...) then ``second`` (1, 3, 5, ...). Gradients are
+    zeroed *before* each backward only, so at ``second``'s step ``first`` still holds its (applied)
+    gradient. The module records, per global step, float64 copies of the stepping optimizer's gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first, self.second = nn.Linear(4, 1), nn.Linear(4, 1)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(80, 4, generator=g)
+        self.data = TensorDataset(x, x.sum(1, keepdim=True).sin())
+        self.grads: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for optimizer, net in zip(self.optimizers(), (self.first, self.second)):
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(net(x), y))
+            optimizer.step()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.grads[self.trainer.global_step] = [p.grad.double().clone() for g in optimizer.param_groups
+                                                for p in g["params"]]
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.first.parameters(), lr=0.05), torch.optim.SGD(self.second.parameters(), lr=0.05)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def test_manual_optimization_with_two_optimizers_logs_every_logging_step_and_each_optimizers_layers() -> None:
+    """Before: with 2 optimizers global_step advances twice per batch; the figures of a logging step
+    taken by the first optimizer (4, 14) were held and never published, so only 9 and 19 were logged
+    and ``first`` never; and a step also measured the other optimizer's stale gradients."""
+    module = TwoOptimizers()
+    watcher = GradNormWatcher(every_n_steps=5, update_ratio=True, action="log")
+    log = fit(module, watcher, max_steps=20).logger  # 10 batches
+    assert module.trainer.global_step == 20
+    # hand-built: the logging steps of global_step (s + 1) % 5 == 0; even steps are `first`'s, odd `second`'s
+    assert sorted(log.values("grad_norm/layer/first")) == [4, 14]
+    assert sorted(log.values("grad_norm/layer/second")) == [9, 19]
+    assert sorted(log.values("grad_norm/nonfinite")) == [4, 9, 14, 19]
+    for step in (4, 9, 14, 19):
+        layer = "first" if step % 2 == 0 else "second"
+        reference = _norm64(module.grads[step])  # the stepping optimizer's gradients only
+        assert log.values("grad_norm/total")[step] == pytest.approx(reference, rel=1e-5), step
+        assert log.values(f"grad_norm/layer/{layer}")[step] == pytest.approx(reference, rel=1e-5), step
+        # SGD moves the layer by lr * g: its update ratio is lr * ||g|| / ||w||, measured once it has stepped
+        ratio = 0.05 * reference / log.values(f"grad_norm/weight_norm/{layer}")[step]
+        assert log.values(f"grad_norm/update_ratio/{layer}")[step] == pytest.approx(ratio, rel=1e-4), step
+
+
+def test_one_baseline_for_two_optimizers_is_said_once() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TwoOptimizers(), GradNormWatcher(clip="zclip", action="log"), max_steps=6)
+    said = [str(w.message) for w in caught if "optimizers step in this run" in str(w.message)]
+    assert len(said) == 1 and "clipping" in said[0]
+
+
+class UnfreezeAt(Callback):
+    """Sets ``requires_grad`` of ``module.net[0]`` to True at the start of global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if trainer.global_step == self.step:
+            pl_module.net[0].requires_grad_(True)
+
+
+def test_parameters_unfrozen_mid_run_are_watched_from_then_on() -> None:
+    """Before: the watched parameters were resolved once at fit start, so ``net.0`` (frozen then)
+    was never measured: ``grad_norm/total`` missed it after the unfreeze."""
+    torch.manual_seed(0)
+    module = CapturingTiny()
+    module.net[0].requires_grad_(False)  # the optimizer holds it (SGD over all parameters) and steps it once unfrozen
+    log = fit(module, UnfreezeAt(3), GradNormWatcher(action="log"), max_steps=6).logger
+    assert "net.0.weight" not in module.grads[2] and "net.0.weight" in module.grads[3]
+    for step in range(6):
+        reference = _norm64(list(module.grads[step].values()))  # every parameter holding a gradient
+        assert log.values("grad_norm/total")[step] == pytest.approx(reference, rel=1e-5), step
+    assert sorted(log.values("grad_norm/layer/net.0")) == [3, 4, 5]
+
+
+def test_model_level_update_ratio_is_logged_without_per_layer_figures() -> None:
+    """Before: ``update_ratio=True, per_layer=False`` declared ``update_ratio`` and never logged it."""
+    torch.manual_seed(0)
+    module = AdamTiny()
+    watcher = GradNormWatcher(every_n_steps=2, update_ratio=True, per_layer=False, action="log")
+    log = fit(module, watcher, max_steps=5).logger
+    assert sorted(log.values("grad_norm/update_ratio")) == [1, 3]
+    assert not [k for k in log.history if k.count("/") == 2]  # no per-layer key
+    for step in (1, 3):
+        before, after = module.weights[step], module.after[step]
+        expected = _numpy_norm([after[n] - before[n] for n in before]) / _numpy_norm(list(before.values()))
+        assert expected > 0
+        assert log.values("grad_norm/update_ratio")[step] == pytest.approx(expected, rel=1e-4)
+    assert {k.name for k in watcher.declared_keys()} >= {"update_ratio"}
+    assert "update_ratio/{layer}" not in {k.name for k in watcher.declared_keys()}
+
+
+def test_model_level_update_ratio_agrees_with_the_per_layer_ones() -> None:
+    torch.manual_seed(0)
+    module = AdamTiny()
+    log = fit(module, GradNormWatcher(every_n_steps=2, update_ratio=True, action="log"), max_steps=3).logger
+    before, after = module.weights[1], module.after[1]
+    expected = _numpy_norm([after[n] - before[n] for n in before]) / _numpy_norm(list(before.values()))
+    assert log.values("grad_norm/update_ratio")[1] == pytest.approx(expected, rel=1e-4)
+    assert sorted(log.values("grad_norm/update_ratio/net.2")) == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        (dict(per_layer="no"), "'no'"),
+        (dict(per_layer=1), "1"),
+        (dict(update_ratio="yes"), "'yes'"),
+        (dict(update_ratio=None), "None"),
+        (dict(z_threshold="2.5"), "'2.5'"),
+        (dict(z_threshold=True), "True"),
+        (dict(z_threshold=0.0), "0.0"),
+        (dict(z_threshold=float("nan")), "nan"),
+        (dict(alpha=1.0), "1.0"),
+        (dict(alpha=0), "0"),
+        (dict(alpha="0.9"), "'0.9'"),
+        (dict(alpha=True), "True"),
+    ],
+    ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(f"{k}={v!r}" for k, v in v.items()),
+)
+def test_bad_boolean_and_number_arguments_raise_value_error_naming_the_value(
+    kwargs: dict[str, Any], shown: str
+) -> None:
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=rf"`{name}` must be .*got {shown}$"):
+        GradNormWatcher(**kwargs)

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_diag.callbacks._sharding import (
     Sharding,
     clean_name,
+    count_flagged,
     deepspeed_limitation,
     deepspeed_zero_stage,
     is_row_sharded,
@@ -90,6 +91,26 @@ def test_keep_owned_zeroes_replicas_without_letting_their_nan_through():
     assert kept[2].item() == float("inf")
     assert sharding.count_nonfinite(squares).item() == pytest.approx(1.0, abs=1e-6)  # the replica's NaN is not ours
     assert [sharding.owns(i) for i in range(3)] == [True, False, True]
+
+
+@pytest.mark.parametrize("owned", [(True, True, True), (True, False, True)], ids=["fsdp2", "replicated-second"])
+def test_a_parameter_nonfinite_on_both_of_two_shards_is_counted_once(owned):
+    """Two simulated FSDP2 ranks, each holding half the rows of three parameters: the first is NaN on
+    both shards, the second inf on rank 1's only, the third finite. Before: each rank counted its own
+    bad pieces and the all-reduce summed them, so the first parameter counted twice (3 instead of 2)."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.full((4, 3), float("nan")), torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    grads[1][3, 0] = float("inf")  # a row of rank 1's shard
+    ranks = [[t.chunk(2)[r] for t in grads] for r in range(2)]
+    sharding = Sharding("dtensor", owned=owned)
+    # the packed vector each rank hands the SUM all-reduce, and the sum that comes back
+    summed = sum(sharding.nonfinite_flags(squared_norms(local)) for local in ranks)
+    expected = sum(sharding.owns(i) and not torch.isfinite(t).all().item() for i, t in enumerate(grads))
+    assert count_flagged(summed).item() == pytest.approx(float(expected), abs=1e-9)
+    assert expected == (2 if owned[1] else 1)
+    # the per-rank count, summed over ranks, is what over-counted
+    assert sum(sharding.count_nonfinite(squared_norms(local)).item() for local in ranks) == pytest.approx(
+        float(expected + 1), abs=1e-9)
 
 
 def test_weight_rows_and_row_sharding_of_plain_weights():

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def test_tensor_norms_match_float64_reference():
     tensors = _tensors()
     expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
     got = tensor_norms(tensors)
-    assert got.dtype == torch.float32 and got.shape == (len(tensors),)
+    assert got.dtype == torch.float64 and got.shape == (len(tensors),)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -69,3 +70,18 @@ def test_empty_inputs():
 def test_grouped_norms_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         grouped_norms(torch.ones(3), torch.zeros(2, dtype=torch.long), 1)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e20, 1e30, 1e38])
+def test_finite_tensors_whose_float32_squares_overflow_get_finite_exact_norms(scale):
+    """Before: norms were accumulated in float32, so any tensor norm above about 1.8e19 read as inf."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(5, 4, generator=g) * scale, torch.randn(7, generator=g).to(torch.bfloat16) * 1e19]
+    assert all(torch.isfinite(t).all() for t in tensors)
+    got = tensor_norms(tensors)
+    expected = [np.sqrt(np.sum(t.double().numpy() ** 2)) for t in tensors]  # float64 numpy: no overflow
+    assert torch.isfinite(got).all()
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)
+    assert total_norm(got).item() == pytest.approx(float(np.sqrt(np.sum(np.square(expected)))), rel=1e-6)
+    grouped = grouped_norms(got, torch.tensor([0, 0]), 1)
+    assert grouped.item() == pytest.approx(float(np.sqrt(np.sum(np.square(expected)))), rel=1e-6)

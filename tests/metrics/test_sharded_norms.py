@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,10 +28,10 @@ def test_squared_norms_of_row_shards_sum_to_the_float64_norms(shards):
         assert math.isclose(summed[group].sqrt().item(), ref, rel_tol=1e-5, abs_tol=0)
 
 
-def test_squared_norms_are_float32_squares_of_tensor_norms_and_zero_when_empty():
+def test_squared_norms_are_float64_squares_of_tensor_norms_and_zero_when_empty():
     params = [*_params(1), torch.ones(0, 3)]
     got = squared_norms(params)
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float64
     torch.testing.assert_close(got, tensor_norms(params).square())
     assert got[-1].item() == pytest.approx(0.0, abs=1e-30)
 
@@ -49,3 +50,12 @@ def test_nonfinite_shard_makes_the_sum_nonfinite():
 def test_grouped_squares_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         grouped_squares(torch.ones(3), torch.zeros(2, dtype=torch.long), 1)
+
+
+def test_squared_norms_of_huge_finite_shards_stay_finite_and_sum_to_the_float64_norm():
+    """Before: float32 squares overflowed from norms of about 1.8e19 (a finite 1e20 gradient gave inf)."""
+    g = torch.Generator().manual_seed(4)
+    whole = torch.randn(6, 5, generator=g) * 1e20
+    summed = sum(squared_norms([piece]) for piece in whole.chunk(2))  # two ranks' rows, summed by the all-reduce
+    assert torch.isfinite(summed).all()
+    assert math.sqrt(summed.item()) == pytest.approx(float(np.sqrt(np.sum(whole.double().numpy() ** 2))), rel=1e-6)
