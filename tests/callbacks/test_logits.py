@@ -313,7 +313,8 @@ class Regressor(pl.LightningModule):
         if extra == "unused":  # registered last, never called: the head by default
             self.unused = nn.Linear(1, 7)
         self.extra = extra
-        self.data = TensorDataset(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.full((8, 1), 99.0))
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        self.data = TensorDataset(x, torch.full((8, 1), 99.0))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
