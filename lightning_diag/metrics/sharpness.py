@@ -157,7 +157,8 @@ class HessianVectorProduct:
       ``loss_fn`` raises, without bumping their version counters.
     - ``"auto"`` (default): autograd; if the double backward raises a ``RuntimeError`` saying a
       derivative is not implemented (flash/efficient SDPA kernels, pytorch #116350; functions
-      marked ``once_differentiable``; ``torch.compile``), finite differences from then on, with
+      marked ``once_differentiable``; ``torch.compile``, whose backward may donate its saved
+      tensors), finite differences from then on, with
       the reason in :attr:`fallback_reason`. Other errors propagate.
 
     ``loss_fn`` must give the same function of the parameters at every call (same batch, same
@@ -715,7 +716,8 @@ class SharpnessEstimator:
       preconditioned version -> ``.../<group>`` figures. A block's top eigenvalue is at most the
       full one (interlacing): it says which group is closest to its limit.
 
-    Each operator keeps its vector (and power iteration's shift) between checks: ``cold_iters``
+    Each operator keeps its vector (and power iteration's shift) between checks, and in
+    :meth:`state_dict` (on the CPU), so a restored estimator continues alike: ``cold_iters``
     products the first time (or after the parameter count changed), ``iters`` afterwards. With
     ``tol`` set, iterations stop early (host reads). The method sticks: after a fallback to finite
     differences, later checks start with finite differences.
