@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,13 +11,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_bool, check_int, check_number
 from lightning_diag.alerts import Above, Action, NonFinite, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
 from lightning_diag.callbacks._sharding import max_over_ranks, mean_over_ranks, sum_over_ranks
 from lightning_diag.keys import Key
 from lightning_diag.layers import find_module, last_linear
-from lightning_diag.metrics.logits import AttentionLogitRecorder, OutputLogitStats, output_logit_stats
+from lightning_diag.metrics.logits import (
+    AttentionLogitRecorder, OutputLogitStats, compiled_regions, output_logit_stats, traced_modules,
+)  # fmt: skip
 from lightning_diag.metrics.stats import EmaBaseline
 
 __all__ = ["LogitMonitor"]
@@ -41,7 +44,13 @@ class LogitMonitor(DiagnosticCallback):
     maximum pre-softmax logit over ``max_queries`` sampled queries, masks, ``is_causal`` and a
     user-supplied scale honoured, and the minimum attention entropy over heads. The output head
     (the last ``nn.Linear`` registered, or ``output=<module name>``) gives ``log Z`` per row,
-    ``max |logit|`` and the share of rows in softmax collapse. Nothing is active between checks;
+    ``max |logit|`` and the share of rows in softmax collapse, from its last call in the forward
+    (one warning if it was not called, or called more than once: a shared or tied layer; then
+    name the head with ``output=``). A one-output head (regression, binary cross-entropy) has no
+    softmax: only ``output_max`` is logged, with one warning. ``torch.compile``'d submodules are
+    not hooked (dynamo would trace the hooks and recompile): their attention calls are not
+    recorded, and a head inside one is read at the compiled module's output (both said once).
+    Nothing is active between checks;
     the recorder and hook are gone before the backward. Under DDP the maxima are reduced with MAX,
     the means with SUM, so every rank sees the global figures.
 
@@ -58,10 +67,14 @@ class LogitMonitor(DiagnosticCallback):
         check_every_n_steps: measure on optimizer steps ``s`` with ``(s + 1) % n == 0``.
         every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
         attention: record attention calls.
-        output: the output head's module name, ``None`` for the last ``nn.Linear``, ``False`` for none.
+        output: the output head's module name (as in ``model.named_modules()``, e.g. ``"lm_head"``;
+            the module whose output is the model's logits), ``None`` for the last ``nn.Linear``
+            registered, ``False`` for no output figures. Name it when the last ``nn.Linear``
+            registered is not the head (an unused or auxiliary layer, a head shared with an inner use).
         max_queries: query rows sampled per attention call.
         attention_threshold, growth_factor, log_z_threshold, collapse_threshold: alert thresholds
-            (``None`` disables a rule).
+            (``None`` disables a rule): ``> 0``; ``growth_factor > 1``; ``collapse_threshold`` (a
+            share) in ``(0, 1)``.
         baseline_checks: checks averaged into the attention baseline before the growth rule fires.
         patience: steps a condition must hold (checks are ``check_every_n_steps`` apart).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
@@ -115,13 +128,13 @@ class LogitMonitor(DiagnosticCallback):
             check_int(name, value, low)
         if output is not None and not isinstance(output, (str, bool)) or output is True:
             raise ValueError(f"`output` must be None (the last nn.Linear), a module name or False, got {output!r}")
-        if not isinstance(attention, bool):
-            raise ValueError(f"`attention` must be True or False, got {attention!r}")
+        check_bool("attention", attention)
+        check_number("attention_threshold", attention_threshold, 0.0, optional=True)
+        check_number("growth_factor", growth_factor, 1.0, optional=True)  # a ratio to the baseline: 1 is no growth
+        check_number("log_z_threshold", log_z_threshold, 0.0, optional=True)
+        check_number("collapse_threshold", collapse_threshold, 0.0, 1.0, optional=True)  # a share never exceeds 1
         thresholds = {"attention_threshold": attention_threshold, "growth_factor": growth_factor,
                       "log_z_threshold": log_z_threshold, "collapse_threshold": collapse_threshold}  # fmt: skip
-        for name, value in thresholds.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}")
         self.check_every_n_steps, self.attention, self.output_name = check_every_n_steps, attention, output
         self.max_queries, self.checks = max_queries, Cadence(check_every_n_steps)
         self.baseline = EmaBaseline(1, alpha=0.999, warmup=baseline_checks)  # the mean of the first checks
@@ -131,6 +144,9 @@ class LogitMonitor(DiagnosticCallback):
         self._builtin_rules += [Above(f"logits/{keys[n]}", v, patience=patience) for n, v in thresholds.items()
                                 if v is not None]  # fmt: skip
         self._head: nn.Module | None = None
+        self._head_name = ""
+        self._head_calls = 0
+        self._outputs = 0  # the head's output size (its last dimension) at the last call
         self._hook: Any = None
         self._recorder: AttentionLogitRecorder | None = None
         self._logits: OutputLogitStats | None = None
@@ -144,23 +160,51 @@ class LogitMonitor(DiagnosticCallback):
         return self._generate_state_key(output=self.output_name, attention=self.attention)
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._head, self._head_name = None, ""
+        compiled = compiled_regions(pl_module)
         if self.output:
-            named = find_module(pl_module, self.output_name, "output") if isinstance(self.output_name, str) else None
-            self._head = named if named is not None else (last_linear(pl_module) or (None, None))[1]
+            if isinstance(self.output_name, str):
+                self._head_name, self._head = self.output_name, find_module(pl_module, self.output_name, "output")
+            else:
+                self._head_name, self._head = last_linear(pl_module) or ("", None)
             if self._head is None:
                 self.warn_once("no-head", "the model has no nn.Linear output head; output logits are not measured")
+            elif compiled:
+                self._head = self._eager_head(compiled)
+        if self.attention and compiled:
+            self.warn_once("compiled", f"attention calls inside the torch.compile'd {list(compiled)[:5]} are not "
+                                       "recorded: a hook or mode there would be traced by dynamo and recompile it")
         self.layers = [n or "model" for n, m in pl_module.named_modules()] if self.attention else []
 
+    def _eager_head(self, compiled: dict[str, nn.Module]) -> nn.Module | None:
+        """The head, or the compiled module around it whose hooks run eagerly (a hook inside would be traced)."""
+        for name, region in compiled.items():
+            if self._head not in traced_modules(region):
+                continue
+            if getattr(region, "_compiled_call_impl", None) is not None:  # compiled in place: no eager boundary
+                self.warn_once("compiled-head", f"the output head {self._head_name!r} is compiled in place "
+                               f"(`{name}.compile()`), where a hook would be traced by dynamo: output logits are not "
+                               "measured; pass `output=` with a module outside it, or use `torch.compile(module)`")
+                return None
+            self.warn_once("compiled-head", f"the output head {self._head_name!r} runs inside the torch.compile'd "
+                           f"{name!r}, where a hook would be traced by dynamo: the output figures are of {name!r}'s "
+                           "output; pass `output=` to choose another module")
+            self._head_name = name
+            return region
+        return self._head
+
     def arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._logits = None
+        self._logits, self._head_calls = None, 0
         if self.attention:
             self._recorder = AttentionLogitRecorder(pl_module, max_queries=self.max_queries).__enter__()
         if self._head is not None:
             self._hook = self._head.register_forward_hook(self._on_output)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._logits is None and isinstance(output, Tensor) and output.ndim >= 1:
-            self._logits = output_logit_stats(output)
+        self._head_calls += 1
+        if isinstance(output, Tensor) and output.ndim >= 1 and output.shape[-1] > 0:
+            # the last call's: a layer reused inside the model (tied, shared) gives the logits last
+            self._logits, self._outputs = output_logit_stats(output), output.shape[-1]
 
     def disarm(self) -> None:
         if self._hook is not None:
@@ -179,6 +223,7 @@ class LogitMonitor(DiagnosticCallback):
         if self._recorder is not None and self._recorder.errors:
             self.warn_once("attention-errors", f"attention logits not measured for: {self._recorder.errors}")
         logits, self._recorder, self._logits = self._logits, None, None
+        self._check_head_calls()
         values: dict[str, Tensor] = {}
         layers = list(stats)
         if layers:  # global figures: maxima with a MAX all-reduce; the entropy is a mean over query
@@ -192,8 +237,26 @@ class LogitMonitor(DiagnosticCallback):
             values.update(self._output_figures(logits))
         return Figures(values, layers) if values else None
 
-    @staticmethod
-    def _output_figures(s: OutputLogitStats) -> dict[str, Tensor]:
+    def _check_head_calls(self) -> None:
+        if self._head is None or self._head_calls == 1:
+            return
+        chosen = f"`output={self._head_name!r}`" if isinstance(self.output_name, str) else (
+            f"{self._head_name!r}, the last nn.Linear registered")  # fmt: skip
+        if self._head_calls == 0:
+            self.warn_once("head-unused", f"the output head {chosen} was not called in the forward of a check step, "
+                                          "so no output figure is measured; pass `output=<module name>` to name the "
+                                          "module that gives the logits")  # fmt: skip
+        else:
+            self.warn_once("head-reused", f"the output head {chosen} was called {self._head_calls} times in one "
+                                          "forward (a shared or tied layer?): the output figures are of its last call; "
+                                          "pass `output=<module name>` if another module gives the logits")  # fmt: skip
+
+    def _output_figures(self, s: OutputLogitStats) -> dict[str, Tensor]:
+        if self._outputs < 2:  # regression, binary cross-entropy: no softmax to speak of
+            self.warn_once("one-output", f"the output head {self._head_name!r} has one output: the softmax figures "
+                                         "(log Z, softmax_collapse) need >= 2 outputs and are not logged, nor alerted "
+                                         "on; output_max is")  # fmt: skip
+            return {"output_max": max_over_ranks(s.output_max.reshape(1))[0]}
         sums = sum_over_ranks(torch.stack([s.log_z_mean * s.num_rows, s.softmax_collapse * s.num_rows, s.num_rows]))
         extremes = max_over_ranks(torch.stack([s.log_z_max, -s.log_z_min, s.output_max]))
         return {"log_z_mean": sums[0] / sums[2], "softmax_collapse": sums[1] / sums[2], "log_z_max": extremes[0],
@@ -207,7 +270,17 @@ class LogitMonitor(DiagnosticCallback):
         mean = float(self.baseline.mean[0])
         if not ready:
             self.baseline.update([peak])  # the baseline is the first checks' mean: later growth is measured against it
-        return {"attention_growth": peak / mean if ready and mean > 0 else 0.0}  # NaN logits give NaN growth
+        if ready and mean > 0:
+            return {"attention_growth": peak / mean}  # NaN logits give NaN growth
+        return {"attention_growth": 0.0 if math.isfinite(peak) else math.nan}  # no baseline yet; NaN is never 0
+
+    def publish(self, trainer: pl.Trainer, step: int) -> None:
+        # Every figure is a check-rate stream, on the host since its check: a check between two
+        # logging steps is logged at the next one, at its own step, as SpectralAlignmentMonitor's held
+        # figures are (the base logs the host's figures only of a check on the logging step itself).
+        if self._host is not None and self._logged_step < self._host[0] < step:
+            step = self._host[0]
+        super().publish(trainer, step)
 
     def extra_state(self) -> dict[str, Any]:
         return {"baseline": self.baseline.state_dict()}

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_bool, check_int, check_number
 from lightning_diag.alerts import Above, Action, NonFinite, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures
 from lightning_diag.callbacks._sharding import DTensor, mean_over_ranks
@@ -61,8 +61,10 @@ class SharpnessMonitor(DiagnosticCallback):
     unscaled, weights not yet updated), :class:`~lightning_diag.metrics.sharpness.SharpnessEstimator`
     runs a restarted Lanczos iteration on Hessian-vector products of the loss recomputed on the
     step's batch, warm-started from the previous check's vector (``iters`` products per operator;
-    ``cold_iters`` the first time): double backward, or finite differences of gradients where a
-    kernel has no double backward (flash attention; which ran is in the warning it gives once).
+    ``cold_iters`` the first time; the vectors are checkpointed, so a resumed run measures what the
+    uninterrupted one would): double backward, or finite differences of gradients where a kernel
+    has no double backward (flash attention, ``torch.compile``'d submodules; which ran is in the
+    warning it gives once). Sparse gradients (``nn.Embedding(sparse=True)``) are densified.
     The loss comes from ``loss_fn(pl_module, batch, batch_idx)``, by default
     :func:`training_step_loss`; every evaluation runs under a
     :class:`~lightning_diag.metrics.sharpness.TrainingStateGuard`: buffers (BatchNorm statistics),
@@ -92,7 +94,7 @@ class SharpnessMonitor(DiagnosticCallback):
         trace_probes: Hutchinson probes for ``sharpness/trace`` (0: none).
         stability_threshold: alert threshold on the stability ratio (``None``: no alert).
         patience: steps the ratio must stay above it (checks are ``check_every_n_steps`` apart).
-        seed: seed of the cold-start vectors and probes.
+        seed: seed of the cold-start vectors and probes, in ``[0, 2**63)``.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra rules on the logged keys, e.g. ``Above("sharpness/lambda_max", 1e4)``.
 
@@ -138,14 +140,14 @@ class SharpnessMonitor(DiagnosticCallback):
         rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
-        for name, value, low in (("check_every_n_steps", check_every_n_steps, 1), ("patience", patience, 1),
-                                 ("seed", seed, 0)):  # fmt: skip
-            check_int(name, value, low)
+        check_int("check_every_n_steps", check_every_n_steps, 1)
+        check_int("patience", patience, 1)
+        check_int("seed", seed, 0, maximum=2**63 - 1)  # a generator seed: 2**70 would overflow at the first check
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be None or a callable(pl_module, batch, batch_idx), got {loss_fn!r}")
-        if stability_threshold is not None and (isinstance(stability_threshold, bool) or not isinstance(
-                stability_threshold, (int, float)) or not stability_threshold > 0):  # fmt: skip
-            raise ValueError(f"`stability_threshold` must be None or a number > 0, got {stability_threshold!r}")
+        check_number("stability_threshold", stability_threshold, 0.0, optional=True)
+        if per_group is not None:
+            check_bool("per_group", per_group)
         # SharpnessEstimator validates iters, cold_iters, method and trace_probes with the same messages.
         self.estimator = SharpnessEstimator(iters=iters, cold_iters=cold_iters, method=method, per_group=per_group,
                                             trace_probes=trace_probes, seed=seed)  # fmt: skip
@@ -198,6 +200,14 @@ class SharpnessMonitor(DiagnosticCallback):
             if all(f"{name}/{g}" in result.figures for g in groups) and groups:
                 values[f"{name}/{{layer}}"] = torch.stack([result.figures[f"{name}/{g}"] for g in groups])
         return Figures(values, groups)
+
+    def publish(self, trainer: pl.Trainer, step: int) -> None:
+        # Every figure is a check-rate stream, on the host since its check: a check between two
+        # logging steps is logged at the next one, at its own step, as SpectralAlignmentMonitor's held
+        # figures are (the base logs the host's figures only of a check on the logging step itself).
+        if self._host is not None and self._logged_step < self._host[0] < step:
+            step = self._host[0]
+        super().publish(trainer, step)
 
     def extra_state(self) -> dict[str, Any]:
         return {"estimator": self.estimator.state_dict()}

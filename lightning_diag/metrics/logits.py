@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, NamedTuple
@@ -39,9 +40,11 @@ __all__ = [
     "AttentionLogitStats",
     "OutputLogitStats",
     "attention_logit_stats",
+    "compiled_regions",
     "mha_attention_stats",
     "output_logit_stats",
     "sdpa_attention_stats",
+    "traced_modules",
 ]
 
 _SDPA = F.scaled_dot_product_attention
@@ -294,6 +297,42 @@ def mha_attention_stats(
 # -- recording every attention call of a model ----------------------------------------------------
 
 
+def compiled_regions(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost ``torch.compile``'d modules of ``model``, by name: ``torch.compile(module)``
+    wrappers (``OptimizedModule``, whose own hooks run eagerly around the compiled call) and modules
+    compiled in place by ``module.compile()`` (whose hooks are compiled with them).
+
+    Hooks on the modules inside (and on an in-place compiled module itself) would be traced by
+    dynamo: a guard fails, the region recompiles, and hooks with side effects break the trace.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), torch.compile(nn.Linear(2, 1)))
+        >>> list(compiled_regions(net))
+        ['1']
+    """
+    regions: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in regions):
+            continue
+        if _is_compile_wrapper(module) or getattr(module, "_compiled_call_impl", None) is not None:
+            regions[name or "model"] = module
+    return regions
+
+
+def traced_modules(model: nn.Module) -> set[nn.Module]:
+    """The modules of ``model`` whose hooks dynamo would trace (see :func:`compiled_regions`)."""
+    inside: set[nn.Module] = set()
+    for module in compiled_regions(model).values():
+        inside.update((module._orig_mod if _is_compile_wrapper(module) else module).modules())
+    return inside
+
+
+def _is_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile(module)`` wrapper (``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile: no import cost here
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
 class _SdpaInterceptor(TorchFunctionMode):
     """Hands the arguments of every ``F.scaled_dot_product_attention`` call to ``on_call``, then
     runs the call unchanged (inside ``__torch_function__`` the mode is off: no recursion)."""
@@ -304,7 +343,7 @@ class _SdpaInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is _SDPA:
+        if func is _SDPA and not torch.compiler.is_compiling():  # dynamo tracing a module compiled in place
             self.on_call(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -324,6 +363,12 @@ class AttentionLogitRecorder:
 
     A statistic that fails to compute (an exotic input such as a nested tensor) never breaks the
     forward: the call is skipped and counted in :attr:`errors` (name -> first error message).
+
+    ``torch.compile``'d modules (:func:`compiled_regions`, listed in :attr:`compiled`) are left
+    alone: no hook inside them (dynamo would trace it and recompile), and the ``TorchFunctionMode``
+    is off while one runs (its guards see the usual mode stack, so nothing recompiles; for a module
+    compiled in place, ``module.compile()``, its compiled call is wrapped for the block). Their
+    attention calls are not recorded.
 
     Args:
         model: the module whose attention calls are recorded.
@@ -350,8 +395,11 @@ class AttentionLogitRecorder:
         self._inside_mha = 0
         self._exit: ExitStack | None = None
         self._stats: dict[str, AttentionLogitStats] = {}
+        self._mode: _SdpaInterceptor | None = None
+        self._suspended: list[TorchFunctionMode | None] = []
         self.num_calls = 0
         self.errors: dict[str, str] = {}
+        self.compiled: list[str] = []
 
     def reset(self) -> None:
         """Forget what was recorded."""
@@ -393,16 +441,28 @@ class AttentionLogitRecorder:
             raise RuntimeError("AttentionLogitRecorder is not re-entrant")
         # Named at entry, not at construction: the model may have changed in between.
         self._names = {module: (name or "model") for name, module in self.model.named_modules()}
+        traced, regions = traced_modules(self.model), compiled_regions(self.model)
+        self.compiled = list(regions)
         stack = ExitStack()
         try:
+            for region in regions.values():  # compiled in place: the mode is off inside (see above)
+                compiled_call = getattr(region, "_compiled_call_impl", None)
+                if compiled_call is not None and self.sdpa:
+                    region._compiled_call_impl = self._suspended_call(compiled_call)
+                    stack.callback(setattr, region, "_compiled_call_impl", compiled_call)
             for module in self._names:
+                if module in traced:
+                    continue
+                if _is_compile_wrapper(module) and self.sdpa:  # the mode is off inside (see above)
+                    stack.callback(module.register_forward_pre_hook(self._suspend).remove)
+                    stack.callback(module.register_forward_hook(self._resume, always_call=True).remove)
                 stack.callback(module.register_forward_pre_hook(self._push).remove)
                 stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
                 if self.mha and isinstance(module, nn.MultiheadAttention):
                     stack.callback(module.register_forward_pre_hook(self._on_mha, with_kwargs=True).remove)
                     stack.callback(module.register_forward_hook(self._leave_mha, always_call=True).remove)
             if self.sdpa:
-                stack.enter_context(_SdpaInterceptor(self._on_sdpa))
+                self._mode = stack.enter_context(_SdpaInterceptor(self._on_sdpa))
         except BaseException:
             stack.close()
             raise
@@ -413,12 +473,35 @@ class AttentionLogitRecorder:
         exit_stack, self._exit = self._exit, None
         self._stack.clear()
         self._inside_mha = 0
+        while self._suspended:  # a compiled call that never returned: the mode goes back before it is popped
+            self._resume(None, None, None)
+        self._mode = None
         if exit_stack is not None:
             exit_stack.close()
 
     # hooks
     def _push(self, module: nn.Module, args: Any) -> None:
         self._stack.append(module)
+
+    def _suspend(self, module: nn.Module | None, args: Any) -> None:
+        stack = torch.overrides._get_current_function_mode_stack()
+        mine = self._mode is not None and bool(stack) and stack[-1] is self._mode
+        self._suspended.append(torch._C._pop_torch_function_stack() if mine else None)
+
+    def _suspended_call(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def suspended(*args: Any, **kwargs: Any) -> Any:
+            self._suspend(None, args)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._resume(None, args, None)
+
+        return suspended
+
+    def _resume(self, module: nn.Module | None, args: Any, output: Any) -> None:
+        mode = self._suspended.pop() if self._suspended else None
+        if mode is not None:
+            torch._C._push_on_torch_function_stack(mode)
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1] is module:
@@ -448,7 +531,8 @@ class OutputLogitStats(NamedTuple):
         log_z_max: ``()`` its maximum.
         log_z_min: ``()`` its minimum (Wortsman et al.'s divergence drives ``log Z`` far below 0).
         output_max: ``()`` largest ``|logit|``.
-        softmax_collapse: ``()`` share of rows whose float32 top softmax probability is exactly 1.
+        softmax_collapse: ``()`` share of rows whose float32 top softmax probability is exactly 1
+            (NaN if a row's logits are not all finite, or with one output).
         num_rows: ``()`` rows counted (for a sum-then-divide reduction across processes).
     """
 
@@ -475,7 +559,9 @@ def output_logit_stats(logits: Tensor, valid: Tensor | None = None) -> OutputLog
     ``16.6 + log(n)`` for ``n`` equal ones. ``t`` is summed without the leading 1, which would
     round small terms away one by one; a softmax kernel that adds in another order can decide
     differently within a few percent of the threshold. Rows are processed in chunks, so the
-    float32 temporaries stay bounded for large vocabularies.
+    float32 temporaries stay bounded for large vocabularies. A row with a NaN or infinite logit
+    counts as NaN in the collapse share (NaN in, NaN out), and so does every row of a one-output
+    head (``vocab == 1``: regression, binary cross-entropy), whose softmax is meaningless.
 
     Args:
         logits: ``(..., vocab)``.
@@ -509,7 +595,10 @@ def output_logit_stats(logits: Tensor, valid: Tensor | None = None) -> OutputLog
             ties = (z == m).sum(-1) - 1
             tail = torch.where(z == m, 0.0, torch.exp(z - m)).sum(-1) + ties
             log_z.append(m.squeeze(-1) + torch.log1p(tail))
-            top_one.append((1 / (1 + tail.float())) == 1.0)
+            # A row with a NaN or infinite logit has no softmax (the kernel gives NaN), nor has one output:
+            # NaN, never a healthy-looking 0 or a meaningless 1.
+            broken = ~torch.isfinite(m.squeeze(-1)) if vocab > 1 else torch.ones_like(tail, dtype=torch.bool)
+            top_one.append(torch.where(broken, math.nan, ((1 / (1 + tail.float())) == 1.0).to(dtype)))
             abs_max.append(z.abs().amax(-1))
         log_z_all, collapse, row_max = torch.cat(log_z), torch.cat(top_one), torch.cat(abs_max)
         if keep is not None:
@@ -527,6 +616,6 @@ def output_logit_stats(logits: Tensor, valid: Tensor | None = None) -> OutputLog
             log_z_max=torch.where(empty, nan, pick(log_z_all, -math.inf).amax()),
             log_z_min=torch.where(empty, nan, pick(log_z_all, math.inf).amin()),
             output_max=torch.where(empty, nan, pick(row_max, -math.inf).amax()),
-            softmax_collapse=pick(collapse.to(dtype), 0.0).sum() / n,
+            softmax_collapse=pick(collapse, 0.0).sum() / n,
             num_rows=n,
         )

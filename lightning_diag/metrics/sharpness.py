@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_bool, check_int, check_number
 
 __all__ = [
     "EigenEstimate",
@@ -56,8 +56,10 @@ T = TypeVar("T")
 # Substrings of the RuntimeError messages raised when a backward has no derivative of its own:
 # "derivative for aten::_scaled_dot_product_flash_attention_backward is not implemented" (pytorch
 # #116350), "trying to differentiate twice a function that was marked with @once_differentiable",
-# torch.compile's "does not currently support double backward".
-_NO_DOUBLE_BACKWARD = ("is not implemented", "differentiate twice", "double backward")
+# torch.compile's "does not currently support double backward", and its "compiled with non-empty
+# donated buffers which requires create_graph=False" (a compiled backward that frees its saved tensors).
+_NO_DOUBLE_BACKWARD = ("is not implemented", "differentiate twice", "double backward", "donated buffers")
+_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; trace probes add the check count to it
 
 
 def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -69,7 +71,9 @@ def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _flat(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    # Sparse gradients (nn.Embedding(sparse=True)) come out of autograd.grad as COO tensors: densified,
+    # since the vectors are flat over every entry of every parameter anyway.
+    return torch.cat([(t.to_dense() if t.layout != torch.strided else t).reshape(-1).to(dtype) for t in tensors])
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -100,8 +104,7 @@ def _check_hvp_args(method: str, fd_scheme: str, fd_step: float | None) -> None:
         raise ValueError(f"`method` must be 'auto', 'autograd' or 'finite_difference', got {method!r}")
     if fd_scheme not in ("forward", "central"):
         raise ValueError(f"`fd_scheme` must be 'forward' or 'central', got {fd_scheme!r}")
-    if fd_step is not None and not (isinstance(fd_step, (int, float)) and 0 < fd_step < 1):
-        raise ValueError(f"`fd_step` must be None or a float in (0, 1), got {fd_step!r}")
+    check_number("fd_step", fd_step, 0.0, 1.0, optional=True)
 
 
 def _undifferentiable_node(grads: Sequence[Tensor]) -> str | None:
@@ -154,7 +157,8 @@ class HessianVectorProduct:
       ``loss_fn`` raises, without bumping their version counters.
     - ``"auto"`` (default): autograd; if the double backward raises a ``RuntimeError`` saying a
       derivative is not implemented (flash/efficient SDPA kernels, pytorch #116350; functions
-      marked ``once_differentiable``; ``torch.compile``), finite differences from then on, with
+      marked ``once_differentiable``; ``torch.compile``, whose backward may donate its saved
+      tensors), finite differences from then on, with
       the reason in :attr:`fallback_reason`. Other errors propagate.
 
     ``loss_fn`` must give the same function of the parameters at every call (same batch, same
@@ -471,8 +475,7 @@ def top_eigenvalue(
     check_int("basis", basis, 1)
     if algorithm not in ("lanczos", "power"):
         raise ValueError(f"`algorithm` must be 'lanczos' or 'power', got {algorithm!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"`tol` must be None or > 0, got {tol!r}")
+    check_number("tol", tol, 0.0, optional=True)
     if v0.ndim != 1:
         raise ValueError(f"`v0` must be a 1-D (flat) vector, got shape {tuple(v0.shape)}")
     v = _unit(v0.detach())
@@ -713,7 +716,8 @@ class SharpnessEstimator:
       preconditioned version -> ``.../<group>`` figures. A block's top eigenvalue is at most the
       full one (interlacing): it says which group is closest to its limit.
 
-    Each operator keeps its vector (and power iteration's shift) between checks: ``cold_iters``
+    Each operator keeps its vector (and power iteration's shift) between checks, and in
+    :meth:`state_dict` (on the CPU), so a restored estimator continues alike: ``cold_iters``
     products the first time (or after the parameter count changed), ``iters`` afterwards. With
     ``tol`` set, iterations stop early (host reads). The method sticks: after a fallback to finite
     differences, later checks start with finite differences.
@@ -726,7 +730,7 @@ class SharpnessEstimator:
         method, fd_scheme, fd_step: see :class:`HessianVectorProduct`.
         per_group: per-group figures; None: only when groups have different learning rates.
         trace_probes: Hutchinson probes per check (0: no ``trace`` figure).
-        seed: seed of the cold-start vectors and the probes (private generators).
+        seed: seed of the cold-start vectors and the probes (private generators), in ``[0, 2**63)``.
 
     Example:
         >>> w = nn.Parameter(torch.tensor([1.0, 1.0]))
@@ -759,10 +763,12 @@ class SharpnessEstimator:
         check_int("cold_iters", cold_iters, 1)
         check_int("basis", basis, 1)
         check_int("trace_probes", trace_probes, 0)
+        check_int("seed", seed, 0, maximum=_MAX_SEED)
+        if per_group is not None:
+            check_bool("per_group", per_group)
         if algorithm not in ("lanczos", "power"):
             raise ValueError(f"`algorithm` must be 'lanczos' or 'power', got {algorithm!r}")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"`tol` must be None or > 0, got {tol!r}")
+        check_number("tol", tol, 0.0, optional=True)
         _check_hvp_args(method, fd_scheme, fd_step)
         self.iters, self.cold_iters, self.tol = iters, cold_iters, tol
         self.algorithm, self.basis = algorithm, basis
@@ -782,12 +788,17 @@ class SharpnessEstimator:
         return self._warm[operator][0] if operator in self._warm else None
 
     def state_dict(self) -> dict[str, Any]:
-        # The vectors are model-sized: not checkpointed; a resumed run pays one cold start.
-        return {"method": self.method, "fallback_reason": self.fallback_reason, "checks": self._checks}
+        # The warm-start vectors (model-sized, on the CPU) are checkpointed: a resumed run starts where
+        # the uninterrupted one would, not from a cold vector that `iters` products leave far from the top.
+        warm = {name: {"vector": v.detach().cpu(), "shift": shift.detach().cpu()} for name, (v, shift) in
+                self._warm.items()}  # fmt: skip
+        return {"method": self.method, "fallback_reason": self.fallback_reason, "checks": self._checks, "warm": warm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method, self.fallback_reason = state["method"], state["fallback_reason"]
         self._checks = state["checks"]
+        # Left on the CPU: the first check moves each to the parameters' device and dtype.
+        self._warm = {name: (w["vector"].clone(), w["shift"].clone()) for name, w in state.get("warm", {}).items()}
 
     def estimate(
         self,
@@ -832,6 +843,8 @@ class SharpnessEstimator:
             vector = random_unit_vector(n, device=like.device, dtype=like.dtype, seed=self.seed)
             shift, iters = None, self.cold_iters
         else:
+            # A no-op but after a resume (the checkpointed vectors are on the CPU).
+            vector, shift = vector.to(like.device, like.dtype), shift.to(like.device, like.dtype)
             iters = self.iters
         est = top_eigenvalue(matvec, vector, iters=iters, algorithm=self.algorithm, basis=self.basis, tol=self.tol,
                              shift=shift)

@@ -11,6 +11,7 @@ than ``max_queries``, so the monitor's maximum is exact.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import LogitMonitor
+from lightning_diag.alerts import DiagnosticWarning
 
 E, HEADS, L, N, CLASSES = 8, 2, 6, 4, 3  # embedding, heads, sequence length, sequences per batch, classes
 
@@ -238,6 +240,207 @@ def test_softmax_collapse_counts_the_rows_whose_top_probability_rounds_to_one() 
         ("logits/log_z_abs_max", 0, "warning"), ("logits/softmax_collapse", 0, "warning")]
 
 
+# -- cadence: a check between logging steps -------------------------------------------------------
+
+
+class LoggedSoFar(Callback):
+    """After the monitor: the steps of ``key`` logged so far, at the end of each step (``seen[step]``)."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.seen = key, {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen[trainer.global_step - 1] = sorted(trainer.logger.values(self.key))
+
+
+def test_a_check_between_logging_steps_is_logged_at_the_next_logging_step() -> None:
+    # checks at 2, 5, 8, 11 (every 3), logging steps 4 and 9 (every 5) and the end: each logging step logs
+    # the latest check since the one before, at the check's own step, with that check's figures
+    model, reference, so_far = AttentionClassifier("causal"), HandReference(), LoggedSoFar("logits/attention_max")
+    trainer = fit(model, LogitMonitor(check_every_n_steps=3, action="log"), reference, so_far, max_steps=12,
+                  log_every_n_steps=5)
+    assert so_far.seen[3] == [] and so_far.seen[4] == [2] and so_far.seen[8] == [2] and so_far.seen[9] == [2, 8]
+    for figure in ("log_z_max", "output_max"):
+        logged = trainer.logger.values(f"logits/{figure}")
+        assert sorted(logged) == [2, 8, 11], figure  # 11: the last check, flushed at the end
+        for step, value in logged.items():
+            assert value == pytest.approx(reference.output[step][figure], rel=1e-5), (figure, step)
+    attention = trainer.logger.values("logits/attention_max")
+    assert {s: pytest.approx(reference.attention[s], rel=1e-5) for s in (2, 8, 11)} == attention
+
+
+# -- NaN in, NaN out; heads a softmax does not fit -------------------------------------------------
+
+
+class PoisonHead(Callback):
+    """At the start of step ``at``, one NaN weight in every row of the head: every output logit is NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                pl_module.head.weight[:, 0] = math.nan
+
+
+def test_nan_logits_give_nan_collapse_and_growth_never_a_healthy_zero() -> None:
+    # the query and key weights and the head's turn NaN at step 1, inside the growth rule's warm-up (5
+    # checks): every attention logit and every output logit is NaN from then on
+    monitor = LogitMonitor(check_every_n_steps=1, baseline_checks=5, growth_factor=10.0, action="log")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)  # the non-finite alerts
+        trainer = fit(AttentionClassifier("causal", lr=0.0), monitor, ScaleQK(at=1, factor=math.nan),
+                      PoisonHead(at=1), max_steps=3)
+    growth, collapse = (trainer.logger.values(f"logits/{k}") for k in ("attention_growth", "softmax_collapse"))
+    assert growth[0] == pytest.approx(0.0, abs=1e-12) and collapse[0] == pytest.approx(0.0, abs=1e-12)  # healthy
+    for step in (1, 2):
+        assert math.isnan(trainer.logger.values("logits/attention_max")[step])  # the premise
+        assert math.isnan(trainer.logger.values("logits/log_z_max")[step])
+        assert math.isnan(growth[step]), step
+        assert math.isnan(collapse[step]), step
+
+
+class Regressor(pl.LightningModule):
+    """A 3 -> 4 -> 1 tanh MLP regressor (one output: no softmax) whose outputs sit near 100."""
+
+    def __init__(self, extra: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 1)
+        with torch.no_grad():
+            self.head.bias.fill_(100.0)  # log Z of one output is the output: 100 > log_z_threshold 50
+        if extra == "unused":  # registered last, never called: the head by default
+            self.unused = nn.Linear(1, 7)
+        self.extra = extra
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        self.data = TensorDataset(x, torch.full((8, 1), 99.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def _fit_caught(model: pl.LightningModule, monitor: LogitMonitor, **kwargs: Any) -> tuple[pl.Trainer, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(model, monitor, **kwargs)
+    return trainer, [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)]
+
+
+def test_a_one_output_head_logs_no_softmax_figures_raises_no_alert_and_says_so_once() -> None:
+    model = Regressor()
+    monitor = LogitMonitor(check_every_n_steps=1, attention=False)
+    trainer, said = _fit_caught(model, monitor, max_steps=3)
+    logged = {k for k in trainer.logger.history if k != "logits/alerts"}
+    assert logged == {"logits/output_max"}  # no softmax_collapse of 1.0, no log Z of 100
+    with torch.no_grad():
+        reference = float(model(model.data.tensors[0]).double().abs().max())
+    assert trainer.logger.values("logits/output_max")[0] == pytest.approx(reference, rel=1e-6)
+    assert reference > 50  # the premise: log Z of the one output would be above log_z_threshold
+    assert monitor.alerts == []
+    assert len([m for m in said if "one output" in m]) == 1, said
+
+
+def test_an_unused_last_linear_is_said_once_and_output_names_the_head() -> None:
+    trainer, said = _fit_caught(Regressor("unused"), LogitMonitor(check_every_n_steps=1, attention=False), max_steps=3)
+    assert not [k for k in trainer.logger.history if k != "logits/alerts"]  # nothing measured...
+    unused = [m for m in said if "'unused'" in m and "was not called" in m and "output=" in m]
+    assert len(unused) == 1, said  # ...and said once
+    trainer, said = _fit_caught(Regressor("unused"), LogitMonitor(check_every_n_steps=1, attention=False,
+                                                                  output="head"), max_steps=3)  # fmt: skip
+    assert sorted(trainer.logger.values("logits/output_max")) == [0, 1, 2]
+    assert not [m for m in said if "was not called" in m]
+
+
+class SharedHead(AttentionClassifier):
+    """The head is called twice per forward: first on an inner feature (its output then feeds the
+    attention), last on the pooled features (the logits)."""
+
+    def __init__(self) -> None:
+        super().__init__("causal")
+        self.lift = nn.Linear(CLASSES, E)
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        self.inner = self.head(x)  # (N, L, CLASSES): not the model's output
+        self.logits = self.head(self.attn(x + self.lift(self.inner), padding).mean(1))
+        return self.logits
+
+
+def test_a_head_called_twice_per_forward_is_said_once_and_its_last_call_is_measured() -> None:
+    model = SharedHead()
+    monitor = LogitMonitor(check_every_n_steps=1, output="head", action="log")
+    trainer, said = _fit_caught(model, monitor, max_steps=1)
+    log_z = torch.logsumexp(model.logits.detach().double(), -1)
+    assert trainer.logger.values("logits/log_z_max")[0] == pytest.approx(float(log_z.max()), rel=1e-6)
+    inner = float(torch.logsumexp(model.inner.detach().double(), -1).max())
+    assert abs(inner - float(log_z.max())) > 1e-3  # the premise: the first call would give other figures
+    assert len([m for m in said if "called 2 times" in m]) == 1, said
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bad", "allowed"), [
+    ({"collapse_threshold": 2.0}, "(0, 1)"), ({"collapse_threshold": 1.0}, "(0, 1)"),
+    ({"growth_factor": 0.5}, "> 1"), ({"growth_factor": 1.0}, "> 1"), ({"log_z_threshold": math.nan}, "> 0"),
+    ({"attention_threshold": "100"}, "> 0"), ({"attention": "no"}, "True or False"),
+    ({"log_z_threshold": True}, "> 0"),
+])  # fmt: skip
+def test_bad_arguments_are_refused_naming_the_value_and_what_is_allowed(bad: dict[str, Any], allowed: str) -> None:
+    [(name, value)] = bad.items()
+    with pytest.raises(ValueError, match=f"`{name}`") as error:
+        LogitMonitor(**bad)
+    assert allowed in str(error.value) and repr(value) in str(error.value)
+
+
+# -- torch.compile -----------------------------------------------------------------------------------
+
+
+def _compile_or_skip(module: nn.Module) -> nn.Module:
+    """``torch.compile(module, backend="aot_eager")`` (dynamo and AOTAutograd, no C compiler), or a skip."""
+    try:
+        compiled = torch.compile(module, backend="aot_eager")
+        torch.compile(nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))
+    except Exception as error:  # noqa: BLE001 - a torch build or platform without torch.compile
+        pytest.skip(f"torch.compile is not available here: {error}")
+    return compiled
+
+
+def _graphs_compiled(*callbacks: Callback) -> tuple[pl.Trainer, HandReference, int]:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, reference = AttentionClassifier("causal"), HandReference()
+    model.attn = _compile_or_skip(model.attn)
+    trainer = fit(model, *callbacks, reference, max_steps=4)
+    return trainer, reference, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_a_compiled_submodule_is_left_alone_and_the_head_outside_it_is_measured() -> None:
+    _, _, graphs_alone = _graphs_compiled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, reference, graphs = _graphs_compiled(LogitMonitor(check_every_n_steps=2, action="log"))
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)]
+    assert graphs == graphs_alone  # no recompilation for the monitor's hooks or mode
+    assert len([m for m in said if "torch.compile'd ['attn']" in m]) == 1, said
+    assert not [k for k in trainer.logger.history if k.startswith("logits/attention")]  # not recorded inside
+    for figure in ("log_z_max", "log_z_mean", "output_max"):
+        logged = trainer.logger.values(f"logits/{figure}")
+        assert sorted(logged) == [1, 3], figure
+        for step, value in logged.items():
+            assert value == pytest.approx(reference.output[step][figure], rel=1e-5), (figure, step)
+
+
 # -- zero cost between checks -----------------------------------------------------------------------
 
 
@@ -403,4 +606,5 @@ def test_no_host_sync_outside_logging_steps_on_cuda(kind: str) -> None:
     trainer = make_trainer(callbacks=[monitor, SyncFreeForward(quiet)], max_steps=12, accelerator="gpu")
     trainer.fit(AttentionClassifier(kind))
     assert checked == quiet
-    assert sorted(trainer.logger.values("logits/attention_max")) == [9, 11]
+    # the latest check before each logging step (3 at 4, 9 at 9), and the last one at the end
+    assert sorted(trainer.logger.values("logits/attention_max")) == [3, 9, 11]

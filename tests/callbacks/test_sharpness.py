@@ -9,6 +9,7 @@ of the loss as a function of one flat float64 parameter vector, its top eigenval
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -175,6 +176,139 @@ def test_adam_preconditioned_sharpness_equals_the_dense_preconditioned_hessian()
         assert trainer.logger.values("sharpness/lambda_max")[step] == pytest.approx(reference.top[step], rel=1e-3)
     # not the SGD figure in disguise: the preconditioner is far from lr * I
     assert abs(reference.preconditioned[5] / (lr * reference.top[5]) - 1) > 0.5
+
+
+# -- cadence and resume ---------------------------------------------------------------------------
+
+
+class LoggedSoFar(Callback):
+    """After the monitor: the steps of ``key`` logged so far, at the end of each step (``seen[step]``)."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.seen = key, {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen[trainer.global_step - 1] = sorted(trainer.logger.values(self.key))
+
+
+def test_a_check_between_logging_steps_is_logged_at_the_next_logging_step() -> None:
+    # checks at 2, 5, 8, 11 (every 3), logging steps 4 and 9 (every 5) and the end: each logging step logs
+    # the latest check since the one before, at the check's own step, with that check's figures
+    monitor, reference = SharpnessMonitor(check_every_n_steps=3, action="log"), DenseReference()
+    so_far = LoggedSoFar("sharpness/lambda_max")
+    trainer = fit(FixedBatchMLP(lr=1e-3), monitor, reference, so_far, max_steps=12, log_every_n_steps=5)
+    assert so_far.seen[3] == [] and so_far.seen[4] == [2] and so_far.seen[8] == [2] and so_far.seen[9] == [2, 8]
+    logged = trainer.logger.values("sharpness/lambda_max")
+    assert sorted(logged) == [2, 8, 11]  # 11: the last check, flushed at the end
+    for step, value in logged.items():
+        assert value == pytest.approx(reference.top[step], rel=1e-3), step
+    assert sorted(trainer.logger.values("sharpness/stability_ratio")) == [2, 8, 11]
+
+
+def test_a_resumed_run_measures_what_the_uninterrupted_run_measures(tmp_path: Path) -> None:
+    # Two products per check: each check moves the vector closer to the top eigenvector, so a run that
+    # restarted from a cold vector after the resume would log other (lower) figures than the whole run.
+    arguments = {"check_every_n_steps": 2, "iters": 2, "cold_iters": 2, "action": "log"}
+    whole = fit(FixedBatchMLP(lr=1e-2, width=8), SharpnessMonitor(**arguments), max_steps=8).logger
+    first = fit(FixedBatchMLP(lr=1e-2, width=8), SharpnessMonitor(**arguments), max_steps=4)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = make_trainer(callbacks=[SharpnessMonitor(**arguments)], max_steps=8)
+    resumed.fit(FixedBatchMLP(lr=1e-2, width=8), ckpt_path=tmp_path / "half.ckpt")
+    for key in ("sharpness/lambda_max", "sharpness/stability_ratio"):
+        logged = resumed.logger.values(key)
+        assert sorted(logged) == [5, 7], key
+        for step, value in logged.items():
+            assert value == pytest.approx(whole.values(key)[step], rel=1e-5), (key, step)
+
+
+# -- what double backward cannot do ---------------------------------------------------------------
+
+
+class EmbeddingClassifier(FixedBatchMLP):
+    """Tokens -> ``nn.Embedding(6, 3, sparse=sparse)`` -> tanh -> ``nn.Linear(3, 2)``, cross-entropy on one fixed
+    batch (token 5 never appears: its rows of the Hessian are 0); SGD, which takes sparse gradients."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__(lr=0.1)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Embedding(6, 3, sparse=sparse), nn.Tanh(), nn.Linear(3, 2))
+        tokens = torch.tensor([0, 1, 2, 3, 4, 1, 2, 0])
+        self.data, self.n = TensorDataset(tokens, tokens % 2), 8
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def _cross_entropy_of(module: nn.Module) -> Callable[[dict[str, Tensor], Any], Tensor]:
+    """The loss of a dense twin of ``module`` (``sparse=False``: the reference needs no sparse gradient)."""
+    dense = copy.deepcopy(module)
+    dense[0].sparse = False
+
+    def loss(params: dict[str, Tensor], batch: Any) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(functional_call(dense, params, (x,)), y)
+
+    return loss
+
+
+def test_sparse_embedding_gradients_are_measured_against_the_dense_hessian() -> None:
+    model, reference = EmbeddingClassifier(sparse=True), DenseReference(_cross_entropy_of)
+    x, y = model.data.tensors
+    F.cross_entropy(model.net(x), y).backward()
+    assert model.net[0].weight.grad.is_sparse  # the premise: autograd gives a sparse gradient
+    model.zero_grad(set_to_none=True)
+    trainer = fit(model, SharpnessMonitor(check_every_n_steps=2, cold_iters=30, action="log"), reference, max_steps=4)
+    logged = trainer.logger.values("sharpness/lambda_max")
+    assert sorted(logged) == [1, 3]
+    for step, value in logged.items():
+        assert value == pytest.approx(reference.top[step], rel=1e-3), step
+
+
+class CompiledMLP(FixedBatchMLP):
+    """The MLP run through ``torch.compile(net, backend="aot_eager")``, whose backward donates its
+    saved tensors: no double backward. ``net`` (the same parameters) stays for the dense reference."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-3)
+        try:
+            self.compiled = torch.compile(self.net, backend="aot_eager")
+            torch.compile(nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))
+        except Exception as error:  # noqa: BLE001 - a torch build or platform without torch.compile
+            pytest.skip(f"torch.compile is not available here: {error}")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self.compiled(x), y)
+
+
+def test_a_compiled_submodule_falls_back_to_finite_differences_and_says_so_once() -> None:
+    torch._dynamo.reset()
+    model, reference = CompiledMLP(), DenseReference()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(model, SharpnessMonitor(check_every_n_steps=2, action="log"), reference, max_steps=6)
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)]
+    assert len(said) == 1, said  # once, not at every check
+    assert "finite differences" in said[0] and "donated buffers" in said[0]
+    logged = trainer.logger.values("sharpness/lambda_max")
+    assert sorted(logged) == [1, 3, 5]
+    for step, value in logged.items():  # forward differences in float32: ~1e-3 relative error
+        assert value == pytest.approx(reference.top[step], rel=0.01), step
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bad", "allowed"), [
+    ({"seed": 2**70}, "<= 9223372036854775807"), ({"seed": -1}, ">= 0"), ({"per_group": "yes"}, "True or False"),
+    ({"stability_threshold": math.nan}, "> 0"), ({"stability_threshold": -1.0}, "> 0"),
+])  # fmt: skip
+def test_bad_arguments_are_refused_naming_the_value_and_what_is_allowed(bad: dict[str, Any], allowed: str) -> None:
+    [(name, value)] = bad.items()
+    with pytest.raises(ValueError, match=f"`{name}`") as error:
+        SharpnessMonitor(**bad)
+    assert allowed in str(error.value) and repr(value) in str(error.value)
 
 
 # -- no change to training, nothing logged twice --------------------------------------------------
@@ -407,5 +541,5 @@ def test_no_host_sync_outside_logging_steps_on_cuda(optimizer: str) -> None:
     trainer = make_trainer(callbacks=[monitor], max_steps=12, accelerator="gpu")
     trainer.fit(FixedBatchMLP(optimizer=optimizer))
     assert checked == {0, 1, 2, 3, 5, 6, 7, 8, 10, 11}
-    # check steps that are logging steps: 9; the host's figures of the last check are flushed at the end
-    assert sorted(trainer.logger.values("sharpness/lambda_max")) == [9, 11]
+    # the latest check before each logging step (3 at 4, 9 at 9); the last check is flushed at the end
+    assert sorted(trainer.logger.values("sharpness/lambda_max")) == [3, 9, 11]

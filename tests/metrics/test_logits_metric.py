@@ -13,6 +13,7 @@ import lightning_diag.metrics.logits as logits_module
 from lightning_diag.metrics.logits import (
     AttentionLogitRecorder,
     attention_logit_stats,
+    compiled_regions,
     mha_attention_stats,
     output_logit_stats,
     sdpa_attention_stats,
@@ -477,3 +478,28 @@ def test_logit_statistics_make_no_host_sync_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
     assert not rec.errors and rec.num_calls == 3
     assert all(s.max_logit.is_cuda for s in rec.stats().values()) and out.log_z_mean.is_cuda
+
+
+def test_softmax_collapse_is_nan_for_a_row_with_a_non_finite_logit_and_for_one_output():
+    z = torch.tensor([[0.0, 200.0], [0.0, math.nan], [0.0, 10.0], [math.inf, 0.0]])
+    assert math.isnan(float(output_logit_stats(z).softmax_collapse))  # NaN in, NaN out: never a healthy share
+    assert float(output_logit_stats(z[[0, 2]]).softmax_collapse) == pytest.approx(0.5, abs=1e-12)  # finite rows
+    valid = torch.tensor([True, False, True, False])  # the broken rows left out
+    assert float(output_logit_stats(z, valid).softmax_collapse) == pytest.approx(0.5, abs=1e-12)
+    one = output_logit_stats(torch.tensor([[3.0], [-2.0]]))  # one output: a softmax over it is meaningless
+    assert math.isnan(float(one.softmax_collapse))
+    assert float(one.output_max) == pytest.approx(3.0, abs=1e-12)
+
+
+def test_compiled_regions_are_the_outermost_compiled_modules_and_the_recorder_hooks_nothing_inside():
+    net = nn.Sequential(nn.Linear(4, 4), torch.compile(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))),
+                        nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+    net[2].compile()  # in place: no wrapper, its own hooks are compiled with it
+    assert list(compiled_regions(net)) == ["1", "2"]
+    inside = [*net[1]._orig_mod.modules(), *net[2].modules()]
+    with AttentionLogitRecorder(net) as recorder:
+        assert recorder.compiled == ["1", "2"]
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in inside)
+        assert net[0]._forward_pre_hooks and net[1]._forward_pre_hooks  # the wrapper's run eagerly
+        assert net[2]._compiled_call_impl is not None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())

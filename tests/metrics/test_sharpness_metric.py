@@ -541,6 +541,49 @@ def test_estimator_fallback_is_sticky():
     assert fresh.method == "finite_difference"
 
 
+def test_estimator_state_carries_the_warm_vectors_so_a_restored_estimator_continues_alike():
+    # Two products per check: the figure after three checks depends on the vectors the first two left.
+    net, loss_fn, params, data = _problem()
+    whole = SharpnessEstimator(iters=2, cold_iters=2)
+    half = SharpnessEstimator(iters=2, cold_iters=2)
+    for est in (whole, half):
+        est.estimate(loss_fn, params)
+        est.estimate(loss_fn, params)
+    restored = SharpnessEstimator(iters=2, cold_iters=2)
+    restored.load_state_dict(copy.deepcopy(half.state_dict()))
+    assert restored.state_dict()["warm"]["hessian"]["vector"].device.type == "cpu"  # checkpointed on the CPU
+    expected, got = whole.estimate(loss_fn, params), restored.estimate(loss_fn, params)
+    torch.testing.assert_close(got.figures["lambda_max"], expected.figures["lambda_max"], rtol=1e-12, atol=0)
+    cold = SharpnessEstimator(iters=2, cold_iters=2).estimate(loss_fn, params)
+    assert abs(float(cold.figures["lambda_max"]) / float(expected.figures["lambda_max"]) - 1) > 1e-3  # the premise
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_hessian_vector_products_through_sparse_embedding_gradients_equal_the_dense_ones(method):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    sparse = copy.deepcopy(dense)
+    sparse[0].sparse = True
+    tokens, labels = torch.tensor([0, 1, 2, 3, 1, 2]), torch.tensor([0, 1, 0, 1, 1, 0])
+    v = torch.randn(6 * 3 + 3 * 2 + 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    products = []
+    for net in (dense, sparse):
+        hvp = HessianVectorProduct(lambda net=net: nn.functional.cross_entropy(net(tokens), labels),
+                                   list(net.parameters()), method=method, fd_scheme="central")
+        products.append(hvp(v))
+    assert torch.linalg.vector_norm(products[0]) > 0.1
+    torch.testing.assert_close(products[1], products[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"seed": 2**70}, "`seed`"), ({"seed": -1}, "`seed`"),
+                                               ({"per_group": "yes"}, "`per_group`"), ({"tol": math.nan}, "`tol`"),
+                                               ({"fd_step": 1.5}, "`fd_step`")])
+def test_estimator_arguments_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SharpnessEstimator(**kwargs)
+    SharpnessEstimator(seed=2**63 - 1)  # the largest seed a generator takes
+
+
 def test_estimator_reduce_is_applied_to_every_product():
     net, loss_fn, params, data = _problem()
     top = torch.linalg.eigvalsh(_dense_hessian(net, data))[-1]
