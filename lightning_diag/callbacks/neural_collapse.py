@@ -405,7 +405,7 @@ class NCTracker(DiagnosticCallback):
         else:
             labels = labels.long()
             stray = torch.zeros_like(labels, dtype=torch.bool)
-        if self.ignore_index is not None:
+        if self.ignore_index is not None and self.ignore_index >= 0:  # negative labels are left out anyway
             labels = torch.where(labels == self.ignore_index, -1, labels)
         stray |= labels >= num_classes
         labels = torch.where(stray, -1, labels)

@@ -193,9 +193,7 @@ def test_a_nonfinite_loss_gives_nan_statistics_and_leaves_no_trace_in_the_baseli
     clean = LossStatistics(warmup=3, alpha=0.5, trend_window=3, trend_confidence=0.0)
     without = [clean.update(x, step) for step, x in [(0, 1.0), (1, 2.0), (2, 3.0), (3, 1.5), (5, 4.0)]]
     assert got[5] == without[-1]  # exactly
-    assert stats.state_dict().keys() == clean.state_dict().keys()
-    for key, value in stats.state_dict().items():
-        np.testing.assert_array_equal(np.asarray(value, dtype=object), np.asarray(clean.state_dict()[key], dtype=object))
+    assert stats.state_dict() == clean.state_dict()  # baseline, best and window: plain lists and floats
 
 
 def test_a_nan_loss_before_any_value_has_no_baseline_either():
@@ -579,7 +577,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
         ({"zscore_patience": 0}, "`zscore_patience` must be an int >= 1"),
         ({"max_rollbacks": -1}, "`max_rollbacks` must be an int >= 0"),
         ({"lr_factor": 1.5}, r"`lr_factor` must be in \(0, 1\)"),
-        ({"alpha": 1.0}, r"`alpha` must be in \(0, 1\)"),
+        ({"alpha": 1.0}, r"`alpha` must be a number in \(0, 1\), got 1.0"),  # check_number in EmaBaseline
         ({"monitor": ""}, "`monitor` must be None"),
         ({"every_n_steps": 0}, "`every_n_steps` must be None or an int >= 1"),
     ],
