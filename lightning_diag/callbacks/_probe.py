@@ -132,8 +132,19 @@ class FeatureTap:
 
 
 def feature_matrix(features: Tensor, dim: int) -> Tensor:
-    """``features`` as an ``(N, dim)`` matrix (flattened from ``(N, ...)``), or a ValueError saying what was wrong."""
-    matrix = features.flatten(1) if features.ndim > 2 else features
+    """``features`` as an ``(N, dim)`` matrix, or a ValueError saying what was wrong.
+
+    ``(B, T, ..., dim)`` are token features, one row per token (as ``nn.Linear`` reads them);
+    other ``(N, ...)`` are flattened to one row per sample (a pooled ``(N, C, 1, 1)`` output).
+
+    Example:
+        >>> feature_matrix(torch.zeros(2, 5, 3), 3).shape, feature_matrix(torch.zeros(2, 3, 1, 1), 3).shape
+        (torch.Size([10, 3]), torch.Size([2, 3]))
+    """
+    if features.ndim > 2 and features.shape[-1] == dim:
+        matrix = features.reshape(-1, dim)
+    else:
+        matrix = features.flatten(1) if features.ndim > 2 else features
     if matrix.ndim != 2 or matrix.shape[1] != dim:
         raise ValueError(f"features of shape {tuple(features.shape)} do not match the classifier's input dimension "
                          f"{dim}; `feature_layer` must give (N, {dim}) features (or (N, ...) that flatten to it)")

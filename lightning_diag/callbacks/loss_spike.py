@@ -30,6 +30,20 @@ _LOSS, _RULES, _COUNTS = "loss and EMA baseline", "ratio to minimum, trend", "ev
 _GRADS = "loss_spike/nonfinite_grads"
 
 
+class _StatisticAbove(Above):
+    """``Above`` on a statistic of the loss, blind to its NaN: the statistics are NaN at a non-finite
+    loss, which is the NonFinite rule's alone (one event, one alert); the step neither hits nor breaks a streak."""
+
+    def update(
+        self, step: int, keys: Sequence[str], values: np.ndarray, slots: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
+        slots = self.slots(keys) if slots is None else slots
+        seen = ~np.isnan(values)
+        if seen.all():
+            return super().update(step, keys, values, slots)
+        return super().update(step, [k for k, s in zip(keys, seen) if s], values[seen], slots[seen])
+
+
 class LossSpikeDetector(DiagnosticCallback):
     """Detects loss spikes, non-finite losses and slow divergence, and acts on them.
 
@@ -171,10 +185,11 @@ class LossSpikeDetector(DiagnosticCallback):
         self._batch_rules: list[Rule] = [NonFinite(loss, patience=nonfinite_patience),
                                          Above(_GRADS, 0.5, patience=nonfinite_patience, severity="critical")]
         if z_threshold is not None:
-            self._batch_rules.append(Above("loss_spike/zscore", z_threshold, patience=zscore_patience))
+            self._batch_rules.append(_StatisticAbove("loss_spike/zscore", z_threshold, patience=zscore_patience))
         if factor is not None:
-            self._batch_rules.append(Above("loss_spike/ratio_to_min", factor, patience=factor_patience))
-        self._trend_rule = Above("loss_spike/trend", trend_threshold, patience=trend_patience) if trend_window else None
+            self._batch_rules.append(_StatisticAbove("loss_spike/ratio_to_min", factor, patience=factor_patience))
+        self._trend_rule = (_StatisticAbove("loss_spike/trend", trend_threshold, patience=trend_patience)
+                            if trend_window else None)  # fmt: skip
         self._builtin_rules = [*self._batch_rules, *([self._trend_rule] if self._trend_rule else [])]
         self.bad_batches: list[dict[str, Any]] = []
         self.events = self.skipped = self.rollbacks = self._consecutive_skips = 0

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_bool, check_callable, check_int
 from lightning_diag.alerts import Above, Action, Rule
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures
 from lightning_diag.callbacks._probe import (
@@ -23,6 +23,7 @@ from lightning_diag.callbacks._sharding import whole_tensor
 from lightning_diag.callbacks._trainer import has_tensorboard, log_image
 from lightning_diag.keys import Key
 from lightning_diag.layers import find_module
+from lightning_diag.metrics.collapse import check_state_dtype
 from lightning_diag.metrics.neural_collapse import NeuralCollapse
 
 __all__ = ["NCTracker", "class_mean_cosines", "cosine_image"]
@@ -48,6 +49,12 @@ class NCTracker(DiagnosticCallback):
     it with ``classifier=`` otherwise). ``feature_layer="body.pool"`` takes that module's output
     (flattened to ``(N, d)``); a callable ``feature_layer(pl_module, batch) -> (N, d)`` computes them
     (one extra forward per batch). ``d`` must be the classifier's ``in_features``.
+
+    **Token classifiers.** Features ``(B, T, d)`` (what ``nn.Linear`` reads per token) count as
+    ``B * T`` samples, with the labels ``(B, T)`` flattened alike. Rows whose label is
+    ``ignore_index`` (-100, PyTorch's default) or negative are left out (padding); float labels
+    that hold integers (``0.0``, ``1.0``) are classes. Labels that are not class indices in
+    ``[0, K)`` (``0.5``, NaN, ``>= K``) are left out too, with one warning; nothing raises.
 
     **Data.** Each evaluation feeds the features to one
     :class:`~lightning_diag.metrics.neural_collapse.NeuralCollapse` metric (per-class counts, means
@@ -87,6 +94,7 @@ class NCTracker(DiagnosticCallback):
         label_fn: ``callable(batch) -> (N,)`` labels; default ``batch[1]`` or a mapping's ``"labels"``/``"label"``/
             ``"targets"``/``"target"``/``"y"``.
         input_fn: ``callable(batch) -> model input`` for probe passes; default ``batch[0]``.
+        ignore_index: the label of rows to leave out (padding); negative labels always are. ``None``: only those.
         every_n_epochs: evaluate at the end of every this many epochs (``None``: only with ``probe_every_n_steps``).
         probe_every_n_steps: probe loaders only: also evaluate every this many optimizer steps.
         nc4: ``"lagged"`` or ``"exact"`` (probe loaders only).
@@ -135,6 +143,7 @@ class NCTracker(DiagnosticCallback):
         num_classes: int | None = None,
         label_fn: Callable[[Any], Tensor] | None = None,
         input_fn: Callable[[Any], Any] | None = None,
+        ignore_index: int | None = -100,
         every_n_epochs: int | None = 1,
         probe_every_n_steps: int | None = None,
         nc4: Literal["lagged", "exact"] = "lagged",
@@ -151,12 +160,19 @@ class NCTracker(DiagnosticCallback):
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be one of ('class', 'sample'), got {global_mean!r}")
         check_int("num_classes", num_classes, 2, optional=True)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"`dtype` must be a floating point torch.dtype, got {dtype!r}")
+        check_callable("label_fn", label_fn, optional=True)
+        check_callable("input_fn", input_fn, optional=True)
+        if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+            raise ValueError(f"`ignore_index` must be None or an int, got {ignore_index!r}")
+        if full_covariance is not None:
+            check_bool("full_covariance", full_covariance)
+        check_bool("cosine_image", cosine_image)
+        check_state_dtype(dtype)  # here, not at the first evaluation mid-run
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise ValueError(f"`prefix` must be a non-empty string without '/', got {prefix!r}")
         self.data, self.feature_layer, self.classifier, self.num_classes = data, feature_layer, classifier, num_classes
-        self.label_fn, self.input_fn, self.every_n_epochs = label_fn, input_fn, every_n_epochs
+        self.label_fn, self.input_fn, self.ignore_index = label_fn, input_fn, ignore_index
+        self.every_n_epochs = every_n_epochs
         self.probe_every_n_steps, self.nc4, self.global_mean = probe_every_n_steps, nc4, global_mean
         self.full_covariance, self.dtype, self.cosine_image, self.family = full_covariance, dtype, cosine_image, prefix
         self._builtin_rules = [Above(f"{prefix}/nonfinite_classes", 0.0, severity="critical")]
@@ -170,6 +186,7 @@ class NCTracker(DiagnosticCallback):
         self._weights: tuple[Tensor, Tensor | None] | None = None  # (W, b) whole, in dtype, for this evaluation
         self._measured = False
         self._probe_step = -1  # trainer.global_step of the last probe
+        self._dropped: Tensor | None = None  # labels of this evaluation that were not class indices (device)
 
     @property
     def source(self) -> str:
@@ -329,6 +346,7 @@ class NCTracker(DiagnosticCallback):
                                                   f"{tuple(reference[0].shape)}: the classifier is {(k, d)}")
                 self._reference = reference = None
             metric.set_reference_means(*(reference or (None,)))
+        self._dropped = None
         self._armed = True
 
     def _start_batch(self, wanted: bool) -> None:
@@ -357,18 +375,43 @@ class NCTracker(DiagnosticCallback):
         metric = self._metric
         assert metric is not None and self._head is not None
         features = feature_matrix(features, self._head.weight.shape[1])
-        labels = labels.reshape(-1)
+        labels = torch.as_tensor(labels).reshape(-1)
         if labels.shape[0] != features.shape[0]:
             self.warn_once("rows", f"skipping batches with {features.shape[0]} feature rows but {labels.shape[0]} "
                                    "labels (several forwards per step?); pass a `feature_layer` callable")
             return
         with normal_tensors():
+            labels = self._class_indices(labels, metric.num_classes)
             logits = None
             if metric.reference_means is not None:  # the network decision W h + b in dtype (the definition of NC4)
                 weight, bias = weights or self._weights  # type: ignore[misc]
                 x = features.to(weight.device, weight.dtype)
                 logits = x @ weight.T if bias is None else x @ weight.T + bias
             metric.update(features, labels, logits)
+
+    def _class_indices(self, labels: Tensor, num_classes: int) -> Tensor:
+        """``labels`` as class indices, -1 for the rows to leave out (masks: no host sync).
+
+        Left out: ``ignore_index`` and negative labels (padding), silently; labels that are not
+        class indices (a float that is not an integer, NaN, ``>= K``), counted for one warning at
+        the end of the evaluation (they would crash ``index_add_``, on CUDA with a device assert).
+        """
+        if labels.dtype == torch.bool:
+            labels = labels.long()
+        if labels.is_floating_point():
+            integral = torch.isfinite(labels) & (labels == labels.round())
+            stray = ~integral
+            labels = torch.where(integral, labels, -1.0).long()
+        else:
+            labels = labels.long()
+            stray = torch.zeros_like(labels, dtype=torch.bool)
+        if self.ignore_index is not None and self.ignore_index >= 0:  # negative labels are left out anyway
+            labels = torch.where(labels == self.ignore_index, -1, labels)
+        stray |= labels >= num_classes
+        labels = torch.where(stray, -1, labels)
+        count = stray.sum()
+        self._dropped = count if self._dropped is None else self._dropped + count.to(self._dropped.device)
+        return labels
 
     def _whole_head(self) -> tuple[Tensor, Tensor | None]:
         """The head's ``(W, b)`` in dtype, whole on every rank: under FSDP2 an all-gather (every rank calls it)."""
@@ -413,6 +456,13 @@ class NCTracker(DiagnosticCallback):
         elif present < metric.num_classes:
             self.warn_once("missing", f"only {present} of {metric.num_classes} classes occur in "
                                       f"data={self._data_name!r}; the metrics use the classes present")
+        dropped, self._dropped = (0 if self._dropped is None else int(self._dropped)), None  # once per evaluation
+        if dropped:
+            self.warn_once("labels", f"left out {dropped} label{'s' if dropped > 1 else ''} that "
+                                     f"{'are' if dropped > 1 else 'is'} not an integer class index in "
+                                     f"[0, {metric.num_classes}) (e.g. 0.5, NaN) in data={self._data_name!r}; the "
+                                     "metrics use the other rows. Pass `label_fn` returning class indices, or "
+                                     "`ignore_index` for padding")
 
     # -- checkpoint state -----------------------------------------------------------------------
 

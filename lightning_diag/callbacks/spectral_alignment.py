@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_bool, check_int, check_number
 from lightning_diag.alerts import Above, Action, Alert, NonFinite, Rule, Severity
 from lightning_diag.callbacks._base import Cadence, DiagnosticCallback, Figures, HostFigures
 from lightning_diag.callbacks._sharding import (
@@ -156,18 +156,12 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
         if layer_rule not in LAYER_RULES:
             raise ValueError(f"`layer_rule` must be one of {LAYER_RULES}, got {layer_rule!r}")
-        for name, value, allowed, inside in [
-            ("collapse_threshold", collapse_threshold, "(0, 1]", lambda v: 0 < v <= 1),
-            ("baseline_rise", baseline_rise, "[0, 1]", lambda v: 0 <= v <= 1),
-            ("baseline_alpha", baseline_alpha, "(0, 1)", lambda v: 0 < v < 1),
-            ("mean_collapse_threshold", mean_collapse_threshold, "(0, 1]", lambda v: 0 < v <= 1),
-        ]:  # fmt: skip
-            optional = name == "mean_collapse_threshold"
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):  # NaN is outside
-                none = "None or " if optional else ""
-                raise ValueError(f"`{name}` must be {none}a number in {allowed}, got {value!r}")
+        check_number("collapse_threshold", collapse_threshold, 0.0, 1.0, high_open=False)
+        check_number("baseline_rise", baseline_rise, 0.0, 1.0, low_open=False, high_open=False)
+        check_number("baseline_alpha", baseline_alpha, 0.0, 1.0)
+        check_number("mean_collapse_threshold", mean_collapse_threshold, 0.0, 1.0, high_open=False, optional=True)
+        check_bool("exclude_head", exclude_head)
+        check_bool("per_layer", per_layer)
         self.include, self.exclude = validate_patterns("include", include), validate_patterns("exclude", exclude)
         self.check_every_n_steps, self.exclude_head, self.max_rows = check_every_n_steps, exclude_head, max_rows
         self.power_iterations, self.per_layer, self.layer_rule = power_iterations, per_layer, layer_rule

@@ -43,7 +43,9 @@ Metrics (keys of :meth:`CollapseAccumulator.compute` and :func:`neural_collapse_
 - ``num_classes_present``: ``K``.
 
 Non-finite features make every metric that depends on them NaN (the state is poisoned until
-``reset``); nothing raises. The weight-only metrics stay finite.
+``reset``), NC4 included (a NaN row has no nearest mean and no decision, so it is not counted as
+agreeing); nothing raises. The weight-only metrics stay finite. Rows with a negative label
+(PyTorch's ``ignore_index=-100``, padding tokens) are left out of every statistic.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ from lightning_diag._checks import check_int
 __all__ = [
     "FULL_COVARIANCE_MAX_DIM",
     "METRIC_KEYS",
+    "STATE_DTYPES",
     "CollapseAccumulator",
+    "check_state_dtype",
     "nearest_class_center",
     "neural_collapse_metrics",
 ]
@@ -67,6 +71,10 @@ __all__ = [
 #: Above this feature dimension the ``d x d`` within-class scatter is not kept by default
 #: (at d = 4096 it is already 128 MiB in float64).
 FULL_COVARIANCE_MAX_DIM = 4096
+
+#: The state dtypes: float64, or float32 where the device is slow at it (every update is centred);
+#: float16 and bfloat16 sums lose the statistics, and the SVD of NC1 has no half-precision kernel.
+STATE_DTYPES = (torch.float64, torch.float32)
 
 #: Keys of every metrics dict, in a stable order.
 METRIC_KEYS = (
@@ -162,8 +170,7 @@ class CollapseAccumulator:
         check_int("dim", dim, 1)
         if global_mean not in ("class", "sample"):
             raise ValueError(f"`global_mean` must be 'class' or 'sample', got {global_mean!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"`dtype` must be a floating point dtype, got {dtype}")
+        check_state_dtype(dtype)
         if full_covariance is not None and not isinstance(full_covariance, bool):
             raise TypeError(f"`full_covariance` must be a bool or None, got {full_covariance!r}")
         self.num_classes, self.dim, self.dtype, self.global_mean = num_classes, dim, dtype, global_mean
@@ -249,9 +256,10 @@ class CollapseAccumulator:
         Args:
             features: ``(N, d)`` classifier inputs (cast to the state dtype; under bf16 autocast
                 the rounding has already happened and sets a floor on NC1).
-            labels: ``(N,)`` integer labels in ``[0, num_classes)``.
+            labels: ``(N,)`` integer labels in ``[0, num_classes)``; a row with a negative label
+                (PyTorch's ``ignore_index=-100``) is left out, whatever its features hold.
             logits: optional ``(N, K)`` network outputs ``W h + b`` for lagged NC4; ignored while
-                no reference means are set.
+                no reference means are set. A row with non-finite features or logits makes NC4 NaN.
         """
         if self.synced:
             raise RuntimeError("update() after sync(): the state is already global; call reset() first")
@@ -265,14 +273,17 @@ class CollapseAccumulator:
             raise ValueError(
                 f"`logits` must have shape ({features.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}"
             )
-        x = features.detach().to(self.device, self.dtype)
         y = labels.detach().to(self.device, torch.long)
+        # Left-out rows (negative labels) get weight 0 and zero features: masks, not indexing, so no sync.
+        keep = y >= 0
+        y = y.clamp_min(0)
+        x = torch.where(keep[:, None], features.detach().to(self.device, self.dtype), 0.0)
         k, kw = self.num_classes, {"device": self.device, "dtype": self.dtype}
 
         # Batch class counts and means over all K classes (index_add_, not unique: no sync).
-        n_batch = torch.zeros(k, **kw).index_add_(0, y, torch.ones_like(y, dtype=self.dtype))
+        n_batch = torch.zeros(k, **kw).index_add_(0, y, keep.to(self.dtype))
         mean_batch = torch.zeros(k, self.dim, **kw).index_add_(0, y, x) / n_batch.clamp_min(1)[:, None]
-        z = x - mean_batch[y]
+        z = torch.where(keep[:, None], x - mean_batch[y], 0.0)
         n_total = self.counts + n_batch
         delta = mean_batch - self.means
         # Chan weight n_a n_b / (n_a + n_b); 0 for classes absent from the batch, so they stay put.
@@ -281,7 +292,8 @@ class CollapseAccumulator:
             # sum_c chan_c delta_c delta_c^T folded into the one GEMM: within a class the rows of z
             # sum to 0, so sum_{i in c} (z_i + a_c)(z_i + a_c)^T = sum z_i z_i^T + n_b a_c a_c^T, and
             # a_c = delta_c sqrt(n_a / n) makes n_b a_c a_c^T the Chan term. Cost: B d^2, not K d^2.
-            shifted = z + (delta * (self.counts / n_total.clamp_min(1)).sqrt()[:, None])[y]
+            shift = (delta * (self.counts / n_total.clamp_min(1)).sqrt()[:, None])[y]
+            shifted = torch.where(keep[:, None], z + shift, 0.0)
             self.within_class_scatter.addmm_(shifted.T, shifted)
         self.class_scatter += torch.zeros(k, **kw).index_add_(0, y, z.square().sum(1))
         self.class_scatter += chan * delta.square().sum(1)
@@ -289,10 +301,16 @@ class CollapseAccumulator:
         self.counts = n_total
 
         if logits is not None and self.reference_means is not None:
-            ncc = nearest_class_center(x, self.reference_means, self.reference_present)
-            network = logits.detach().to(self.device).argmax(dim=1)
-            self.ncc_mismatches += (ncc != network).sum()
-            self.ncc_seen += x.shape[0]
+            means, present = self.reference_means, self.reference_present
+            scores = logits.detach().to(self.device, self.dtype)
+            mismatch = (nearest_class_center(x, means, present) != scores.argmax(dim=1)).to(self.dtype)
+            # NaN in, NaN out: argmin and argmax of NaN both say 0, which would count as agreement.
+            defined = torch.isfinite(x).all(1) & torch.isfinite(scores).all(1)
+            # ... and so is a reference without classes, or with a class that has no finite mean.
+            defined &= (torch.isfinite(means).all(1) | ~present).all() & present.any()
+            mismatch = torch.where(defined, mismatch, float("nan"))
+            self.ncc_mismatches += torch.where(keep, mismatch, 0.0).sum()
+            self.ncc_seen += keep.sum()
 
     def merge(self, other: CollapseAccumulator) -> None:
         """Absorb another accumulator's statistics in this process, with Chan's pairwise merge.
@@ -441,6 +459,19 @@ class CollapseAccumulator:
             if key not in _WEIGHT_ONLY and key not in ("nc4", "num_classes_present"):
                 out[key] = torch.where(finite, out[key], nan)
         return out
+
+
+def check_state_dtype(dtype: Any) -> None:
+    """Raise a ``ValueError`` unless ``dtype`` is one of :data:`STATE_DTYPES` (float64 or float32).
+
+    Example:
+        >>> check_state_dtype(torch.bfloat16)
+        Traceback (most recent call last):
+        ...
+        ValueError: `dtype` must be torch.float64 or torch.float32 (for the sums and NC1's SVD), got torch.bfloat16
+    """
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"`dtype` must be torch.float64 or torch.float32 (for the sums and NC1's SVD), got {dtype!r}")
 
 
 def _off_diagonal(matrix: Tensor) -> Tensor:

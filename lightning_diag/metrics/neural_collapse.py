@@ -16,7 +16,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from lightning_diag._checks import check_int
-from lightning_diag.metrics.collapse import METRIC_KEYS, CollapseAccumulator
+from lightning_diag.metrics.collapse import METRIC_KEYS, CollapseAccumulator, check_state_dtype
 
 __all__ = ["CLASSIFIER_KEYS", "NeuralCollapse"]
 
@@ -74,8 +74,9 @@ class NeuralCollapse(Metric):
     whatever the number of samples, so ``compute_on_cpu`` (which moves list states) has no effect;
     torchmetrics keeps a copy for ``reset`` and another while synced. ``.to(device)`` moves it;
     ``.half()``, ``.to(torch.bfloat16)`` (e.g. Lightning's ``"bf16-true"``) leave its dtype alone;
-    only ``set_dtype`` changes it. Not in ``state_dict`` unless ``metric.persistent(True)``, which
-    saves the reference means too.
+    only ``set_dtype`` changes it, to float32 or float64 (half precision is refused with a
+    ``ValueError``: the sums lose the statistics and NC1's SVD has no such kernel). Not in
+    ``state_dict`` unless ``metric.persistent(True)``, which saves the reference means too.
 
     Args:
         num_classes: number of classifier outputs ``K`` (labels are in ``[0, K)``).
@@ -88,7 +89,7 @@ class NeuralCollapse(Metric):
         global_mean: ``"class"`` (mean of the class means, Papyan) or ``"sample"``.
         full_covariance: keep the ``d x d`` scatter for exact NC1; ``None`` keeps it when ``d <= 4096``
             (above, NC1 is the trace approximation of :class:`CollapseAccumulator`).
-        dtype: state dtype (float64; float32 is acceptable because every update is centred).
+        dtype: state dtype: float64, or float32 (acceptable because every update is centred).
         kwargs: torchmetrics' ``Metric`` arguments (``sync_on_compute``, ``process_group``, ...).
 
     Example:
@@ -199,7 +200,8 @@ class NeuralCollapse(Metric):
 
         Args:
             features: ``(N, d)`` classifier inputs (accumulated in the state dtype).
-            labels: ``(N,)`` integer labels in ``[0, K)``.
+            labels: ``(N,)`` integer labels in ``[0, K)``; rows with a negative label (PyTorch's
+                ``ignore_index=-100``) are left out.
             logits: optional ``(N, K)`` network outputs for NC4; by default ``classifier(features)``.
         """
         if self._is_synced:
@@ -278,6 +280,12 @@ class NeuralCollapse(Metric):
             acc.merge(other)
 
     # ------------------------------------------------------------------ device, dtype, state_dict
+    def set_dtype(self, dst_type: str | torch.dtype) -> Metric:
+        """Change the state dtype, to ``torch.float64`` or ``torch.float32`` only (``ValueError`` otherwise)."""
+        dtype = getattr(torch, dst_type.removeprefix("torch."), dst_type) if isinstance(dst_type, str) else dst_type
+        check_state_dtype(dtype)
+        return super().set_dtype(dtype)
+
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:
         """Move the states with the module, but change their dtype only through ``set_dtype``.
 

@@ -12,14 +12,22 @@ Per value ``x`` of a loss stream (in the "bad is up" direction):
 - ``trend``: the relative rise of the least-squares line over the last ``trend_window`` absorbed
   values at its lower 3-sigma confidence bound (:meth:`RollingWindow.relative_rise`): slow blow-ups
   that never spike, which a z-score absorbs as drift.
+
+**A non-finite value** (NaN or inf) gives NaN ``zscore``, ``ratio_to_min`` and ``trend`` at its
+step (NaN in, NaN out: never a healthy-looking 0), and ``ema`` stays the baseline's mean (NaN
+before the first finite value). It enters nothing: the baseline, ``best`` and the trend window
+are as if the step had not happened, so the next finite value gets exactly the figures it would
+have had without it (the trend's line is fitted at the steps of the values it holds).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
 
+from lightning_diag._checks import check_number
 from lightning_diag.metrics.state import Stateful
 from lightning_diag.metrics.stats import EmaBaseline
 from lightning_diag.metrics.windows import RollingWindow
@@ -35,9 +43,9 @@ class LossStatistics(Stateful):
             becomes ``best / x``).
         alpha: EMA decay of the baseline.
         warmup: values that initialise the baseline; ``zscore`` and ``ratio_to_min`` are 0 until then.
-        winsorize: the z-score above which a value enters the baseline clipped.
+        winsorize: the z-score above which a value enters the baseline clipped (> 0).
         trend_window: values in the trend window (>= 3), or ``None`` for no trend.
-        trend_confidence: the trend is taken at ``slope - trend_confidence * stderr``.
+        trend_confidence: the trend is taken at ``slope - trend_confidence * stderr`` (>= 0).
 
     Example:
         >>> stats = LossStatistics(warmup=3, trend_window=None)
@@ -59,21 +67,27 @@ class LossStatistics(Stateful):
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be one of ('min', 'max'), got {mode!r}")
+        check_number("winsorize", winsorize, 0.0)
+        check_number("trend_confidence", trend_confidence, 0.0, low_open=False)
         self.mode, self.winsorize, self.trend_confidence = mode, winsorize, trend_confidence
         self.baseline = EmaBaseline(1, alpha=alpha, warmup=warmup)
         self.window = RollingWindow(trend_window) if trend_window is not None else None
         self.add_state("best", np.inf, dtype=np.float64)  # lowest baseline mean after warm-up, signed
 
     def update(self, value: float, step: int) -> dict[str, float]:
-        """Absorb the value seen at ``step``; returns its figures (each 0 where undefined)."""
+        """Absorb the value seen at ``step``; returns its figures (0 in warm-up, NaN for a non-finite value)."""
         sign = 1.0 if self.mode == "min" else -1.0
         x = sign * value
-        finite, ready = bool(np.isfinite(x)), bool(self.baseline.ready[0])
-        z = float(self.baseline.score([x])[0]) if finite else 0.0  # non-finite is the NonFinite rule's alone
+        if not math.isfinite(x):  # NaN out, and nothing absorbed: the next value sees no trace of this step
+            ema = sign * float(self.baseline.mean[0]) if self.baseline.count[0] > 0 else math.nan  # no value yet
+            figures = {"zscore": math.nan, "ema": ema, "ratio_to_min": math.nan}
+            return figures if self.window is None else {**figures, "trend": math.nan}
+        ready = bool(self.baseline.ready[0])
+        z = float(self.baseline.score([x])[0])
         absorbed = float(self.baseline.winsorized([x], self.winsorize)[0])
         best = sign * float(self.best)  # back in the stream's own direction
         ratio = 0.0
-        if ready and finite and 0 < best < np.inf:
+        if ready and 0 < best < np.inf:
             ratio = value / best if self.mode == "min" else best / value
         self.baseline.update([absorbed])
         if self.baseline.ready[0]:

@@ -14,7 +14,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from lightning_diag._checks import check_int
+from lightning_diag._checks import check_int, check_number
 from lightning_diag.metrics.state import Stateful
 
 __all__ = ["EmaBaseline", "zclip_coefficient"]
@@ -49,12 +49,10 @@ class EmaBaseline(Stateful):
     """
 
     def __init__(self, size: int = 1, *, alpha: float = 0.97, warmup: int = 25, eps: float = 1e-6) -> None:
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
+        check_number("alpha", alpha, 0.0, 1.0)
         check_int("warmup", warmup, 1)
         check_int("size", size, 0)
-        if not eps >= 0:
-            raise ValueError(f"`eps` must be >= 0, got {eps!r}")
+        check_number("eps", eps, 0.0, low_open=False)
         self.alpha, self.warmup, self.eps = alpha, warmup, eps
         self.add_state("count", 0, size=size, dtype=np.int64)  # finite values absorbed
         self.add_state("mean", 0.0, size=size, dtype=np.float64)

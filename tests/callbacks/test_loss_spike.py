@@ -172,6 +172,49 @@ def test_disabled_rules_are_not_evaluated_or_logged():
     assert logged == [f"loss_spike/{name}" for name in ("alerts", "ema", "events", "loss", "nonfinite_grads", "zscore")]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_loss_gives_nan_statistics_and_leaves_no_trace_in_the_baseline(bad):
+    """Safety issue, fault 3. Before: ``zscore`` and ``ratio_to_min`` were 0.0 at a NaN loss and ``trend`` kept
+    its previous value. Reference by hand: warm-up 3, alpha 0.5, trend window 3 at confidence 0."""
+    from lightning_diag.metrics.spikes import LossStatistics
+
+    stats = LossStatistics(warmup=3, alpha=0.5, trend_window=3, trend_confidence=0.0)
+    got = [stats.update(x, step) for step, x in enumerate([1.0, 2.0, 3.0, 1.5, bad, 4.0])]
+    # steps 0-2 warm up: mean 2, variance 2/3, best 2; step 3 is the first EMA step
+    mean3, var3 = 0.5 * 2 + 0.5 * 1.5, 0.5 * (2 / 3) + 0.5 * (1.5 - 1.75) ** 2
+    assert got[3] == pytest.approx({"zscore": (1.5 - 2) / (math.sqrt(2 / 3) + 1e-6), "ema": mean3,
+                                    "ratio_to_min": 1.5 / 2, "trend": -0.25 * 2 / (6.5 / 3)})
+    assert got[4]["ema"] == pytest.approx(mean3)  # the baseline, unchanged
+    assert all(math.isnan(got[4][key]) for key in ("zscore", "ratio_to_min", "trend")), got[4]
+    # step 5 as if step 4 had not happened: the EMA moves from step 3's, the window holds steps 2, 3, 5
+    slope = (-4 / 3 * (3 - 8.5 / 3) - 1 / 3 * (1.5 - 8.5 / 3) + 5 / 3 * (4 - 8.5 / 3)) / (42 / 9)
+    assert got[5] == pytest.approx({"zscore": (4 - mean3) / (math.sqrt(var3) + 1e-6), "ema": 0.5 * mean3 + 0.5 * 4,
+                                    "ratio_to_min": 4 / mean3, "trend": slope * 3 / (8.5 / 3)})
+    clean = LossStatistics(warmup=3, alpha=0.5, trend_window=3, trend_confidence=0.0)
+    without = [clean.update(x, step) for step, x in [(0, 1.0), (1, 2.0), (2, 3.0), (3, 1.5), (5, 4.0)]]
+    assert got[5] == without[-1]  # exactly
+    assert stats.state_dict() == clean.state_dict()  # baseline, best and window: plain lists and floats
+
+
+def test_a_nan_loss_before_any_value_has_no_baseline_either():
+    from lightning_diag.metrics.spikes import LossStatistics
+
+    figures = LossStatistics(warmup=3, trend_window=None).update(float("nan"), 0)
+    assert sorted(figures) == ["ema", "ratio_to_min", "zscore"] and all(math.isnan(v) for v in figures.values())
+
+
+def test_a_nan_loss_is_one_alert_and_neither_fires_nor_breaks_the_statistics_rules():
+    """The statistics are NaN at a NaN loss; their rules skip that step (the NonFinite rule owns it): a NaN
+    inside a spike streak or a trend streak neither adds an alert nor restarts the streak."""
+    ramp, _ = streams()["slow_divergence"]
+    stream = list(ramp)
+    stream[100:102] = [8.0, 8.0]  # a 3-step spike streak with a NaN inside: zscore_patience=3 fires at 103
+    stream[102], stream[103] = float("nan"), 8.0
+    stream[400] = float("nan")  # inside the trend streak that fired at 341
+    got = detector_firings(LossSpikeDetector(factor=2.0, trend_threshold=0.1, zscore_patience=3), stream)
+    assert got == {"nonfinite": [102, 400], "zscore": [103], "factor": [552, 562], "trend": [341]}
+
+
 def test_without_the_zscore_rule_spikes_still_enter_the_statistics_winsorised():
     stream = noisy(400).tolist()
     stream[300] = 1e6
@@ -593,7 +636,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
         ({"zscore_patience": 0}, "`zscore_patience` must be an int >= 1"),
         ({"max_rollbacks": -1}, "`max_rollbacks` must be an int >= 0"),
         ({"lr_factor": 1.5}, r"`lr_factor` must be in \(0, 1\)"),
-        ({"alpha": 1.0}, r"`alpha` must be in \(0, 1\)"),
+        ({"alpha": 1.0}, r"`alpha` must be a number in \(0, 1\), got 1.0"),  # check_number in EmaBaseline
         ({"monitor": ""}, "`monitor` must be None"),
         ({"every_n_steps": 0}, "`every_n_steps` must be None or an int >= 1"),
     ],

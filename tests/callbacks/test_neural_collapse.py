@@ -305,6 +305,94 @@ def test_probe_batches_as_dicts_with_input_and_label_functions() -> None:
                 _assert_close(a, b, key, rel=1e-12)
 
 
+# -- token classifiers and label formats -------------------------------------------------------------
+
+
+class TokenClassifier(pl.LightningModule):
+    """A float64 token tagger: tokens ``(B, T)`` -> features ``(B, T, 16)`` -> logits ``(B, T, 3)``, labels
+    ``(B, T)`` with ``pad`` on the last positions of every other sequence (padding, as tokenizers do)."""
+
+    def __init__(self, labels: str = "long", pad: float = -100, non_integral: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = nn.Embedding(12, 8)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.double()
+        tokens = torch.randint(0, 12, (24, 5), generator=g)
+        y = (tokens % 3).double()
+        y[::2, 3:] = pad
+        if non_integral:
+            y[1, 0] = 0.5  # a soft label: not a class
+        self.tokens, self.labels = tokens, (y if labels == "float" else y.long())
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.body(self.embed(tokens))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        tokens, _ = batch
+        self.head(self.features(tokens))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.tokens, self.labels), batch_size=8)
+
+
+def _numpy_reference(features: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """NC1, CDNV, NC3, trace ratio and bias collapse of ``(N, d)`` float64 features, from the definitions."""
+    k = w.shape[0]
+    nc1, cdnv = _numpy_nc1_and_cdnv(features, labels, k)
+    means = np.stack([features[labels == c].mean(0) for c in range(k)])
+    centred = means - means.mean(0)
+    within = np.mean(np.sum((features - means[labels]) ** 2, 1))
+    return {"nc1": nc1, "cdnv": cdnv, "trace_ratio": within / (np.sum(centred**2) / k),
+            "nc3": float(np.sum((w / np.linalg.norm(w) - centred / np.linalg.norm(centred)) ** 2)),
+            "bias_collapse": float(np.linalg.norm(w @ means.mean(0) + b)), "num_samples": float(len(labels))}
+
+
+def _token_reference(module: TokenClassifier, keep: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        h = module.features(module.tokens).reshape(-1, 16)[keep.reshape(-1)].numpy()
+    y = module.labels.reshape(-1)[keep.reshape(-1)].long().numpy()
+    return _numpy_reference(h, y, module.head.weight.detach().numpy(), module.head.bias.detach().numpy())
+
+
+@pytest.mark.parametrize(("labels", "pad", "kwargs"), [
+    ("long", -100, {}),  # torch's ignore_index
+    ("float", -100, {}),  # 0/1/2 stored as floats (integral values are classes)
+    ("long", -1, {}),  # any negative label is ignored
+    ("long", 3, {"ignore_index": 3}),  # a configured pad id, outside the classes
+])
+def test_token_classifier_features_are_flattened_and_ignored_labels_left_out(labels: str, pad: float,
+                                                                             kwargs: dict[str, Any]) -> None:
+    """Safety issue, fault 1. Before: ``(B, T, d)`` features crashed the run (flattened to ``(B, T * d)``),
+    and -100 labels crashed ``index_add_`` (index out of range)."""
+    module = TokenClassifier(labels, pad)
+    trainer = make_trainer(callbacks=[NCTracker(action="log", **kwargs)])
+    trainer.validate(module, verbose=False)
+    logged = {k.partition("/")[2]: v[0][1] for k, v in trainer.logger.history.items() if k.startswith("nc/")}
+    expected = _token_reference(module, module.labels != pad)
+    assert expected["num_samples"] == 24 * 5 - 12 * 2
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6), key
+    assert logged["num_classes_present"] == pytest.approx(3, abs=1e-12)
+
+
+def test_non_integral_float_labels_warn_once_and_their_rows_are_left_out() -> None:
+    module = TokenClassifier("float", -100, non_integral=True)
+    tracker = NCTracker(action="log")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[tracker], logger=(log := MemoryLogger())).validate(module, verbose=False)
+        make_trainer(callbacks=[tracker], logger=MemoryLogger()).validate(module, verbose=False)  # once, not twice
+    shown = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)]
+    assert len(shown) == 1 and "1 label that is not an integer" in shown[0], shown
+    keep = (module.labels != -100) & (module.labels == module.labels.round())
+    expected = _token_reference(module, keep)
+    assert expected["num_samples"] == 24 * 5 - 12 * 2 - 1
+    for key, value in expected.items():
+        assert log.history[f"nc/{key}"][0][1] == pytest.approx(value, rel=1e-6), key
+
+
 # -- never changes training --------------------------------------------------------------------------
 
 
@@ -511,6 +599,31 @@ def test_bad_arguments_raise_value_errors_naming_the_allowed_values(kwargs: dict
         NCTracker(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "error", "match"), [  # safety issue, fault 4: each was accepted before
+    ({"input_fn": 3}, TypeError, "`input_fn` must be None or a callable, got 3"),  # failed at the first probe
+    ({"label_fn": "labels"}, TypeError, "`label_fn` must be None or a callable, got 'labels'"),
+    ({"cosine_image": "no"}, ValueError, "`cosine_image` must be True or False, got 'no'"),  # 'no' is truthy
+    ({"full_covariance": "false"}, ValueError, "`full_covariance` must be True or False, got 'false'"),
+    ({"full_covariance": 1}, ValueError, "`full_covariance` must be True or False, got 1"),
+    ({"ignore_index": "-100"}, ValueError, "`ignore_index` must be None or an int, got '-100'"),
+    ({"ignore_index": 1.5}, ValueError, "`ignore_index` must be None or an int, got 1.5"),
+    ({"dtype": torch.float16}, ValueError, "`dtype` must be torch.float64 or torch.float32"),  # crashed mid-run
+    ({"dtype": torch.bfloat16}, ValueError, "`dtype` must be torch.float64 or torch.float32"),
+])
+def test_bad_callables_booleans_and_dtypes_are_refused_at_construction(kwargs: dict[str, Any], error: type,
+                                                                        match: str) -> None:
+    with pytest.raises(error) as raised:
+        NCTracker(**kwargs)
+    assert match in str(raised.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"full_covariance": None}, {"full_covariance": False}, {"cosine_image": False},
+                                    {"ignore_index": None}, {"ignore_index": 0}, {"label_fn": lambda b: b[1]},
+                                    {"dtype": torch.float32}])  # fmt: skip
+def test_good_optional_arguments_are_accepted(kwargs: dict[str, Any]) -> None:
+    NCTracker(**kwargs)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"classifier": "nope"}, r"`classifier='nope'` is not a module.*\['body.0', 'body.3', 'head'\]"),
     ({"classifier": "body.2"}, "2-D"),
@@ -548,6 +661,24 @@ def test_nonfinite_features_raise_a_critical_alert(action: str) -> None:
     (alert,) = tracker.alerts
     assert (alert.metric, alert.severity) == ("nc/nonfinite_classes", "critical")
     assert history["nc/alerts"][-1][1] == pytest.approx(1, abs=1e-12)
+
+
+class NaNFromSecondEpoch(MixtureClassifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return super().validation_step((x * float("nan") if self.current_epoch >= 1 else x, y), batch_idx)
+
+
+def test_nan_features_log_nan_nc4_not_a_healthy_zero() -> None:
+    """Safety issue, fault 2. Before: ``nc/nc4`` was logged as 0.0 at the evaluation whose features were all NaN."""
+    torch.manual_seed(0)
+    log = _fit(NaNFromSecondEpoch(), NCTracker(action="log"), max_epochs=2).logger
+    (step, nc4), = _series(log, "nc/nc4")  # lagged: from the second evaluation
+    assert step == 8 and math.isnan(nc4)
+    last = {key: _series(log, f"nc/{key}")[-1][1] for key in METRIC_KEYS}
+    weight_only = ("nc2_equinorm_weights", "nc2_equiangular_weights", "nc2_maxangle_weights", "num_classes_present")
+    for key, value in last.items():
+        assert math.isfinite(value) == (key in weight_only), key
 
 
 def test_checkpoint_resume_keeps_the_reference_means_and_alerts(tmp_path: Any) -> None:

@@ -702,6 +702,14 @@ def test_include_matching_nothing_raises_value_error_listing_the_candidates() ->
         ({"include": [""]}, "`include` must be None or glob patterns"),
         ({"action": "email"}, "`action` must be one of ('log', 'warn', 'stop', 'raise')"),
         ({"rules": "spectral_alignment/mean_collapse"}, "`rules` must be a rule or a list of rules"),
+        # safety issue, fault 4: strings are not booleans ('false' is truthy), and check_number everywhere
+        ({"per_layer": "false"}, "`per_layer` must be True or False, got 'false'"),
+        ({"exclude_head": "no"}, "`exclude_head` must be True or False, got 'no'"),
+        ({"exclude_head": 0}, "`exclude_head` must be True or False, got 0"),
+        ({"baseline_alpha": "0.9"}, "`baseline_alpha` must be a number in (0, 1), got '0.9'"),
+        ({"mean_collapse_threshold": float("nan")}, "`mean_collapse_threshold` must be None or a number in (0, 1], "
+                                                    "got nan"),
+        ({"baseline_rise": True}, "`baseline_rise` must be a number in [0, 1], got True"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_value_and_the_allowed_values(kwargs: dict[str, Any],
@@ -711,8 +719,10 @@ def test_bad_arguments_raise_value_error_naming_the_value_and_the_allowed_values
     assert shown in str(error.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"baseline_rise": 0.0}, {"baseline_alpha": 0.5}, {"mean_collapse_threshold": None},
-                                    {"collapse_threshold": 1.0}, {"seed": 7}])  # fmt: skip
+@pytest.mark.parametrize("kwargs", [{"baseline_rise": 0.0}, {"baseline_rise": 1.0}, {"baseline_alpha": 0.5},
+                                    {"mean_collapse_threshold": None}, {"mean_collapse_threshold": 1.0},
+                                    {"collapse_threshold": 1.0}, {"collapse_threshold": 1}, {"seed": 7},
+                                    {"per_layer": False}, {"exclude_head": False}])  # fmt: skip
 def test_the_edges_of_the_allowed_ranges_are_accepted(kwargs: dict[str, Any]) -> None:
     SpectralAlignmentMonitor(**kwargs)
 

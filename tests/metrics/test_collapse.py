@@ -438,6 +438,57 @@ def test_non_finite_features_give_nan_metrics_without_raising(bad):
                 assert math.isnan(metrics[key]), key
 
 
+@pytest.mark.parametrize("where", ["features", "logits", "reference", "no_reference_class"])
+def test_non_finite_input_makes_lagged_nc4_nan_not_a_healthy_zero(where):
+    """Safety issue, fault 2. Before: argmin and argmax of a NaN row both gave class 0, so NaN
+    features counted as agreement (``nc4`` 0.0 when every row was NaN)."""
+    h, y, w, b = random_problem(15)
+    ht, yt, wt, bt = as_torch(h, y, w, b)
+    acc = streamed(ht, yt, wt)
+    means = acc.means.clone()
+    if where == "reference":
+        means[2, 0] = float("nan")  # a class that occurred, without a usable mean
+    acc.reset()
+    acc.set_reference_means(means, torch.full((5,), where != "no_reference_class"))  # e.g. after an all-NaN eval
+    logits = ht @ wt.T + bt
+    if where == "features":
+        ht = torch.full_like(ht, float("nan"))
+    elif where == "logits":
+        logits[3, 1] = float("nan")
+    acc.update(ht, yt, logits)
+    metrics = acc.compute(wt, bt)
+    assert math.isnan(float(metrics["nc4"]))
+    assert math.isfinite(float(metrics["nc2_equiangular_weights"]))  # weight-only figures are not touched
+    assert math.isnan(float(metrics["nc1"])) == (where == "features")
+
+
+def test_rows_with_negative_labels_are_left_out_whatever_their_features_hold():
+    """Safety issue, fault 1: ``ignore_index=-100`` labels (padding tokens). Before: ``IndexError: index out of
+    range in self`` from ``index_add_`` (on CUDA a device-side assert)."""
+    h, y, w, b = random_problem(16)
+    padded_h = np.concatenate([h, np.full((30, h.shape[1]), np.nan)])  # padding rows hold anything
+    padded_y = np.concatenate([y, np.full(10, -100), np.full(20, -1)])
+    order = np.random.default_rng(0).permutation(len(padded_y))
+    padded_h, padded_y = padded_h[order], padded_y[order]
+    ht, yt, wt, bt = as_torch(padded_h, padded_y, w, b)
+    acc = streamed(ht, yt, wt, batch_sizes=(11,))
+    expected = reference_metrics(h, y, w, b)  # nc4 against the final means: the reference below
+    acc.reset()
+    acc.set_reference_means(torch.as_tensor(np.stack([h[y == c].mean(0) for c in range(5)])))
+    for start in range(0, len(padded_y), 11):
+        rows = slice(start, start + 11)
+        acc.update(ht[rows], yt[rows], ht[rows] @ wt.T + bt)
+    assert float(acc.ncc_seen) == pytest.approx(len(y), abs=1e-9)
+    assert_metrics_close(acc.compute(wt, bt), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_state_dtypes_other_than_float64_or_float32_are_refused_at_construction(dtype):
+    """Safety issue. Before: float16 and bfloat16 were accepted and ``compute()`` failed in ``linalg_svd``."""
+    with pytest.raises(ValueError, match=r"`dtype` must be torch.float64 or torch.float32.*got torch\."):
+        CollapseAccumulator(3, 2, dtype=dtype)
+
+
 def test_fewer_than_two_classes_give_nan_not_an_error():
     m = neural_collapse_metrics(torch.randn(10, 3), torch.zeros(10, dtype=torch.long), torch.randn(4, 3))
     assert m["num_classes_present"] == 1

@@ -189,6 +189,31 @@ def test_non_finite_features_give_nan_not_absent_keys():
         assert math.isfinite(float(value)) == finite, key
 
 
+def test_nan_features_make_the_lagged_nc4_of_the_next_evaluation_nan_not_zero():
+    """Safety issue, fault 2. Before: ``nc4`` was 0.0 on all-NaN features (argmin and argmax of NaN agree)."""
+    h, y, w, b = random_problem(7)
+    metric = NeuralCollapse(5, linear(w, b))
+    feed(metric, *as_torch(h, y)).compute()
+    metric.reset()  # the clean means become the reference
+    result = feed(metric, torch.full((len(y), h.shape[1]), float("nan"), dtype=torch.float64), *as_torch(y)).compute()
+    assert math.isnan(float(result["nc4"])) and math.isnan(float(result["nc1"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "torch.float16"])
+def test_half_precision_states_are_refused_with_a_clear_error(dtype):
+    """Safety issue. Before: ``dtype=torch.float16`` (or ``set_dtype(torch.half)``) was accepted and ``compute()``
+    failed with ``"linalg_svd_cpu" not implemented for 'Half'``."""
+    if isinstance(dtype, torch.dtype):
+        with pytest.raises(ValueError, match="`dtype` must be torch.float64 or torch.float32"):
+            NeuralCollapse(3, dim=2, dtype=dtype)
+    metric = NeuralCollapse(3, nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="`dtype` must be torch.float64 or torch.float32"):
+        metric.set_dtype(dtype)
+    assert metric.means.dtype == torch.float64  # refused before touching the states
+    metric.set_dtype("torch.float32")
+    assert metric.means.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- torchmetrics machinery
 
 
@@ -305,7 +330,7 @@ def test_invalid_arguments_name_the_bad_value():
         NeuralCollapse(3, nn.Linear(2, 3), dim=5)
     with pytest.raises(ValueError, match="nc4_reference.*'previous' or 'manual'.*'exact'"):
         NeuralCollapse(3, dim=2, nc4_reference="exact")
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(ValueError, match="`dtype` must be torch.float64 or torch.float32"):
         NeuralCollapse(3, dim=2, dtype=torch.int64)
     with pytest.raises(ValueError, match="sync_on_compute"):
         NeuralCollapse(3, dim=2, sync_on_compute="yes")

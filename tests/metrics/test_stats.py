@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_diag.metrics.spikes import LossStatistics
 from lightning_diag.metrics.state import Stateful
 from lightning_diag.metrics.stats import EmaBaseline, zclip_coefficient
 
@@ -132,9 +133,31 @@ def test_declared_state_derives_reset_and_state_dict():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [({"alpha": 1.0}, "alpha"), ({"alpha": 0.0}, "alpha"), ({"warmup": 0}, "warmup"), ({"eps": -1.0}, "eps")],
+    "kwargs, shown",
+    [({"alpha": 1.0}, "`alpha` must be a number in (0, 1), got 1.0"), ({"alpha": 0.0}, "alpha"),
+     ({"warmup": 0}, "warmup"), ({"eps": -1.0}, "`eps` must be a number >= 0, got -1.0"),
+     # check_number: each was accepted before, or failed with a TypeError from the comparison
+     ({"alpha": float("nan")}, "`alpha` must be a number in (0, 1), got nan"),
+     ({"alpha": "0.9"}, "`alpha` must be a number in (0, 1), got '0.9'"),
+     ({"alpha": True}, "`alpha` must be a number in (0, 1), got True"),
+     ({"eps": "1e-6"}, "`eps` must be a number >= 0, got '1e-6'"),
+     ({"eps": float("nan")}, "`eps` must be a number >= 0, got nan")],
 )
-def test_bad_arguments_name_the_value(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_name_the_value(kwargs, shown):
+    with pytest.raises(ValueError) as error:
         EmaBaseline(**kwargs)
+    assert shown in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [({"winsorize": 0.0}, "`winsorize` must be a number > 0, got 0.0"),
+     ({"winsorize": "6"}, "`winsorize` must be a number > 0, got '6'"),
+     ({"trend_confidence": -1.0}, "`trend_confidence` must be a number >= 0, got -1.0"),
+     ({"trend_confidence": float("nan")}, "`trend_confidence` must be a number >= 0, got nan"),
+     ({"mode": "up"}, "`mode` must be one of ('min', 'max'), got 'up'")],
+)
+def test_loss_statistics_bad_arguments_name_the_value(kwargs, shown):
+    with pytest.raises(ValueError) as error:
+        LossStatistics(**kwargs)
+    assert shown in str(error.value)
