@@ -19,7 +19,7 @@ from lightning_diag.callbacks._sharding import (
     weight_rows,
 )  # fmt: skip
 from lightning_diag.callbacks._trainer import has_tensorboard, log_histogram
-from lightning_diag.keys import Key
+from lightning_diag.keys import Key, layer_in_key, split_key
 from lightning_diag.layers import LinearMap, linear_maps, validate_patterns
 from lightning_diag.metrics.spectral import (
     CollapseBaseline, alignment_moments, stable_rank, summary_from_moments, top_singular,
@@ -355,7 +355,7 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                                                      if sharded else None)  # fmt: skip
             if self._histogram_now:
                 for i, values in zip(called, alignment):
-                    log_histogram(trainer, f"{self.family}/hist/{self._maps[i].name}", values, trainer.global_step)
+                    log_histogram(trainer, f"{self.family}/hist/{layer_in_key(self._maps[i].name)}", values, trainer.global_step)
         else:
             signs = torch.sign(projection)
             out["counts"] = torch.stack([signs.sum(-1), signs.abs().sum(-1)], dim=-1).double()
@@ -479,7 +479,7 @@ class _LayerCollapse(Rule):
         return f"{self.relation} {self.threshold:g}{rise}{self._for()}"
 
     def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        return np.array([self.flags.get(self.keys[s].rpartition("/")[2], False) for s in slots], dtype=bool)
+        return np.array([self.flags.get(split_key(self.keys[s])[2], False) for s in slots], dtype=bool)
 
 
 class _MeanCollapse(Above):
@@ -499,7 +499,7 @@ class _MeanCollapse(Above):
     def alert(self, source: str, key: str, step: int, value: float) -> Alert:
         alert = super().alert(source, key, step, value)
         rule = self.layer_rule
-        since = sorted((int(s), k.rpartition("/")[2]) for k, s in zip(rule.keys, rule.start) if s >= 0)
+        since = sorted((int(s), split_key(k)[2]) for k, s in zip(rule.keys, rule.start) if s >= 0)
         listed = ", ".join(f"{name} (since step {s})" for s, name in since[:_LISTED_LAYERS])
         more = f" and {len(since) - _LISTED_LAYERS} more" if len(since) > _LISTED_LAYERS else ""
         detail = (f"; maps past their baseline, in the order they collapsed: {listed}{more}" if since

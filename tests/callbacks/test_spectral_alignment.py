@@ -872,3 +872,13 @@ def test_a_compiled_model_gives_the_figures_of_the_eager_one(backend: str) -> No
         assert [s for s, _ in compiled_log[key]] == [s for s, _ in eager[key]], key
         np.testing.assert_allclose([v for _, v in compiled_log[key]], [v for _, v in eager[key]], rtol=1e-5,
                                    atol=1e-6, err_msg=key)  # fmt: skip
+
+
+def test_the_per_map_collapse_rule_reads_a_map_whose_name_holds_a_slash():
+    """A ``/`` in a module name is escaped in its key (``enc%2F0``); the per-map rule must read the
+    map's flag by its real name, or a collapsing ``enc/0`` never fires."""
+    from lightning_diag.callbacks.spectral_alignment import _LayerCollapse
+
+    rule = _LayerCollapse({"enc/0": True, "dec": False}, 0.5, 1, 0.2, "baseline")
+    keys = ["spectral_alignment/collapse/enc%2F0", "spectral_alignment/collapse/dec"]
+    assert rule.update(3, keys, np.array([0.9, 0.9])) == [("spectral_alignment/collapse/enc%2F0", 0.9)]
