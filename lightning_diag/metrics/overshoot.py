@@ -156,7 +156,7 @@ class OvershootController(Stateful):
         self.checks += 1
         at_floor = self.scale <= self.min_scale
         rho = min(max(r / used, 0.0), self.target / self.min_scale)
-        self.pinned = self.pinned + 1 if at_floor and rho * self.scale > 1.0 else 0
+        self.pinned = np.int64(self.pinned + 1 if at_floor and rho * self.scale > 1.0 else 0)
         if math.isnan(self.smoothed):
             self.smoothed = np.float64(rho)
         elif rho * self.scale > 1.0:
