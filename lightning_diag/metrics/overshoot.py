@@ -155,8 +155,9 @@ class OvershootController(Stateful):
             return float(self.scale)
         self.checks += 1
         at_floor = self.scale <= self.min_scale
-        rho = min(max(r / used, 0.0), self.target / self.min_scale)
-        self.pinned = np.int64(self.pinned + 1 if at_floor and rho * self.scale > 1.0 else 0)
+        raw = r / used
+        self.pinned = np.int64(self.pinned + 1 if at_floor and raw * self.scale > 1.0 else 0)
+        rho = min(max(raw, 0.0), self.target / self.min_scale)
         if math.isnan(self.smoothed):
             self.smoothed = np.float64(rho)
         elif rho * self.scale > 1.0:
