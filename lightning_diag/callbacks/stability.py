@@ -20,7 +20,6 @@ from lightning_diag.callbacks._sharding import local_tensor, sharding_of, sum_ov
 from lightning_diag.callbacks._trainer import grad_scale, loss_scale
 from lightning_diag.callbacks.sharpness import LossFn, training_step_loss
 from lightning_diag.keys import Key
-from lightning_diag.metrics.norms import squared_norms
 from lightning_diag.metrics.overshoot import OvershootController, fused_dot, overshoot_ratio
 from lightning_diag.metrics.sharpness import TrainingStateGuard
 
@@ -201,6 +200,9 @@ class StabilityGovernor(DiagnosticCallback):
             self._sharded = sharding.reduces
             self._owned = {id(p) for i, p in enumerate(params) if sharding.owns(i)}
             self._control.install(trainer.optimizers)
+            if trainer.gradient_clip_val and not _norm_clipping(trainer):
+                self.warn_once("clip", "with gradient_clip_algorithm='value' the first-order change gD is that of the "
+                                       "clipped gradient, not the loss's own gradient (norm clipping is corrected)")
 
     def _supported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -242,7 +244,7 @@ class StabilityGovernor(DiagnosticCallback):
         super().on_before_backward(trainer, pl_module, loss)
         if self._armed_step != trainer.global_step or not self._micro or not pl_module.automatic_optimization:
             return
-        loss = loss.detach().float()
+        loss = loss.detach().double()  # float64: f1 - f0 must keep every bit of both
         if trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for accumulation
         scale = loss_scale(trainer)
@@ -251,7 +253,7 @@ class StabilityGovernor(DiagnosticCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, logging: bool) -> None:
         """Before Lightning clips: ``|g|^2`` of the unclipped gradient, for the clip factor."""
         if self._active and self._micro and _norm_clipping(trainer):
-            self._clip_squares = (squared_norms(self._grads(optimizer)[1]).sum(dtype=torch.float64), None)
+            self._clip_squares = (fused_dot(*[self._grads(optimizer)[1]] * 2), None)
         return None
 
     def on_train_batch_end(
@@ -293,7 +295,7 @@ class StabilityGovernor(DiagnosticCallback):
             self._params = [p for g in optimizer.param_groups for p in g["params"]]
             self._before_dot = fused_dot(grads, params)
             if self._clip_squares[0] is not None:
-                self._clip_squares = (self._clip_squares[0], squared_norms(grads).sum(dtype=torch.float64))
+                self._clip_squares = (self._clip_squares[0], fused_dot(grads, grads))
         lr = optimizer.param_groups[0]["lr"]
         self._lr = float(lr) if not isinstance(lr, Tensor) or lr.device.type == "cpu" else math.nan
 
@@ -333,7 +335,7 @@ class StabilityGovernor(DiagnosticCallback):
             with TrainingStateGuard(pl_module), trainer.precision_plugin.train_step_context():
                 for batch, batch_idx, rng, _ in self._micro:
                     _set_rng_state(rng)
-                    loss = loss_fn(pl_module, batch, batch_idx).detach().float()
+                    loss = loss_fn(pl_module, batch, batch_idx).detach().double()
                     total = loss if total is None else total + loss
         except Exception as error:  # noqa: BLE001 - a monitor never crashes the run
             self.warn_once("forward", f"recomputing the loss failed ({type(error).__name__}: {error}); nothing "
@@ -368,7 +370,9 @@ class StabilityGovernor(DiagnosticCallback):
 
 
 def _norm_clipping(trainer: pl.Trainer) -> bool:
-    return bool(trainer.gradient_clip_val) and str(trainer.gradient_clip_algorithm) in ("norm", "GradClipAlgorithmType.NORM")
+    """Lightning clips by norm (its default algorithm when only ``gradient_clip_val`` is set)."""
+    algorithm = trainer.gradient_clip_algorithm
+    return bool(trainer.gradient_clip_val) and (algorithm is None or str(algorithm) == "norm")
 
 
 def _rng_state(pl_module: pl.LightningModule) -> dict[str, Any]:
