@@ -277,3 +277,51 @@ def test_bad_arguments_name_the_value_and_what_is_allowed(bad: dict, error: type
     with pytest.raises(error) as raised:
         StabilityGovernor(**bad)
     assert str(raised.value) == message
+
+
+# -- DDP --------------------------------------------------------------------------------------------------------
+
+
+class RankFigures(Weights):
+    """Writes to ``<dirpath>/rank<r>.pt`` what each rank saw: weights and batches per step, the governor's
+    host figures per check, and its state."""
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        [governor] = [c for c in trainer.callbacks if isinstance(c, StabilityGovernor)]
+        self.figures: dict[int, dict[str, float]] = {}
+        derive = governor.derive
+        governor.derive = lambda host: self.figures.setdefault(host.step, dict(host.scalars)) and derive(host)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        [governor] = [c for c in trainer.callbacks if isinstance(c, StabilityGovernor)]
+        self.before[trainer.global_step] = pl_module.theta.detach().clone()
+        torch.save({"figures": self.figures, "before": self.before, "batches": self.batches,
+                    "state": governor.state_dict(), "a": pl_module.a},
+                   f"{self.dirpath}/rank{trainer.global_rank}.pt")  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_ddp_figures_are_global_and_every_rank_decides_alike(tmp_path: Any) -> None:
+    from conftest import assert_same_state, ddp_on_cpu
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=ddp_on_cpu(timeout_s=30), max_steps=4, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[StabilityGovernor(check_every_n_steps=1, action="log"),
+                                    RankFigures(str(tmp_path))])  # fmt: skip
+    trainer.fit(Quadratic("adam", lr=0.3))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert_same_state(rank0["state"], rank1["state"], rel=1e-12, abs=1e-15)
+    assert sorted(rank0["figures"]) == [0, 1, 2, 3]
+    a = rank0["a"]
+    for step, figures in rank0["figures"].items():
+        assert figures == rank1["figures"][step]
+        theta, d = rank0["before"][step], rank0["before"][step + 1] - rank0["before"][step]
+        local = [0.5 * theta @ a @ theta - rank["batches"][step][0][0].mean(0) @ theta for rank in (rank0, rank1)]
+        assert abs(float(local[0] - local[1])) > 1e-6  # the ranks saw different batches
+        b = (rank0["batches"][step][0][0].mean(0) + rank1["batches"][step][0][0].mean(0)) / 2
+        assert figures["batch_loss"] == pytest.approx(float(sum(local)) / 2, rel=1e-9)
+        assert figures["predicted_change"] == pytest.approx(float((a @ theta - b) @ d), rel=1e-9)
