@@ -84,7 +84,9 @@ class StabilityGovernor(DiagnosticCallback):
     **Cost.** One forward (about a third of a step) per check, plus two fused dot products and a
     3-float host read; no host sync between checks. Checks run every ``check_every_n_steps``
     steps and at logging steps while the smoothed ratio is below ``target / 2``, and every step
-    while it is above (the governor is then at work).
+    while it is above (the governor is then at work). A check step cost 1.6 steps on a CPU MLP
+    (4 x 512, AdamW): the default, 25 (aligned with Lightning's 50-step logging), costs about 2.4%
+    there while the ratio is low.
 
     Alerts: ``stability/scale`` below ``warn_scale`` (warning: the run needs a much lower rate
     than its schedule); ``stability/pinned_checks`` reaching ``pin_patience`` (critical: the scale
@@ -111,7 +113,7 @@ class StabilityGovernor(DiagnosticCallback):
         rules: extra rules on the logged keys, e.g. ``Above("stability/ratio", 2.0)``.
 
     Example:
-        >>> governor = StabilityGovernor(target=0.8, check_every_n_steps=10)
+        >>> governor = StabilityGovernor(target=0.8, check_every_n_steps=25)
         >>> governor.family, [rule.metric for rule in governor.book.rules]
         ('stability', ['stability/loss_change', 'stability/scale', 'stability/pinned_checks'])
     """
@@ -144,7 +146,7 @@ class StabilityGovernor(DiagnosticCallback):
         recovery: float = 1.05,
         min_scale: float = 0.01,
         margin: float = 0.2,
-        check_every_n_steps: int = 10,
+        check_every_n_steps: int = 25,
         min_relative_decrease: float = 1e-6,
         govern: bool = True,
         loss_fn: LossFn | None = None,
