@@ -14,6 +14,7 @@ from lightning_diag.callbacks import (
     NCTracker,
     SharpnessMonitor,
     SpectralAlignmentMonitor,
+    StabilityGovernor,
 )
 from lightning_diag.metrics.neural_collapse import NeuralCollapse
 
@@ -31,6 +32,7 @@ __all__ = [
     "NonFinite",
     "SharpnessMonitor",
     "SpectralAlignmentMonitor",
+    "StabilityGovernor",
     "ZScore",
 ]
 __version__ = "0.2.0"

@@ -6,6 +6,7 @@ from lightning_diag.callbacks.loss_spike import LossSpikeDetector
 from lightning_diag.callbacks.neural_collapse import NCTracker
 from lightning_diag.callbacks.sharpness import SharpnessMonitor
 from lightning_diag.callbacks.spectral_alignment import SpectralAlignmentMonitor
+from lightning_diag.callbacks.stability import StabilityGovernor
 
 __all__ = [
     "GradNormWatcher",
@@ -14,4 +15,5 @@ __all__ = [
     "NCTracker",
     "SharpnessMonitor",
     "SpectralAlignmentMonitor",
+    "StabilityGovernor",
 ]

@@ -47,6 +47,10 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str, str]]]] =
     "SharpnessMonitor": ({"check_every_n_steps": 3, "iters": 2, "cold_iters": 4},
                          [({"iters": 0}, "0", ">= 1"), ({"method": "exact"}, "'exact'", "'autograd'"),
                           ({"stability_threshold": 0.0}, "0.0", "> 0"), ({"loss_fn": 3}, "3", "callable")]),
+    "StabilityGovernor": ({"check_every_n_steps": 2},
+                          [({"target": 0.0}, "0.0", "> 0"), ({"min_scale": 1.5}, "1.5", "(0, 1]"),
+                           ({"recovery": 1.0}, "1.0", "> 1"), ({"smoothing": 1.0}, "1.0", "[0, 1)"),
+                           ({"govern": "yes"}, "'yes'", "True or False"), ({"pin_patience": 0}, "0", ">= 1")]),
 }  # fmt: skip
 EXPORTED = list(lightning_diag.callbacks.__all__)
 ACTIONS = ["stop", "raise", "callable"]
