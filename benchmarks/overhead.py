@@ -68,6 +68,7 @@ from lightning_diag import (
     LossSpikeDetector,
     SharpnessMonitor,
     SpectralAlignmentMonitor,
+    StabilityGovernor,
 )
 
 try:  # the peer of GradNormWatcher(clip="zclip"); optional
@@ -160,6 +161,10 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     # losses, one host read per step, plus a barrier and an all-reduce under DDP).
     f"LossSpikeDetector (log, every {LOG_EVERY_N_STEPS} steps)": lambda: [LossSpikeDetector(action="log")],
     "LossSpikeDetector (skip: 1 flag read/step)": lambda: [LossSpikeDetector(action="skip")],
+    # One extra forward per check (f1) and two fused dot products; checks every 25 steps while the
+    # overshoot ratio is low. Its work runs inside optimizer.step (the StepControl) and in
+    # on_train_batch_end: the step time shows all of it, the hook time the part in hooks.
+    "StabilityGovernor (check every 25 steps)": lambda: [StabilityGovernor(action="log")],
     "Lightning SpikeDetection (every step)": lambda: [SpikeDetection()],
     # Sampling happens in forward pre-hooks on check steps: it shows in step time, not hook time.
     "SpectralAlignmentMonitor (check every 10 steps)": lambda: [SpectralAlignmentMonitor(action="log")],
