@@ -970,3 +970,42 @@ def test_bad_boolean_and_number_arguments_raise_value_error_naming_the_value(
     (name,) = kwargs
     with pytest.raises(ValueError, match=rf"`{name}` must be .*got {shown}$"):
         GradNormWatcher(**kwargs)
+
+
+class _NanFrom(TinyModule):
+    """A regressor whose loss is NaN from optimizer step ``at`` on (every layer's gradient is NaN)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.at else loss
+
+
+def test_a_nan_in_every_layer_is_one_critical_alert_and_one_warning_naming_the_layers() -> None:
+    from lightning_diag.alerts import NonFinite
+
+    watcher = GradNormWatcher(rules=[NonFinite("grad_norm/layer/{layer}")])  # action="warn"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[watcher], max_steps=6, log_every_n_steps=2).fit(_NanFrom(at=2))
+    per_layer = [a for a in watcher.alerts if a.metric.startswith("grad_norm/layer/")]
+    assert len(watcher.layers) == 3 and len(per_layer) == 1  # was: one per layer
+    (alert,) = per_layer
+    assert (alert.metric, alert.layers, alert.step, alert.severity) == (
+        "grad_norm/layer/{layer}", tuple(watcher.layers), 3, "critical")  # the first logging step after the NaN
+    assert "in 3 layers: net.0 (nan), net.2 (nan), net.4 (nan)" in alert.message
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning) and "grad_norm/layer" in
+            str(w.message)]  # fmt: skip
+    assert said == [f"lightning_diag: {alert}"]
+
+
+def test_info_spikes_of_a_healthy_run_are_recorded_but_not_counted_as_alerts() -> None:
+    watcher = GradNormWatcher(z_threshold=0.5, warmup=3, action="log")  # spikes are "info" by default
+    trainer = make_trainer(callbacks=[watcher], max_steps=24, log_every_n_steps=4)
+    trainer.fit(TinyModule())
+    assert watcher.alerts and all(a.severity == "info" for a in watcher.alerts)  # recorded, every one
+    assert watcher.serious_alerts == []
+    assert {v for _, v in trainer.logger.history["grad_norm/alerts"]} == {0.0}  # was: the info count
