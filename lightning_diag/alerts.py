@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import numpy as np
 
 from lightning_diag._checks import check_int, check_number
-from lightning_diag.keys import LAYER
+from lightning_diag.keys import LAYER, split_key
 from lightning_diag.metrics.stats import EmaBaseline
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ Severity = Literal["info", "warning", "critical"]
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("log", "warn", "stop", "raise")
 Action = Union[Literal["log", "warn", "stop", "raise"], Callable[["Alert", "pl.Trainer"], None]]
+_LAYERS_SHOWN = 3  # layers named in the message of a per-layer alert; the rest are counted (all in `layers`)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Alert:
         acted_step: the step during which the monitor's action took effect (``step`` on the
             CPU, at most ``step + 1`` on a GPU, where the figures reach the host one step late to
             avoid a sync); ``None`` until then.
+        layers: when one rule fired at one step on one figure of several layers, the one alert of
+            that event names them all here (``metric`` is then the template, ``"grad_norm/layer/{layer}"``,
+            and ``value`` the first layer's); empty for an alert on one key.
     """
 
     source: str
@@ -81,9 +85,14 @@ class Alert:
     severity: str
     message: str
     acted_step: int | None = None
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON or a checkpoint
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # A list, not a tuple: the checkpoint loads with torch.load(weights_only=True) and reads as JSON alike.
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message}"
@@ -194,6 +203,16 @@ class Rule:
     def alert(self, source: str, key: str, step: int, value: float) -> Alert:
         message = f"{source}: {key} = {value:.4g} ({self.describe()}) at step {step}"
         return Alert(source, key, step, value, self.threshold, self.severity, message)
+
+    def layers_alert(self, source: str, template: str, step: int, fired: Sequence[tuple[str, float]]) -> Alert:
+        """One alert for the ``(layer, value)`` pairs of ``template`` that fired together at ``step``."""
+        shown = ", ".join(f"{layer} ({value:.4g})" for layer, value in fired[:_LAYERS_SHOWN])
+        more = f" and {len(fired) - _LAYERS_SHOWN} more" if len(fired) > _LAYERS_SHOWN else ""
+        value = fired[0][1]
+        message = (f"{source}: {template} = {value:.4g} ({self.describe()}) at step {step} in {len(fired)} layers: "
+                   f"{shown}{more}")  # fmt: skip
+        return Alert(source, template, step, value, self.threshold, self.severity, message,
+                     layers=tuple(layer for layer, _ in fired))  # fmt: skip
 
     def state_key(self) -> str:
         """What the rule's state is filed under in a checkpoint: its kind and arguments, not its place in a list."""
@@ -353,18 +372,35 @@ class RuleBook:
         return [*self.builtin, *self.user]
 
     def check_patterns(self, available: Sequence[str]) -> None:
-        """Raise a ``ValueError`` for a user rule that matches none of ``available`` (the keys or templates)."""
+        """Raise a ``ValueError`` for a user rule that matches none of ``available`` (the keys or templates).
+
+        The message lists each key once, sorted, the keys of every layer as their template, and the
+        closest ones as "did you mean".
+
+        Example:
+            >>> book = RuleBook("demo", user=[Above("grad_norm/totl", 1.0)])
+            >>> try:
+            ...     book.check_patterns(["grad_norm/total", "grad_norm/layer/fc", "grad_norm/layer/{layer}"])
+            ... except ValueError as error:
+            ...     print(str(error).split("keys: ")[1])
+            ['grad_norm/layer/{layer}', 'grad_norm/total']; did you mean 'grad_norm/total' or 'grad_norm/layer/fc'?
+        """
+        unique = sorted(set(available))
+        shown = sorted({_template(k) for k in unique})
         for rule in self.user:
-            if not any(rule.watches(k) for k in available):
-                close = difflib.get_close_matches(rule.metric, available, n=3)
-                hint = f"; did you mean {close}?" if close else ""
+            if not any(rule.watches(k) for k in unique):
+                close = list(dict.fromkeys(difflib.get_close_matches(rule.metric, unique + shown, n=3)))
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
                 raise ValueError(
-                    f"{rule!r} watches {rule.metric!r}, which matches none of this monitor's keys: "
-                    f"{sorted(available)}{hint}"
+                    f"{rule!r} watches {rule.metric!r}, which matches none of this monitor's keys: {shown}{hint}"
                 )
 
     def update(self, step: int, keys: Sequence[str], values: np.ndarray) -> list[Alert]:
-        """Run every rule on the keys it watches; returns the alerts that fired, ordered by rule."""
+        """Run every rule on the keys it watches; returns the alerts that fired, ordered by rule.
+
+        A rule that fires at one step on one figure of several layers (a NaN reaches every layer at
+        once) gives one alert naming the layers (:meth:`Rule.layers_alert`), not one per layer.
+        """
         keys = tuple(keys)
         if keys not in self._index:  # once per key set: which keys each rule watches, and their state slots
             self._index[keys] = []
@@ -375,9 +411,18 @@ class RuleBook:
         alerts = []
         for rule, (index, watched, slots) in zip(self.rules, self._index[keys]):
             if index.size:
-                fired = rule.update(step, watched, values[index], slots)
-                alerts += [rule.alert(self.source, key, step, value) for key, value in fired]
+                alerts += self._alerts(rule, step, rule.update(step, watched, values[index], slots))
         return alerts
+
+    def _alerts(self, rule: Rule, step: int, fired: list[tuple[str, float]]) -> list[Alert]:
+        """The alerts of what one rule fired at one step: the layers of one figure together, in order of firing."""
+        events: dict[str, list[tuple[str, str, float]]] = {}  # template (or the key itself) -> (key, layer, value)
+        for key, value in fired:
+            template, layer = _template(key), _layer(key)
+            events.setdefault(template if layer is not None else key, []).append((key, layer or "", value))
+        return [rule.alert(self.source, event[0][0], step, event[0][2]) if len(event) == 1
+                else rule.layers_alert(self.source, template, step, [(layer, value) for _, layer, value in event])
+                for template, event in events.items()]  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """Each rule's state under its :meth:`~Rule.state_key` (so the order of ``rules=`` may change)."""
@@ -402,6 +447,22 @@ class RuleBook:
                 if name is not None:
                     rule.load_state_dict(saved.pop(name))
         self._index.clear()  # the rules' slots were replaced
+
+
+def _layer(key: str) -> str | None:
+    """The layer of a per-layer key (its name, unescaped), else None (a model-level key or any other name)."""
+    try:
+        return split_key(key)[2] if LAYER not in key else None
+    except ValueError:
+        return None
+
+
+def _template(key: str) -> str:
+    """The template of a per-layer key (``"grad_norm/layer/{layer}"``); any other key as it is."""
+    if _layer(key) is None:
+        return key
+    family, figure, _ = split_key(key)
+    return f"{family}/{figure}/{LAYER}"
 
 
 def _named(rules: Sequence[Rule]) -> dict[str, Rule]:

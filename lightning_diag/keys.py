@@ -153,8 +153,9 @@ def keys_section(monitors: Iterable[type]) -> str:
     """
     parts = []
     for cls in monitors:
-        rows = keys_table(cls.family, [*cls.KEYS, Key("alerts", "number of alerts so far (TensorBoard also gets "
-                                                             "each alert's text under this tag)", rate="step")])
+        alerts = Key("alerts", "warning and critical alerts so far (info ones are recorded, not counted; TensorBoard "
+                               "also gets each alert's text under this tag)", rate="step")
+        rows = keys_table(cls.family, [*cls.KEYS, alerts])
         parts.append(f"**{cls.__name__}** (`{cls.family}/`)\n\n{rows}")
     return "\n\n".join(parts)
 

@@ -130,7 +130,45 @@ def test_a_rule_on_a_template_key_watches_every_layer_and_only_that_figure():
     book.check_patterns(["grad_norm/total", "grad_norm/layer/{layer}"])  # accepted before any layer is known
     keys = ["grad_norm/total", "grad_norm/layer/a", "grad_norm/layer/b%2Fc", "grad_norm/weight_norm/a"]
     alerts = book.update(0, keys, np.array([5.0, 2.0, 3.0, 4.0]))
-    assert [a.metric for a in alerts] == ["grad_norm/layer/a", "grad_norm/layer/b%2Fc"]
+    assert [(a.metric, a.layers) for a in alerts] == [("grad_norm/layer/{layer}", ("a", "b/c"))]
+
+
+def test_one_rule_firing_on_several_layers_at_one_step_is_one_alert_naming_the_layers():
+    layers = [f"blocks.{i}" for i in range(6)]
+    keys = ["sa/total"] + [f"sa/sigma1/{layer}" for layer in layers] + [f"sa/rank/{layer}" for layer in layers]
+    book = RuleBook("Mon", [NonFinite("sa/sigma1/*"), NonFinite("sa/rank/{layer}"), NonFinite("sa/total")])
+    values = np.full(len(keys), np.nan)
+    values[1 + 6 + 2] = 1.0  # sa/rank/blocks.2 is finite at step 4
+    alerts = book.update(4, keys, values)
+    assert [(a.metric, a.layers) for a in alerts] == [  # one per rule and figure, not one per layer
+        ("sa/sigma1/{layer}", tuple(layers)), ("sa/rank/{layer}", tuple(layers[:2] + layers[3:])), ("sa/total", ())]
+    sigma = alerts[0]
+    assert sigma.message == ("Mon: sa/sigma1/{layer} = nan (non-finite) at step 4 in 6 layers: blocks.0 (nan), "
+                             "blocks.1 (nan), blocks.2 (nan) and 3 more")
+    assert sigma.severity == "critical" and sigma.step == 4 and np.isnan(sigma.value)
+    values[1 + 6 + 2] = np.nan  # the one layer that turns NaN later: an alert of its own, on its key
+    (late,) = book.update(5, keys, values)
+    assert (late.metric, late.layers, late.step) == ("sa/rank/blocks.2", (), 5)
+    assert late.message == "Mon: sa/rank/blocks.2 = nan (non-finite) at step 5"
+
+
+def test_an_alert_naming_layers_survives_a_round_trip_and_an_old_record_loads():
+    (alert,) = RuleBook("t", [Above("g/layer/*", 1.0)]).update(2, ["g/layer/a", "g/layer/b"], np.array([2.0, 3.0]))
+    assert alert.value == 2.0 and alert.layers == ("a", "b")
+    record = alert.as_dict()
+    assert record["layers"] == ["a", "b"] and Alert(**record) == alert
+    old = {k: v for k, v in record.items() if k != "layers"}  # a checkpoint written before `layers` existed
+    assert Alert(**old).layers == ()
+
+
+def test_a_typo_in_a_rule_lists_each_key_once_sorted_and_suggests_the_closest():
+    book = RuleBook("t", user=[Above("grad_norm/totl", 1.0)])
+    keys = ["grad_norm/zscore", "grad_norm/total", "grad_norm/layer/fc1", "grad_norm/layer/fc2"]
+    with pytest.raises(ValueError) as error:  # the monitor passes its keys and their templates
+        book.check_patterns(keys + ["grad_norm/zscore", "grad_norm/total", "grad_norm/layer/{layer}"])
+    listed = str(error.value).split("keys: ")[1].split("; did you mean")[0]
+    assert listed == "['grad_norm/layer/{layer}', 'grad_norm/total', 'grad_norm/zscore']"
+    assert "did you mean 'grad_norm/total'" in str(error.value)  # the closest first
 
 
 def _book(order):

@@ -13,7 +13,8 @@ A monitor **declares** its keys (:data:`DiagnosticCallback.KEYS`) and **measures
    runs every rule in one numpy pass per rule (:class:`~lightning_diag.alerts.RuleBook`), and acts
    on new alerts: an action takes effect within one step of the rule firing, without a host sync.
 3. On logging steps the held figures are read in one transfer and logged with the host's figures
-   to every logger; ``<family>/alerts`` counts the alerts.
+   to every logger; ``<family>/alerts`` counts the warnings and criticals (``info`` alerts are
+   recorded in :attr:`~DiagnosticCallback.alerts` and logged as text, not counted).
 
 Actions come from a registry: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` here, and a monitor
 adds its own with :func:`action` (``LossSpikeDetector`` adds ``"skip"``, ``"rollback"``,
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,12 +47,21 @@ from lightning_diag.callbacks._trainer import (
 )  # fmt: skip
 from lightning_diag.keys import Key, keys_table, layer_in_key, split_key
 
-__all__ = ["Cadence", "DiagnosticCallback", "Figures", "HostFigures", "action", "diagnostic_callbacks", "total_alerts"]
+__all__ = [
+    "Cadence", "DiagnosticCallback", "Figures", "HostFigures", "action", "diagnostic_callbacks", "serious",
+    "total_alerts",
+]  # fmt: skip
 
 _WARNINGS_PER_KEY = 5  # "warn" action: at most this many warnings per metric, then log only
 _MAX_ALERTS = 10_000  # history kept in memory and in checkpoints
 STREAM_RATES = ("step", "check", "eval")
 _HOOKS = {n for n, f in vars(Callback).items() if callable(f) and not n.startswith("_")}  # Lightning calls these
+_LIVE: weakref.WeakSet[DiagnosticCallback] = weakref.WeakSet()  # for twins' state keys before they meet a trainer
+
+
+def serious(alerts: Sequence[Alert]) -> list[Alert]:
+    """The warnings and criticals among ``alerts`` (what a count shows; ``info`` alerts are only recorded)."""
+    return [a for a in alerts if a.severity != "info"]
 
 
 @dataclass
@@ -121,6 +133,17 @@ def _no_stop_iteration(hook: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _binds_first(setup: Callable[..., Any]) -> Callable[..., Any]:
+    """A monitor's own ``setup``, after the base's (:meth:`DiagnosticCallback._bind`), whether it calls super or not."""
+
+    @functools.wraps(setup)
+    def bound(self: Any, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        DiagnosticCallback._bind(self, trainer)
+        return setup(self, trainer, *args, **kwargs)
+
+    return bound
+
+
 def action(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a method ``handler(self, trainer, alerts)`` as the action ``name`` of a monitor class."""
 
@@ -157,6 +180,12 @@ class DiagnosticCallback(Callback):
             (``alert.acted_step``). Figures are global (equal on every rank), so every rank takes
             the same decision at the same step, without a collective.
         rules: extra rules (``Above``, ``Below``, ``ZScore``, ``NonFinite``) on this monitor's keys.
+        prefix: the first part of the logged keys, in place of the monitor's family (``"grad_norm"``):
+            two monitors of one kind on a trainer need two prefixes (``GradNormWatcher(prefix="enc_grad")``
+            logs ``enc_grad/total``; its rules watch ``enc_grad/...``). ``None``: the family.
+
+    Attributes:
+        alerts: every alert raised so far, ``info`` ones included; :attr:`serious_alerts` leaves those out.
     """
 
     family: ClassVar[str] = ""
@@ -167,19 +196,29 @@ class DiagnosticCallback(Callback):
         super().__init_subclass__(**kwargs)
         for name in _HOOKS & vars(cls).keys():
             setattr(cls, name, _no_stop_iteration(vars(cls)[name]))
+        if "setup" in vars(cls):
+            cls.setup = _binds_first(cls.setup)  # type: ignore[method-assign]
         own = {f._action_name: name for name, f in vars(cls).items() if hasattr(f, "_action_name")}
         cls._actions = {**cls._actions, **own}
         if cls.KEYS and cls.__doc__ and "Logged keys" not in cls.__doc__:  # generated, so it cannot drift
             table = keys_table(cls.family, cls.KEYS, rst=True).replace("\n", "\n    ")
             cls.__doc__ = cls.__doc__.rstrip() + f"\n\n    Logged keys:\n\n    {table}\n"
 
-    def __init__(self, *, every_n_steps: int | None = None, action: Any = "warn", rules: Any = ()) -> None:
+    def __init__(
+        self, *, every_n_steps: int | None = None, action: Any = "warn", rules: Any = (), prefix: str | None = None
+    ) -> None:
         check_int("every_n_steps", every_n_steps, 1, optional=True)
         if not (callable(action) or (isinstance(action, str) and action in self._actions)):
             raise ValueError(
                 f"`action` must be one of {tuple(self._actions)} or a callable(alert, trainer), got {action!r}"
             )
+        if prefix is not None and (not isinstance(prefix, str) or not prefix or "/" in prefix):
+            raise ValueError(f"`prefix` must be None or a non-empty string without '/', got {prefix!r}")
+        if prefix is not None:
+            self.family = prefix
         self.every_n_steps, self.action, self.rules = every_n_steps, action, as_rules(rules)
+        self._bound = False  # set up by a trainer at least once: the state key is final
+        _LIVE.add(self)
         self.alerts: list[Alert] = []
         self.layers: list[str] = []
         self._builtin_rules: list[Rule] = []
@@ -205,7 +244,44 @@ class DiagnosticCallback(Callback):
 
     @property
     def source(self) -> str:
-        return type(self).__name__
+        """The monitor's name in alerts: its class, with its prefix when it has one (``GradNormWatcher[enc]``)."""
+        name = type(self).__name__
+        return name if self.family == type(self).family else f"{name}[{self.family}]"
+
+    @property
+    def serious_alerts(self) -> list[Alert]:
+        """The warnings and criticals among :attr:`alerts` (``info`` alerts are recorded, never acted on)."""
+        return serious(self.alerts)
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key of the monitor's checkpoint state: the class, and the prefix when there is one."""
+        return self._generate_state_key() if self.family != type(self).family else self._unique(type(self).__qualname__)
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        if self.family != type(self).family:
+            kwargs.setdefault("prefix", self.family)
+        return self._unique(super()._generate_state_key(**kwargs))
+
+    def _unique(self, key: str) -> str:
+        """``key``, told apart from an identical twin's until a trainer sets them up.
+
+        Lightning refuses two callbacks with one state key when the Trainer is built, with a
+        traceback that does not say what to do. Until set up, twins get distinct keys, so that
+        :meth:`_bind` can say it at fit start (and tell the user to pass ``prefix=``); once set up
+        the key is the plain one, the one a checkpoint is saved and restored under.
+        """
+        if self._bound or getattr(self, "_plain_key", False):
+            return key
+        twins = [m for m in list(_LIVE) if m is not self and type(m) is type(self) and not m._bound]
+        return f"{key}#{id(self):x}" if any(m._plain_state_key() == key for m in twins) else key
+
+    def _plain_state_key(self) -> str:
+        self._plain_key = True
+        try:
+            return self.state_key
+        finally:
+            self._plain_key = False
 
     @property
     def book(self) -> RuleBook:
@@ -285,14 +361,29 @@ class DiagnosticCallback(Callback):
 
     # -- the step loop ----------------------------------------------------------------------------
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The base's set-up (:meth:`_bind`); a monitor's own ``setup`` runs after it, super() or not."""
+        self._bind(trainer)
+
+    def _bind(self, trainer: pl.Trainer) -> None:
+        """Refuse two monitors logging under one family (their keys, counts and states would collide);
+        from now on the state key is the plain one (set up before a checkpoint is restored)."""
+        same = [c for c in diagnostic_callbacks(trainer) if c.family == self.family]
+        if len(same) > 1:
+            kinds = sorted({type(c) for c in same}, key=lambda c: c.__name__)
+            fix = " or ".join(f"{k.__name__}(prefix='{self.family}_2')" for k in kinds
+                              if "prefix" in inspect.signature(k).parameters)  # fmt: skip
+            raise ValueError(
+                f"lightning_diag: {len(same)} monitors on this trainer ({', '.join(c.source for c in same)}) log "
+                f"under '{self.family}/': their figures, alert counts and checkpoint states would collide. "
+                + (f"Give each its own `prefix=`, e.g. {fix}, the first part of its keys." if fix else
+                   "Attach one of them per trainer.")  # fmt: skip
+            )
+        self._bound = True
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
         self.attach(trainer, pl_module)
-        same = [c for c in trainer.callbacks if isinstance(c, DiagnosticCallback) and c.family == self.family]
-        if len(same) > 1 and same[0] is self:  # said once, by the first of them
-            self.warn_once("family", f"{len(same)} monitors on this trainer log under '{self.family}/': their "
-                           "figures and alert counts share keys and interleave in the logs (NCTracker takes a "
-                           "`prefix`; otherwise attach one monitor per family)")
         self.book.check_patterns([k.key(self.family, layer) for k in self.declared_keys()
                                   for layer in (self.layers if k.per_layer else [None])]
                                  + [k.full(self.family) for k in self.declared_keys()])  # fmt: skip
@@ -300,19 +391,30 @@ class DiagnosticCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_cadence = Cadence(self.every_n_steps or max(int(trainer.log_every_n_steps), 1))
         self._measured_step, self._logged_step = -1, trainer.global_step - 1
-        self._warn_if_cadence_outlasts_the_run(trainer)
+        monitors = diagnostic_callbacks(trainer)
+        if monitors and monitors[0] is self:  # one warning for the trainer, by its first monitor
+            self._warn_if_cadence_outlasts_the_run(trainer, monitors)
         self.start(trainer, pl_module)
 
-    def _warn_if_cadence_outlasts_the_run(self, trainer: pl.Trainer) -> None:
+    def _warn_if_cadence_outlasts_the_run(self, trainer: pl.Trainer, monitors: list[DiagnosticCallback]) -> None:
+        """Say once which monitors log less often than the run lasts (not those whose figures are logged
+        at evaluations): their figures reach the loggers once, at the end."""
         try:
-            steps = float(trainer.estimated_stepping_batches)
+            left = int(float(trainer.estimated_stepping_batches)) - trainer.global_step
         except Exception:  # noqa: BLE001 - an iterable dataset of unknown length: nothing to compare
             return
-        every = self._log_cadence.every or 1
-        if any(k.rate != "eval" for k in self.KEYS) and every > steps - trainer.global_step:
-            self.warn_once("cadence", f"it logs every {every} steps (`every_n_steps` or the trainer's "
-                           f"`log_every_n_steps`) but the run has {int(steps) - trainer.global_step} steps left, so "
-                           "no figure will be logged before the end; alerts are still raised and logged")
+        late: dict[int, list[str]] = {}
+        for monitor in monitors:
+            every = monitor.every_n_steps or max(int(trainer.log_every_n_steps), 1)
+            if every > left and any(k.kind == "scalar" and k.rate != "eval" for k in monitor.declared_keys()):
+                late.setdefault(every, []).append(monitor.source)
+        said = "; ".join(f"{', '.join(names)} log{'s' if len(names) == 1 else ''} every {every} steps"
+                         for every, names in late.items())  # fmt: skip
+        if late and "cadence" not in self._once:  # not warn_once: the warning speaks for every monitor
+            self._once.add("cadence")
+            warn(f"lightning_diag: {said} (`every_n_steps`, or the trainer's `log_every_n_steps`) but the run has "
+                 f"{left} steps left: their figures are logged once, at the end of the run (the last measurement of "
+                 "those known every step or check); alerts are still raised and logged as they fire")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -467,7 +569,7 @@ class DiagnosticCallback(Callback):
             metrics.update(zip(self._host[1], self._host[2].tolist()))
         if not metrics:
             return
-        metrics[f"{self.family}/alerts"] = float(len(self.alerts))
+        metrics[f"{self.family}/alerts"] = float(len(self.serious_alerts))
         self._logged_step = max(self._logged_step, step)
         write_dashboard_once(trainer, lambda: custom_scalars_layout(diagnostic_callbacks(trainer)))
         show_alert_count(trainer, total_alerts)
@@ -493,9 +595,10 @@ class DiagnosticCallback(Callback):
         self.alerts = (self.alerts + alerts)[-_MAX_ALERTS:]
         for alert in alerts:
             log_text(trainer, f"{self.family}/alerts", str(alert), alert.step)
-        log_metrics(trainer, {f"{self.family}/alerts": float(len(self.alerts))}, alerts[-1].step)
+        actionable = serious(alerts)
+        if actionable:  # the count is of warnings and criticals: an info alert leaves it as it is
+            log_metrics(trainer, {f"{self.family}/alerts": float(len(self.serious_alerts))}, alerts[-1].step)
         write_alert_lines(trainer, alerts)
-        actionable = [a for a in alerts if a.severity != "info"]
         if act and actionable:
             if callable(self.action):
                 for alert in actionable:
@@ -591,5 +694,5 @@ def diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:
 
 
 def total_alerts(trainer: pl.Trainer) -> int:
-    """Alerts raised so far by all the trainer's monitors (the progress bar's ``alerts`` item)."""
-    return sum(len(cb.alerts) for cb in diagnostic_callbacks(trainer))
+    """Warnings and criticals raised so far by all the trainer's monitors (the progress bar's ``alerts`` item)."""
+    return sum(len(cb.serious_alerts) for cb in diagnostic_callbacks(trainer))

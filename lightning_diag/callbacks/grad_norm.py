@@ -92,6 +92,8 @@ class GradNormWatcher(DiagnosticCallback):
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: a rule or a list of extra rules on the logged keys, e.g.
             ``Above("grad_norm/total", 100.0, patience=10)``.
+        prefix: the first part of the keys in place of ``grad_norm`` (two watchers on one trainer, e.g.
+            one per optimizer's layers, need two: ``prefix="grad_norm_disc"`` logs ``grad_norm_disc/total``).
 
     Example:
         >>> watcher = GradNormWatcher(every_n_steps=10, exclude=["*.bias"], action="warn")
@@ -140,8 +142,9 @@ class GradNormWatcher(DiagnosticCallback):
         histogram_every_n_steps: int | None = 500,
         action: Action = "warn",
         rules: Rule | Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         if spike_severity not in SEVERITIES:
             raise ValueError(f"`spike_severity` must be one of {SEVERITIES}, got {spike_severity!r}")
         check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
@@ -159,8 +162,9 @@ class GradNormWatcher(DiagnosticCallback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.baseline = EmaBaseline(1, alpha=alpha, warmup=warmup)
         self.clipped_steps = 0
-        self._nonfinite_rule = NonFinite("grad_norm/total", severity="critical")
-        self._builtin_rules = [self._nonfinite_rule, Above("grad_norm/zscore", z_threshold, severity=spike_severity)]
+        self._nonfinite_rule = NonFinite(f"{self.family}/total", severity="critical")
+        spikes = Above(f"{self.family}/zscore", z_threshold, severity=spike_severity)
+        self._builtin_rules = [self._nonfinite_rule, spikes]
         self._histograms = Cadence(histogram_every_n_steps)
         self._active = False  # measuring at all (not under DeepSpeed)
         self._module: pl.LightningModule | None = None
@@ -312,8 +316,8 @@ class GradNormWatcher(DiagnosticCallback):
             self.warn_once("optimizers", f"{len(self._optimizers)} optimizers step in this run; each step's norm is "
                            "that of the stepping optimizer's gradients, but one ZClip baseline follows all of them, "
                            "so z-scores" + (" and clipping" if self.clipping else "") + " compare their norms with "
-                           "one another (watch each optimizer's layers with its own GradNormWatcher(include=...) "
-                           "if their scales differ)")
+                           "one another (watch each optimizer's layers with its own GradNormWatcher(include=..., "
+                           "prefix=...) if their scales differ)")
 
     def _measure_sharded(self, watch: _Watch, trainer: pl.Trainer, optimizer: Any, logging: bool) -> Figures:
         """FSDP and other sharding: local squares, one SUM all-reduce of the per-layer sums, never a gather.

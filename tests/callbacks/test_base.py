@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import GradNormWatcher, LogitMonitor, SpectralAlignmentMonitor
 from lightning_diag.alerts import Above, ZScore
-from lightning_diag.callbacks._base import DiagnosticCallback, Figures
+from lightning_diag.callbacks._base import DiagnosticCallback, Figures, total_alerts
 from lightning_diag.keys import Key, split_key
 
 ODD = "blocks.enc/0"  # nn.ModuleDict accepts a "/" in a name; the key scheme splits keys on "/"
@@ -121,8 +121,8 @@ def test_a_per_layer_alert_at_the_step_of_an_exception_is_kept() -> None:
     trainer = make_trainer(callbacks=[monitor], max_steps=8, log_every_n_steps=4)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(_FailsAfterMeasuring(fail_at=3))  # step 3 is a logging step: its per-layer norms were held
-    per_layer = sorted(a.metric for a in monitor.alerts if a.metric.startswith("grad_norm/layer/"))
-    assert per_layer == sorted(f"grad_norm/layer/{layer}" for layer in monitor.layers)
+    (per_layer,) = [a for a in monitor.alerts if a.metric.startswith("grad_norm/layer/")]  # one alert, every layer
+    assert per_layer.metric == "grad_norm/layer/{layer}" and sorted(per_layer.layers) == sorted(monitor.layers)
     assert {a.step for a in monitor.alerts} == {0, 3}  # the total fired at step 0, the per-layer norms at step 3
     assert all(a.acted_step is None for a in monitor.alerts if a.step == 3)  # recorded, not acted on: the run ends
 
@@ -131,8 +131,8 @@ def test_a_rule_on_a_template_key_watches_every_layer() -> None:
     monitor = GradNormWatcher(action="log", rules=[Above("grad_norm/layer/{layer}", 0.0)])
     trainer = make_trainer(callbacks=[monitor], max_steps=4, log_every_n_steps=4)
     trainer.fit(MixtureClassifier(n_per_class=16, batch_size=16))
-    fired = sorted(a.metric for a in monitor.alerts)
-    assert monitor.layers and fired == sorted(f"grad_norm/layer/{layer}" for layer in monitor.layers)
+    (fired,) = monitor.alerts  # every layer crossed at one step: one alert naming them
+    assert monitor.layers and fired.metric == "grad_norm/layer/{layer}" and fired.layers == tuple(monitor.layers)
 
 
 def test_an_action_that_is_not_a_name_or_a_callable_is_a_value_error() -> None:
@@ -164,3 +164,53 @@ def test_a_resume_with_the_rules_in_another_order_equals_the_uninterrupted_run(t
     assert_same_state(sorted([a.as_dict() for a in resumed.alerts], key=lambda a: (a["step"], order[a["message"]])),
                       [a.as_dict() for a in whole.alerts], rel=1e-5, abs=1e-7, where="alerts")
 
+
+
+class _Nan(MixtureClassifier):
+    """A classifier whose loss is NaN from optimizer step 2 on (its gradients, then its weights, follow)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+
+def test_a_nan_reaching_every_layer_is_one_critical_alert_naming_the_layers() -> None:
+    monitor = SpectralAlignmentMonitor(check_every_n_steps=1, warmup_steps=0, action="warn")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(callbacks=[monitor], max_steps=6, log_every_n_steps=2).fit(_Nan(n_per_class=16, batch_size=16))
+    critical = [a for a in monitor.alerts if a.severity == "critical"]
+    assert len(monitor.layers) > 1 and len(critical) == 1  # was: one per layer
+    assert critical[0].metric == "spectral_alignment/sigma1/{layer}" and set(critical[0].layers) == set(monitor.layers)
+    assert f"in {len(monitor.layers)} layers" in critical[0].message
+    said = [w for w in caught if "non-finite" in str(w.message)]
+    assert len(said) == 1  # one warning on the screen for the event
+
+
+def test_the_alert_count_logged_and_shown_leaves_info_alerts_out() -> None:
+    rules = [Above("grad_norm/total", 0.0, severity="info"), Above("grad_norm/layer/*", 0.0, severity="info"),
+             Above("grad_norm/total", 0.0, severity="warning")]  # fmt: skip
+    monitor = GradNormWatcher(action="log", rules=rules)
+    trainer = make_trainer(callbacks=[monitor], max_steps=4, log_every_n_steps=2)
+    trainer.fit(MixtureClassifier(n_per_class=16, batch_size=16))
+    assert [a.severity for a in monitor.alerts] == ["info", "warning", "info"]  # .alerts keeps every record
+    assert [a.severity for a in monitor.serious_alerts] == ["warning"]
+    assert [v for _, v in trainer.logger.history["grad_norm/alerts"]] == [1.0, 1.0, 1.0]  # was: 2, 2, 3
+    assert total_alerts(trainer) == 1  # the progress bar's item
+
+
+def test_a_prefix_names_the_keys_the_rules_the_source_and_the_state_key() -> None:
+    plain, own = GradNormWatcher(action="log"), GradNormWatcher(action="log", prefix="enc_grad", include=["body.*"])
+    trainer = make_trainer(callbacks=[plain, own], max_steps=6, log_every_n_steps=2)
+    torch.manual_seed(0)
+    trainer.fit(_Nan(n_per_class=16, batch_size=16))
+    logged = set(trainer.logger.history)
+    assert {"grad_norm/total", "enc_grad/total", "grad_norm/alerts", "enc_grad/alerts"} <= logged
+    assert all(split_key(k)[0] in ("grad_norm", "enc_grad") for k in logged if "/" in k)
+    assert all(split_key(k)[2].startswith("body.") for k in logged if k.startswith("enc_grad/layer/"))
+    assert [(a.source, a.metric) for a in own.alerts if a.severity == "critical"] == [
+        ("GradNormWatcher[enc_grad]", "enc_grad/total")]  # its built-in rules watch its own keys
+    assert own.state_key != plain.state_key and "enc_grad" in own.state_key
+    assert plain.state_key == "GradNormWatcher{'include': None, 'exclude': None, 'group_depth': None}"  # unchanged
+    with pytest.raises(ValueError, match=r"`prefix` must be None or a non-empty string without '/', got 'a/b'"):
+        GradNormWatcher(prefix="a/b")

@@ -151,14 +151,16 @@ def test_no_tensorboard_logger_means_no_dashboard_and_no_error(tmp_path: Path) -
 
 
 def test_progress_bar_shows_the_latest_alert_count(tmp_path: Path) -> None:
-    watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/layer/net.*", 0.0)])  # 3 layers: 3 alerts
+    watcher = GradNormWatcher(action="log", rules=[Above("grad_norm/layer/net.*", 0.0),  # 3 layers: 1 alert
+                                                   Above("grad_norm/total", 0.0, severity="info")])  # not counted
     detector = LossSpikeDetector(action="log", rules=[Above("loss_spike/loss", 0.0)])
     trainer = make_trainer(callbacks=[watcher, detector], max_steps=3, enable_progress_bar=True,
                            default_root_dir=tmp_path)
     model = TinyModule()
     trainer.fit(model)
-    assert len(watcher.alerts) == 3 and len(detector.alerts) == 1
-    assert trainer.progress_bar_callback.get_metrics(trainer, model)["alerts"] == 4
+    assert [a.severity for a in watcher.alerts] == ["info", "warning"] and len(detector.alerts) == 1
+    assert len(watcher.alerts[1].layers) == 3
+    assert trainer.progress_bar_callback.get_metrics(trainer, model)["alerts"] == 2  # warnings and criticals
 
 
 def test_progress_bar_keeps_a_user_metric_named_alerts(tmp_path: Path) -> None:

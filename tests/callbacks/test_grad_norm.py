@@ -464,7 +464,7 @@ def test_spike_alerts_are_info_by_default_and_acted_on_only_when_escalated(sever
     acted = 9 if raises else None  # an info alert is never acted on
     assert [(a.metric, a.step, a.severity, a.acted_step) for a in watcher.alerts] == [
         ("grad_norm/zscore", 9, severity, acted)]
-    assert trainer.logger.history["grad_norm/alerts"][-1][1] == 1.0  # logged either way
+    assert trainer.logger.history["grad_norm/alerts"][-1][1] == (0.0 if severity == "info" else 1.0)  # info: uncounted
 
 
 def test_monitor_only_run_is_bit_identical_to_a_run_without_the_callback() -> None:
@@ -517,8 +517,9 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Any) -> None:
     for key in ("grad_norm/total", "grad_norm/zscore", "grad_norm/baseline", "grad_norm/layer/net.0",
                 "grad_norm/alerts"):
         # logging steps 8, 11, 14; the host's figures of the last step are flushed at the end of fit
-        # (per-layer figures are measured on logging steps only); the alert count also where it fired
-        steps = {"grad_norm/alerts": [8, 11, 12, 14, 15], "grad_norm/layer/net.0": [8, 11, 14]}.get(
+        # (per-layer figures are measured on logging steps only); the alert count also where a warning or
+        # critical fired (not at 12: the z-score alert there is info)
+        steps = {"grad_norm/alerts": [8, 11, 14, 15], "grad_norm/layer/net.0": [8, 11, 14]}.get(
             key, [8, 11, 14, 15])
         assert [s for s, _ in resumed_log.history[key]] == steps, key
         expected = [(s, pytest.approx(v, rel=1e-6)) for s, v in straight_log.history[key] if s >= 8]
@@ -970,3 +971,42 @@ def test_bad_boolean_and_number_arguments_raise_value_error_naming_the_value(
     (name,) = kwargs
     with pytest.raises(ValueError, match=rf"`{name}` must be .*got {shown}$"):
         GradNormWatcher(**kwargs)
+
+
+class _NanFrom(TinyModule):
+    """A regressor whose loss is NaN from optimizer step ``at`` on (every layer's gradient is NaN)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.at else loss
+
+
+def test_a_nan_in_every_layer_is_one_critical_alert_and_one_warning_naming_the_layers() -> None:
+    from lightning_diag.alerts import NonFinite
+
+    watcher = GradNormWatcher(rules=[NonFinite("grad_norm/layer/{layer}")])  # action="warn"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[watcher], max_steps=6, log_every_n_steps=2).fit(_NanFrom(at=2))
+    per_layer = [a for a in watcher.alerts if a.metric.startswith("grad_norm/layer/")]
+    assert len(watcher.layers) == 3 and len(per_layer) == 1  # was: one per layer
+    (alert,) = per_layer
+    assert (alert.metric, alert.layers, alert.step, alert.severity) == (
+        "grad_norm/layer/{layer}", tuple(watcher.layers), 3, "critical")  # the first logging step after the NaN
+    assert "in 3 layers: net.0 (nan), net.2 (nan), net.4 (nan)" in alert.message
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning) and "grad_norm/layer" in
+            str(w.message)]  # fmt: skip
+    assert said == [f"lightning_diag: {alert}"]
+
+
+def test_info_spikes_of_a_healthy_run_are_recorded_but_not_counted_as_alerts() -> None:
+    watcher = GradNormWatcher(z_threshold=0.5, warmup=3, action="log")  # spikes are "info" by default
+    trainer = make_trainer(callbacks=[watcher], max_steps=24, log_every_n_steps=4)
+    trainer.fit(TinyModule())
+    assert watcher.alerts and all(a.severity == "info" for a in watcher.alerts)  # recorded, every one
+    assert watcher.serious_alerts == []
+    assert {v for _, v in trainer.logger.history["grad_norm/alerts"]} == {0.0}  # was: the info count
