@@ -417,8 +417,8 @@ def test_nonfinite_weights_give_nan_figures_and_a_critical_alert() -> None:
         assert dict(log[f"{SA}/stable_rank/{name}"])[2] >= 1 - 1e-6
     for figure in ("mean_collapse", "frac_collapsed", "frac_flagged"):
         assert all(math.isnan(v) for s, v in log[f"{SA}/{figure}"] if s >= 3), figure
-    assert [(a.metric, a.step, a.severity, a.acted_step) for a in monitor.alerts] == [
-        (f"{SA}/sigma1/{name}", 3, "critical", 3) for name in "abc"]
+    assert [(a.metric, a.step, a.severity, a.acted_step, a.layers) for a in monitor.alerts] == [
+        (f"{SA}/sigma1/{{layer}}", 3, "critical", 3, ("a", "b", "c"))]  # one event, one alert naming the layers
 
 
 def test_weights_that_recover_from_nan_get_finite_figures_again() -> None:
@@ -451,14 +451,15 @@ def test_alerts_after_the_last_logging_step_are_kept_and_logged_at_the_end_of_fi
     memory, csv = MemoryLogger(), CSVLogger(tmp_path, name="csv", version=0)
     monitor = SpectralAlignmentMonitor(check_every_n_steps=1, every_n_steps=5, action="log")
     fit(SeqModule(nan_step=9), monitor, max_steps=12, logger=[memory, csv])
-    assert [(a.metric, a.step, a.acted_step) for a in monitor.alerts] == [(f"{SA}/sigma1/{n}", 10, 10) for n in "abc"]
+    assert [(a.metric, a.step, a.acted_step, a.layers) for a in monitor.alerts] == [
+        (f"{SA}/sigma1/{{layer}}", 10, 10, ("a", "b", "c"))]
     counts = memory.history[f"{SA}/alerts"]  # logged when the alerts fire, and with the last step's figures
-    assert [s for s, _ in counts] == [4, 9, 10, 11] and [v for _, v in counts] == pytest.approx([0, 0, 3, 3], abs=1e-12)
+    assert [s for s, _ in counts] == [4, 9, 10, 11] and [v for _, v in counts] == pytest.approx([0, 0, 1, 1], abs=1e-12)
     assert [s for s, _ in memory.history[f"{SA}/sigma1/a"]] == [4, 9, 11]  # the last step's figures, at the end
     assert math.isnan(memory.history[f"{SA}/sigma1/a"][-1][1])
     lines = (tmp_path / "csv" / "version_0" / "lightning_diag_alerts.jsonl").read_text().splitlines()
     assert [(r["metric"], r["step"], r["severity"]) for r in map(json.loads, lines)] == [
-        (f"{SA}/sigma1/{n}", 10, "critical") for n in "abc"]
+        (f"{SA}/sigma1/{{layer}}", 10, "critical")]
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
