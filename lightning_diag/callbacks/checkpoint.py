@@ -46,7 +46,8 @@ class HealthyCheckpoint(ModelCheckpoint):
     Example:
         >>> from lightning_diag import LossSpikeDetector
         >>> callbacks = [LossSpikeDetector(action="recover"),
-        ...              HealthyCheckpoint(every_n_train_steps=500, save_top_k=3, save_last=True)]
+        ...              HealthyCheckpoint(every_n_train_steps=500, save_top_k=3, monitor="step", mode="max",
+        ...                                save_last=True)]  # the 3 latest healthy states, and last.ckpt
     """
 
     def __init__(self, *args: Any, quiet_steps: int = 20, **kwargs: Any) -> None:

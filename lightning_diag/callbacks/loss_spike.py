@@ -356,6 +356,7 @@ class LossSpikeDetector(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step - 1
+        self._roll_back_if_due(trainer)  # asked for inside the step (recover's gate): the step is over now
         if self.monitor is not None and self.check_on == "step" and step > self._measured_step >= -1:
             self._measured_step = step
             self._step_batches[step], self._micro_batches = self._micro_batches, []
@@ -473,7 +474,8 @@ class LossSpikeDetector(DiagnosticCallback):
 
     @action("rollback")
     def _rollback(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
-        self._rollback_due = self._rollback_due or str(alerts[0])  # done at the batch boundary, between steps
+        self._rollback_due = self._rollback_due or str(alerts[0])
+        self._roll_back_if_due(trainer)  # alerts reach this action between steps (it has no gate inside one)
 
     @action("reduce_lr")
     def _reduce_lr(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
