@@ -9,6 +9,7 @@ Example:
 from lightning_diag.alerts import Above, Alert, Below, DiagnosticWarning, DivergenceError, NonFinite, ZScore
 from lightning_diag.callbacks import (
     GradNormWatcher,
+    HealthyCheckpoint,
     LogitMonitor,
     LossSpikeDetector,
     NCTracker,
@@ -25,6 +26,7 @@ __all__ = [
     "DiagnosticWarning",
     "DivergenceError",
     "GradNormWatcher",
+    "HealthyCheckpoint",
     "LogitMonitor",
     "LossSpikeDetector",
     "NCTracker",

@@ -1,9 +1,11 @@
 """LossSpikeDetector: non-finite, z-score, k x running-minimum and trend rules on the loss, with actions
-that skip the bad step, roll back, reduce the LR, stop or raise."""
+that skip the bad step, roll back to a healthy snapshot, reduce the LR, recover (all three, as a
+ladder), stop or raise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
@@ -11,10 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_diag._checks import check_int
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_diag._checks import check_int, check_number
 from lightning_diag.alerts import Above, Alert, NonFinite, Rule
 from lightning_diag.callbacks._base import DiagnosticCallback, Figures, HostFigures, action
-from lightning_diag.callbacks._interventions import Snapshot, StepControl, nonfinite_count
+from lightning_diag.callbacks._interventions import (
+    Snapshots, StepControl, nonfinite_count, nonfinite_weights, serious_alert,
+)  # fmt: skip
 from lightning_diag.callbacks._sharding import local_grads
 from lightning_diag.callbacks._trainer import has_grad_scaler, loss_scale, warn
 from lightning_diag.keys import Key
@@ -23,7 +29,8 @@ from lightning_diag.metrics.spikes import LossStatistics
 __all__ = ["LossSpikeDetector", "SpikeAction"]
 
 SpikeAction = Union[
-    Literal["log", "warn", "stop", "raise", "skip", "rollback", "reduce_lr"], Callable[[Alert, "pl.Trainer"], None]
+    Literal["log", "warn", "stop", "raise", "skip", "rollback", "reduce_lr", "recover"],
+    Callable[[Alert, "pl.Trainer"], None],
 ]
 _MAX_BAD_BATCHES = 100_000
 _LOSS, _RULES, _COUNTS = "loss and EMA baseline", "ratio to minimum, trend", "events, skips, rollbacks, LR scale"
@@ -82,16 +89,46 @@ class LossSpikeDetector(DiagnosticCallback):
       branch); under DDP and FSDP2 both are global (one all-reduce), so every rank decides alike.
       After ``max_consecutive_skips`` skips in a row the run stops with a critical alert naming
       the cause, instead of skipping on a dead model. Alerts are warned as with ``"warn"``.
-    - ``"rollback"``: restore the model, optimizer state and this detector's statistics from the
-      last good in-memory snapshot (CPU copies, taken at the start and every
-      ``snapshot_every_n_steps`` while no rule is active) and continue with the next batches. After
-      ``max_rollbacks`` rollbacks the next alert restores and stops the run.
     - ``"reduce_lr"``: multiply the learning rates the optimizers use by ``lr_factor``, for the rest
       of the run (``lr_scale``). The scale is applied around each optimizer's ``step`` and the
       schedule's own values are put back after it, so every scheduler (``SequentialLR``,
       ``ChainedScheduler``, ``OneCycleLR``, ``ReduceLROnPlateau``, ...) keeps it: the rate in use
       is the schedule's times ``lr_scale`` (``param_groups`` and ``LearningRateMonitor`` show
       the schedule's).
+    - ``"rollback"``: on an alert, go back to the newest healthy snapshot and remove the cause:
+      the model, optimizer state (moments, step counts, hyperparameters) and LR schedulers' states
+      are restored bit for bit; the learning rate in use is multiplied by ``lr_factor`` for the
+      rest of the run (the same ``lr_scale`` as ``"reduce_lr"``); the data does not rewind, so the
+      batches seen since the snapshot are not trained on again, and ``rollback_skip_batches``
+      more are skipped. The detectors' statistics are kept (no second warm-up: the explosion was
+      absorbed winsorized). After ``max_rollbacks`` rollbacks the next one restores and stops the
+      run with a critical alert.
+    - ``"recover"``: the escalation ladder, one rung at a time: (1) **skip** every bad step as
+      ``"skip"`` does; (2) **lower the learning rate** by ``lr_factor`` when the factor or trend
+      rule fires (a sustained rise); (3) **roll back** as ``"rollback"`` does when skipping does
+      not help: ``rollback_after`` bad steps in a row (the weights themselves are bad, e.g. a
+      non-finite loss after skips); (4) **stop** with a critical alert when the budget is spent
+      (``max_rollbacks``). Each rung is counted (``skipped``, ``lr_scale``, ``rollbacks``) and
+      each rollback is a warning alert (``loss_spike/rollbacks``).
+
+    **Snapshots** (``"rollback"`` and ``"recover"``) are of healthy states only: taken at train
+    start and then at most every ``snapshot_every_n_steps`` steps when no rule of this detector
+    was active for that long, no lightning_diag monitor has a warning or critical alert in that
+    span (:func:`~lightning_diag.callbacks._interventions.serious_alert`), the loss is finite and
+    at most one standard deviation above its baseline, and every weight is finite (one fused
+    check, one host read, global under DDP and FSDP2). ``keep_snapshots`` are held at growing
+    distances (:class:`~lightning_diag.callbacks._interventions.Snapshots`: 0, 1, 2-3, 4-7, ...
+    intervals old), so a slow rise does not leave only broken ones. **Memory**: each is a host
+    copy of the model and optimizer state of this rank (its shards under FSDP2; pinned and
+    non-blocking from a GPU): with AdamW in float32, 12 bytes per parameter, so up to
+    ``12 * keep_snapshots`` bytes per parameter of host memory (a 1B-parameter model: 36 GB at
+    the default 3). :attr:`snapshot_bytes` says what is held now, and the first snapshot says it
+    once. ``snapshot_dir`` puts them on disk instead (one file per snapshot and rank). Every rank
+    decides from the same global figures, so all roll back to the same snapshot at the same step.
+
+    **Skipped batches survive a resume**: the batches still to skip after a rollback, and the
+    ``skip_batches`` given (e.g. a crashed run's :attr:`bad_batches`), are in the checkpoint, so a
+    run resumed from it skips them too (by ``(epoch, batch_idx)``: the data order must be the same).
 
     Args:
         monitor: ``None`` for the training loss, or the name of a logged metric.
@@ -108,15 +145,24 @@ class LossSpikeDetector(DiagnosticCallback):
         nonfinite_patience, zscore_patience, factor_patience, trend_patience: steps a rule's
             condition must hold before it fires.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"``, ``"skip"``, ``"rollback"``,
-            ``"reduce_lr"`` or ``callable(alert, trainer)``.
-        snapshot_every_n_steps: minimum steps between rollback snapshots.
-        max_rollbacks: rollbacks allowed before the next alert stops the run.
+            ``"reduce_lr"``, ``"recover"`` or ``callable(alert, trainer)``.
+        snapshot_every_n_steps: minimum steps between snapshots (and of calm before one).
+        keep_snapshots: snapshots held, at growing distances (memory: see above).
+        snapshot_dir: a directory for the snapshots instead of host memory, or ``None``.
+        max_rollbacks: rollbacks allowed; the next one restores and stops the run.
+        rollback_after: ``"recover"``: bad (skipped) steps in a row that call for a rollback.
+        rollback_skip_batches: batches skipped after a rollback, beyond those already seen since
+            the snapshot (PaLM skipped 200-500 around a spike).
         max_consecutive_skips: skipped steps in a row before the run stops (a critical alert).
-        lr_factor: multiplier of the learning rates for ``"reduce_lr"``, in ``(0, 1)``.
+        lr_factor: multiplier of the learning rates for ``"reduce_lr"``, for each rollback and for
+            each sustained rise under ``"recover"``, in ``(0, 1)``.
+        skip_batches: batches to skip when met, as ``(epoch, batch_idx)`` pairs or the dicts of
+            :attr:`bad_batches`.
         rules: a rule or a list of extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
 
     Example:
         >>> skip = LossSpikeDetector(action="skip", trend_window=None)  # drop bad batches
+        >>> survive = LossSpikeDetector(action="recover")  # skip, lower the LR, roll back, then stop
         >>> guard = LossSpikeDetector(action="stop", z_threshold=None, factor=None)  # stop slow blow-ups
         >>> [rule.metric for rule in guard.book.rules]
         ['loss_spike/loss', 'loss_spike/nonfinite_grads', 'loss_spike/trend']
@@ -134,12 +180,12 @@ class LossSpikeDetector(DiagnosticCallback):
         Key("nonfinite_grads", "1 when a gradient holds NaN or inf behind a finite loss (0 under fp16 scaling)", _COUNTS,
             rate="step"),
         Key("events", "bad steps so far (rules a-c in firing state)", _COUNTS, rate="step", host=True),
-        Key("skipped", "optimizer steps skipped", _COUNTS, rate="step", requires="skipping",
-            note="with action='skip'", host=True),
-        Key("rollbacks", "rollbacks so far", _COUNTS, rate="step", requires="rolling_back",
-            note="with action='rollback'", host=True),
-        Key("lr_scale", "factor on the schedule's learning rates (product of the reductions)", _COUNTS, rate="step", requires="reducing_lr",
-            note="with action='reduce_lr'", host=True),
+        Key("skipped", "optimizer steps skipped (bad steps, and batches skipped after a rollback)", _COUNTS,
+            rate="step", requires="skipping", note="with action='skip', 'rollback' or 'recover'", host=True),
+        Key("rollbacks", "rollbacks to a healthy snapshot so far", _COUNTS, rate="step", requires="rolling_back",
+            note="with action='rollback' or 'recover'", host=True),
+        Key("lr_scale", "factor on the schedule's learning rates (product of the reductions)", _COUNTS, rate="step",
+            requires="reducing_lr", note="with action='reduce_lr', 'rollback' or 'recover'", host=True),
     )  # fmt: skip
 
     def __init__(
@@ -160,24 +206,35 @@ class LossSpikeDetector(DiagnosticCallback):
         factor_patience: int = 5,
         trend_patience: int = 1,
         action: SpikeAction = "warn",
-        snapshot_every_n_steps: int = 100,
+        snapshot_every_n_steps: int = 50,
+        keep_snapshots: int = 3,
+        snapshot_dir: str | None = None,
         max_rollbacks: int = 3,
+        rollback_after: int = 3,
+        rollback_skip_batches: int = 0,
         max_consecutive_skips: int = 10,
         lr_factor: float = 0.5,
+        skip_batches: Iterable[Any] = (),
         rules: Rule | Sequence[Rule] = (),
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
         self._validate(monitor, check_on, action, z_threshold, factor, trend_window, trend_threshold, lr_factor)
         for name, value in (("nonfinite_patience", nonfinite_patience), ("zscore_patience", zscore_patience),
                             ("factor_patience", factor_patience), ("trend_patience", trend_patience),
-                            ("snapshot_every_n_steps", snapshot_every_n_steps),
+                            ("snapshot_every_n_steps", snapshot_every_n_steps), ("keep_snapshots", keep_snapshots),
+                            ("rollback_after", rollback_after),
                             ("max_consecutive_skips", max_consecutive_skips)):  # fmt: skip
             check_int(name, value, 1)
         check_int("max_rollbacks", max_rollbacks, 0)
+        check_int("rollback_skip_batches", rollback_skip_batches, 0)
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise ValueError(f"`snapshot_dir` must be None or a directory path, got {snapshot_dir!r}")
         self.monitor, self.mode, self.check_on, self.factor, self.trend_window = (
             monitor, mode, check_on, factor, trend_window
         )
         self.snapshot_every_n_steps, self.max_rollbacks = snapshot_every_n_steps, max_rollbacks
+        self.keep_snapshots, self.snapshot_dir = keep_snapshots, snapshot_dir
+        self.rollback_after, self.rollback_skip_batches = rollback_after, rollback_skip_batches
         self.max_consecutive_skips, self.lr_factor = max_consecutive_skips, lr_factor
         self.stats = LossStatistics(mode=mode, alpha=alpha, warmup=warmup, trend_window=trend_window,
                                     winsorize=z_threshold or 6.0)  # fmt: skip
@@ -199,8 +256,13 @@ class LossSpikeDetector(DiagnosticCallback):
         self._micro_batches: list[tuple[int, int | None]] = []
         self._step_batches: dict[int, list[tuple[int, int | None]]] = {}
         self._gate: tuple[int, bool] | None = None  # (batch counter, skip it): every optimizer of a batch alike
-        self._control = StepControl(skip=self._skip_now if self.skipping else None, lr_scale=self._lr_scale)
-        self._snapshot: Snapshot | None = None
+        self._control = StepControl(skip=self._skip_now, lr_scale=self._lr_scale)
+        self.snapshots = Snapshots(keep_snapshots, None if snapshot_dir is None else os.fspath(snapshot_dir))
+        self.skip_positions: set[tuple[int, int]] = {_position(b) for b in skip_batches}
+        self.pending_skips = 0  # batches still to skip after a rollback
+        self._skip_batch = False  # this batch is one to skip (every optimizer step of it)
+        self._rollback_due: Alert | None = None  # done between steps, at the next batch boundary
+        self._last_z = 0.0  # the last step's z-score, for the snapshot decision
         self._trainer_ref: pl.Trainer | None = None  # the gate asks without a trainer argument
         self._last_trouble = -(10**12)  # last step at which a rule was active
         self._cause = "loss"  # the rules that made the last bad step bad
@@ -215,24 +277,25 @@ class LossSpikeDetector(DiagnosticCallback):
             raise ValueError(f"`check_on` must be one of ('step', 'validation'), got {check_on!r}")
         if check_on == "validation" and monitor is None:
             raise ValueError("`check_on='validation'` needs `monitor`, the name of a validation metric")
-        if action == "skip" and monitor is not None:
-            raise ValueError(f"`action='skip'` decides before the update, from the training loss; it needs "
+        if action in ("skip", "recover") and monitor is not None:
+            raise ValueError(f"`action={action!r}` decides before the update, from the training loss; it needs "
                              f"`monitor=None`, got monitor={monitor!r} (use 'rollback' or 'stop')")  # fmt: skip
-        for name, value, low in (("z_threshold", z, 0.0), ("factor", factor, 1.0)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low
-            ):
-                raise ValueError(f"`{name}` must be None or a number > {low:g}, got {value!r}")
+        check_number("z_threshold", z, 0.0, optional=True)
+        check_number("factor", factor, 1.0, optional=True)
         if window is not None:
             check_int("trend_window", window, 3)
-        if isinstance(trend, bool) or not isinstance(trend, (int, float)) or not trend > 0:
-            raise ValueError(f"`trend_threshold` must be a number > 0, got {trend!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-            raise ValueError(f"`lr_factor` must be in (0, 1), got {lr!r}")
+        check_number("trend_threshold", trend, 0.0)
+        check_number("lr_factor", lr, 0.0, 1.0)
 
-    skipping = property(lambda self: self.action == "skip")
-    rolling_back = property(lambda self: self.action == "rollback")
-    reducing_lr = property(lambda self: self.action == "reduce_lr")
+    gating = property(lambda self: self.action in ("skip", "recover"))  # the guard skips bad steps
+    skipping = property(lambda self: self.action in ("skip", "rollback", "recover"))  # steps may be skipped
+    rolling_back = property(lambda self: self.action in ("rollback", "recover"))
+    reducing_lr = property(lambda self: self.action in ("reduce_lr", "rollback", "recover"))
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory (or disk, with ``snapshot_dir``) the held snapshots take on this rank, in bytes."""
+        return self.snapshots.nbytes
 
     @property
     def state_key(self) -> str:
@@ -244,22 +307,30 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_sum, self._micro, self._micro_batches, self._gate = None, 0, [], None
-        self._trainer_ref = trainer
-        if self.skipping or self.reducing_lr:
+        self._trainer_ref, self._rollback_due = trainer, None
+        if self.skipping or self.reducing_lr or self.skip_positions:
             self._control.install(trainer.optimizers)
         if self.rolling_back:
-            self._snapshot = Snapshot.take(trainer, self._statistics())
+            self.snapshots.clear()
+            self._take_snapshot(trainer)
 
     def detach(self) -> None:
         self._control.remove()
-        self._snapshot, self._loss_sum, self._trainer_ref = None, None, None
+        self.snapshots.clear()
+        self._loss_sum, self._trainer_ref = None, None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._roll_back_if_due(trainer)  # an alert read at this batch's start (on a GPU)
         self._batches_seen += 1
         self._micro_batches.append((trainer.current_epoch, batch_idx))
+        position = (trainer.current_epoch, batch_idx)
+        self._skip_batch = self.pending_skips > 0 or position in self.skip_positions
+        if self._skip_batch:
+            self.pending_skips = max(self.pending_skips - 1, 0)
+            self.skip_positions.discard(position)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
@@ -300,15 +371,18 @@ class LossSpikeDetector(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step - 1
+        self._roll_back_if_due(trainer)  # asked for inside the step (recover's gate): the step is over now
         if self.monitor is not None and self.check_on == "step" and step > self._measured_step >= -1:
             self._measured_step = step
             self._step_batches[step], self._micro_batches = self._micro_batches, []
             self.record(step, Figures({"loss": self._read_metric(trainer), "nonfinite_grads": torch.zeros(())}))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._roll_back_if_due(trainer)
         if self.rolling_back and self._snapshot_due(trainer):
             self.drain(trainer, step, wait=True)  # on a GPU this step's loss may still be on its way: is it bad?
-            if self._snapshot_due(trainer):
-                self._snapshot = Snapshot.take(trainer, self._statistics())
+            self._roll_back_if_due(trainer)
+            if self._snapshot_due(trainer) and self._healthy(trainer):
+                self._take_snapshot(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_on == "validation" and not trainer.sanity_checking:
@@ -329,6 +403,8 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def derive(self, host: HostFigures) -> dict[str, float | np.ndarray]:
         figures = self.stats.update(host.scalars["loss"], host.step)
+        loss = host.scalars["loss"]
+        self._last_z = figures["zscore"] if np.isfinite(loss) else np.inf
         if self.factor is None:  # without rule (c) the ratio is not a declared key: not logged
             del figures["ratio_to_min"]
         return figures
@@ -369,7 +445,14 @@ class LossSpikeDetector(DiagnosticCallback):
     # -- actions ----------------------------------------------------------------------------------
 
     def _skip_now(self, optimizer: Any) -> bool:
-        """The guard's question, after the closure: skip this optimizer step? (one host read per step)"""
+        """StepControl's question, after the closure: skip this optimizer step? A batch to skip (after a
+        rollback, or recorded) is skipped outright; the guard (``"skip"``, ``"recover"``) decides on
+        this step's loss and gradients (one host read per step)."""
+        if self._skip_batch:
+            self.skipped += 1
+            return True
+        if not self.gating:
+            return False
         trainer = self._trainer_ref
         if self._measured_step == trainer.global_step:  # measured now: decide on this step's loss and gradients
             self.drain(trainer, trainer.global_step, wait=True)
@@ -380,7 +463,10 @@ class LossSpikeDetector(DiagnosticCallback):
                 self._gate, self._cause = (self._batches_seen, True), "nonfinite_grads"
         self._consecutive_skips = self._consecutive_skips + 1 if skip else 0
         self.skipped += int(skip)
-        if self._consecutive_skips >= self.max_consecutive_skips and not trainer.should_stop:
+        if self.action == "recover" and self._consecutive_skips >= self.rollback_after:
+            # skipping did not help: the weights themselves are bad (rung 3, done between steps)
+            self._rollback_due = self._rollback_due or (f"{self._consecutive_skips} bad steps in a row ({self._cause})")
+        elif self._consecutive_skips >= self.max_consecutive_skips and not trainer.should_stop:
             trainer.should_stop = True
             self._raise(trainer, [self._budget_alert(trainer.global_step)], trainer.global_step, act=False)
             warn(f"lightning_diag: {self._budget_alert(trainer.global_step)} -> stopping the run")
@@ -403,17 +489,8 @@ class LossSpikeDetector(DiagnosticCallback):
 
     @action("rollback")
     def _rollback(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
-        snapshot = self._snapshot
-        if snapshot is None:
-            self._stop(trainer, alerts)
-            return
-        self._load_statistics(snapshot.restore(trainer))
-        self._loss_sum, self._micro, self.rollbacks = None, 0, self.rollbacks + 1
-        done = self.rollbacks > self.max_rollbacks
-        trainer.should_stop = trainer.should_stop or done
-        warn(f"lightning_diag: {alerts[0]} -> rolled back model and optimizer to the snapshot of step {snapshot.step} "
-             + (f"and stopping: max_rollbacks={self.max_rollbacks} reached" if done
-                else f"(rollback {self.rollbacks}/{self.max_rollbacks})"))  # fmt: skip
+        self._rollback_due = self._rollback_due or str(alerts[0])
+        self._roll_back_if_due(trainer)  # alerts reach this action between steps (it has no gate inside one)
 
     @action("reduce_lr")
     def _reduce_lr(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
@@ -421,25 +498,79 @@ class LossSpikeDetector(DiagnosticCallback):
         warn(f"lightning_diag: {alerts[0]} -> learning rates in use multiplied by {self.lr_factor:g} "
              f"(now x{self.lr_scale:g} of the schedule's)")  # fmt: skip
 
+    @action("recover")
+    def _recover(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
+        """Rung 1 (skip) is the gate's and rung 3 (rollback) the gate's streak; here rung 2: a sustained
+        rise (the factor or trend rule fired) lowers the learning rate."""
+        rises = [a for a in alerts if a.metric in ("loss_spike/ratio_to_min", "loss_spike/trend")]
+        self._warn(trainer, [a for a in alerts if a not in rises])
+        if rises:
+            self._reduce_lr(trainer, rises)
+
+    def _roll_back_if_due(self, trainer: pl.Trainer) -> None:
+        """Roll back to the newest healthy snapshot and remove the cause: lower the learning rate, skip
+        ``rollback_skip_batches`` batches; the statistics are kept. Past ``max_rollbacks``: restore, stop."""
+        if self._rollback_due is None:
+            return
+        why, self._rollback_due = self._rollback_due, None
+        now, snapshot = trainer.global_step - 1, self.snapshots.newest()
+        self._consecutive_skips, self._gate = 0, None
+        self._last_trouble = max(self._last_trouble, now)  # the next snapshot waits for a calm stretch
+        for rule in self._batch_rules:  # a bad step after the rollback is a new event (the trend's streak goes on:
+            rule.start[:], rule.fired[:], rule.active[:] = -1, False, False  # its window still holds the rise)
+        self.rollbacks += 1
+        done = self.rollbacks > self.max_rollbacks or snapshot is None
+        if snapshot is not None:
+            snapshot.restore(trainer)
+            self.snapshots.pop_newest()
+        if not done:
+            self.lr_scale *= self.lr_factor
+            self.pending_skips += self.rollback_skip_batches
+        where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "no snapshot (none was healthy)"
+        message = (f"{self.source}: {why} -> rolled back model, optimizer and schedulers to {where}"
+                   + (f"; stopping: budget spent (max_rollbacks={self.max_rollbacks})" if done else
+                      f", learning rate x{self.lr_scale:g} of the schedule's, skipping {self.pending_skips} more "
+                      f"batches (rollback {self.rollbacks}/{self.max_rollbacks})"))  # fmt: skip
+        alert = Alert(self.source, "loss_spike/rollbacks", now, float(self.rollbacks), float(self.max_rollbacks),
+                      "critical" if done else "warning", message, acted_step=now)  # fmt: skip
+        self._raise(trainer, [alert], now, act=False)
+        trainer.should_stop = trainer.should_stop or done
+        warn(f"lightning_diag: [{alert.severity}] {message}")
+
+    # -- snapshots --------------------------------------------------------------------------------
+
     def _snapshot_due(self, trainer: pl.Trainer) -> bool:
         """``snapshot_every_n_steps`` steps done since the last snapshot and since the last step a rule was active."""
-        snapshot = self._snapshot.step if self._snapshot is not None else -(10**12)  # steps done when it was taken
-        return trainer.global_step - max(self._last_trouble + 1, snapshot) >= self.snapshot_every_n_steps
+        newest = self.snapshots.newest()
+        last = newest.step if newest is not None else -(10**12)  # steps done when it was taken
+        return trainer.global_step - max(self._last_trouble + 1, last) >= self.snapshot_every_n_steps
+
+    def _healthy(self, trainer: pl.Trainer) -> bool:
+        """The loss is finite and at most one standard deviation above its baseline, no monitor holds a
+        serious alert of the last ``snapshot_every_n_steps`` steps, and every weight is finite (checked
+        last: the one host read)."""
+        if not self._last_z <= 1.0 or serious_alert(trainer, self.snapshot_every_n_steps) is not None:
+            return False
+        return not nonfinite_weights(trainer)
+
+    def _take_snapshot(self, trainer: pl.Trainer) -> None:
+        if self.snapshots.taken == 0 and nonfinite_weights(trainer):
+            self.warn_once("snapshot", "the weights are not finite at train start: no snapshot to roll back to yet")
+            return
+        snapshot = self.snapshots.add(trainer)
+        if self.snapshots.taken == 1:
+            where = f"on disk in {self.snapshots.directory}" if self.snapshots.directory else "of host memory"
+            rank_zero_info(f"lightning_diag: {self.source}: a rollback snapshot takes {snapshot.nbytes / 2**20:.1f} "
+                           f"MiB {where} (model and optimizer state of this rank); up to keep_snapshots="
+                           f"{self.keep_snapshots} are held (`snapshot_bytes`)")  # fmt: skip
 
     # -- checkpoint state -------------------------------------------------------------------------
-
-    def _statistics(self) -> dict[str, Any]:
-        """What a rollback rewinds: the statistics and the rules' streaks."""
-        return {"stats": self.stats.state_dict(), "rules": self.book.state_dict()}
-
-    def _load_statistics(self, state: dict[str, Any]) -> None:
-        self.stats.load_state_dict(state["stats"])
-        self.book.load_state_dict(state["rules"])
 
     def extra_state(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict(), "bad_batches": list(self.bad_batches), "events": self.events,
                 "skipped": self.skipped, "consecutive_skips": self._consecutive_skips, "rollbacks": self.rollbacks,
-                "lr_scale": self.lr_scale}  # fmt: skip
+                "lr_scale": self.lr_scale, "pending_skips": self.pending_skips,
+                "skip_positions": [list(p) for p in sorted(self.skip_positions)]}  # fmt: skip
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "stats" in state:
@@ -448,3 +579,17 @@ class LossSpikeDetector(DiagnosticCallback):
         self.events, self.skipped = int(state.get("events", 0)), int(state.get("skipped", 0))
         self._consecutive_skips, self.rollbacks = int(state.get("consecutive_skips", 0)), int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.pending_skips = int(state.get("pending_skips", 0))
+        self.skip_positions |= {_position(p) for p in state.get("skip_positions", [])}
+
+
+def _position(batch: Any) -> tuple[int, int]:
+    """``(epoch, batch_idx)`` of a batch given as a pair or as a dict of :attr:`LossSpikeDetector.bad_batches`."""
+    if isinstance(batch, dict):
+        batch = (batch.get("epoch"), batch.get("batch_idx"))
+    try:
+        epoch, index = batch
+        return int(epoch), int(index)
+    except (TypeError, ValueError):
+        raise ValueError(f"a batch to skip must be (epoch, batch_idx) or a dict with 'epoch' and 'batch_idx', "
+                         f"got {batch!r}") from None

@@ -436,23 +436,32 @@ def test_fp16_scaler_overflow_steps_are_not_spikes_and_a_real_spike_is_skipped()
     assert _equal(probe.before[15][0], probe.after[15][0]) and _equal(probe.before[15][1], probe.after[15][1])
 
 
-def test_rollback_restores_the_last_snapshot_then_stops_after_max_rollbacks():
+def test_rollback_restores_the_newest_healthy_snapshot_keeps_the_statistics_then_stops_after_max_rollbacks():
+    """Changed with issue "recover": a rollback no longer rewinds the detector's statistics (the baseline
+    goes on: no second warm-up), lowers the learning rate (``lr_scale``), never returns twice to the same
+    snapshot, and the stop past ``max_rollbacks`` is a critical alert."""
     torch.manual_seed(0)
     detector = LossSpikeDetector(action="rollback", warmup=5, trend_window=None, every_n_steps=1,
                                  snapshot_every_n_steps=4, max_rollbacks=1)
+    taken: list[int] = []
+    add = detector.snapshots.add
+    detector.snapshots.add = lambda trainer: taken.append(trainer.global_step) or add(trainer)
     probe = StateProbe()
     trainer = make_trainer(max_steps=40, callbacks=[detector, probe])
     with pytest.warns(UserWarning, match="rolled back"):
         trainer.fit(SpikyModule(bad_steps=(14, 22)))
-    # snapshots after 0, 4, 8, 12 steps: the spike at step 14 returns to the state before step 12,
-    # at once (the model after step 14 is the snapshot's)
-    assert _equal(probe.after[14][0], probe.before[12][0]) and _equal(probe.after[14][1], probe.before[12][1])
-    # then the next snapshot waits for 4 steps without trouble after the bad step 14: after 19 steps
-    assert _equal(probe.after[22][0], probe.before[19][0]) and _equal(probe.after[22][1], probe.before[19][1])
+    first = max(s for s in taken if s <= 14)  # the newest snapshot before the spike, at once
+    assert first >= 8 and _equal(probe.after[14][0], probe.before[first][0])
+    assert _equal(probe.after[14][1], probe.before[first][1])
+    second = max(s for s in taken if s <= 22)
+    assert second != first and _equal(probe.after[22][0], probe.before[second][0])
     assert trainer.global_step == 23  # the second spike exceeded max_rollbacks=1: restore, then stop
-    # logged as it stands after the step's action, also at the last step
+    assert int(detector.stats.baseline.count[0]) == 23  # the loss of every step went in: never rewound
+    assert detector.lr_scale == 0.5  # lowered by the first rollback (the last one stops instead)
     assert trainer.logger.history["loss_spike/rollbacks"][-2:] == [(21, 1.0), (22, 2.0)]
     assert [b["step"] for b in detector.bad_batches] == [14, 22]
+    assert [(a.metric, a.step, a.severity) for a in detector.alerts if a.metric == "loss_spike/rollbacks"] == [
+        ("loss_spike/rollbacks", 14, "warning"), ("loss_spike/rollbacks", 22, "critical")]
     assert [(a.metric, a.step, a.acted_step) for a in detector.alerts if a.metric == "loss_spike/zscore"] == [
         ("loss_spike/zscore", 14, 14), ("loss_spike/zscore", 22, 22)]
 
@@ -635,7 +644,12 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
         ({"trend_threshold": -1}, "`trend_threshold` must be a number > 0, got -1"),
         ({"zscore_patience": 0}, "`zscore_patience` must be an int >= 1"),
         ({"max_rollbacks": -1}, "`max_rollbacks` must be an int >= 0"),
-        ({"lr_factor": 1.5}, r"`lr_factor` must be in \(0, 1\)"),
+        ({"lr_factor": 1.5}, r"`lr_factor` must be a number in \(0, 1\), got 1.5"),
+        ({"action": "recover", "monitor": "val_loss"}, "needs `monitor=None`"),
+        ({"keep_snapshots": 0}, "`keep_snapshots` must be an int >= 1"),
+        ({"rollback_after": 0}, "`rollback_after` must be an int >= 1"),
+        ({"rollback_skip_batches": -1}, "`rollback_skip_batches` must be an int >= 0"),
+        ({"skip_batches": [3]}, r"a batch to skip must be \(epoch, batch_idx\)"),
         ({"alpha": 1.0}, r"`alpha` must be a number in \(0, 1\), got 1.0"),  # check_number in EmaBaseline
         ({"monitor": ""}, "`monitor` must be None"),
         ({"every_n_steps": 0}, "`every_n_steps` must be None or an int >= 1"),
