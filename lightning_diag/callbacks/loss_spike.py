@@ -34,7 +34,6 @@ SpikeAction = Union[
 ]
 _MAX_BAD_BATCHES = 100_000
 _LOSS, _RULES, _COUNTS = "loss and EMA baseline", "ratio to minimum, trend", "events, skips, rollbacks, LR scale"
-_GRADS = "loss_spike/nonfinite_grads"
 
 
 class _StatisticAbove(Above):
@@ -159,6 +158,8 @@ class LossSpikeDetector(DiagnosticCallback):
         skip_batches: batches to skip when met, as ``(epoch, batch_idx)`` pairs or the dicts of
             :attr:`bad_batches`.
         rules: a rule or a list of extra rules on the logged keys, e.g. ``Above("loss_spike/loss", 10.0)``.
+        prefix: the first part of the keys in place of ``loss_spike`` (two detectors on one trainer, e.g.
+            one that skips spikes and one that watches the trend, need two).
 
     Example:
         >>> skip = LossSpikeDetector(action="skip", trend_window=None)  # drop bad batches
@@ -216,8 +217,9 @@ class LossSpikeDetector(DiagnosticCallback):
         lr_factor: float = 0.5,
         skip_batches: Iterable[Any] = (),
         rules: Rule | Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         self._validate(monitor, check_on, action, z_threshold, factor, trend_window, trend_threshold, lr_factor)
         for name, value in (("nonfinite_patience", nonfinite_patience), ("zscore_patience", zscore_patience),
                             ("factor_patience", factor_patience), ("trend_patience", trend_patience),
@@ -238,14 +240,14 @@ class LossSpikeDetector(DiagnosticCallback):
         self.max_consecutive_skips, self.lr_factor = max_consecutive_skips, lr_factor
         self.stats = LossStatistics(mode=mode, alpha=alpha, warmup=warmup, trend_window=trend_window,
                                     winsorize=z_threshold or 6.0)  # fmt: skip
-        loss = "loss_spike/loss"
+        loss, family = f"{self.family}/loss", self.family
         self._batch_rules: list[Rule] = [NonFinite(loss, patience=nonfinite_patience),
-                                         Above(_GRADS, 0.5, patience=nonfinite_patience, severity="critical")]
+                                         Above(f"{family}/nonfinite_grads", 0.5, patience=nonfinite_patience, severity="critical")]
         if z_threshold is not None:
-            self._batch_rules.append(_StatisticAbove("loss_spike/zscore", z_threshold, patience=zscore_patience))
+            self._batch_rules.append(_StatisticAbove(f"{family}/zscore", z_threshold, patience=zscore_patience))
         if factor is not None:
-            self._batch_rules.append(_StatisticAbove("loss_spike/ratio_to_min", factor, patience=factor_patience))
-        self._trend_rule = (_StatisticAbove("loss_spike/trend", trend_threshold, patience=trend_patience)
+            self._batch_rules.append(_StatisticAbove(f"{family}/ratio_to_min", factor, patience=factor_patience))
+        self._trend_rule = (_StatisticAbove(f"{family}/trend", trend_threshold, patience=trend_patience)
                             if trend_window else None)  # fmt: skip
         self._builtin_rules = [*self._batch_rules, *([self._trend_rule] if self._trend_rule else [])]
         self.bad_batches: list[dict[str, Any]] = []
@@ -474,7 +476,7 @@ class LossSpikeDetector(DiagnosticCallback):
 
     def _budget_alert(self, step: int) -> Alert:
         """The critical alert of a spent skip budget, naming what kept the steps bad."""
-        return Alert(self.source, "loss_spike/skipped", step, float(self._consecutive_skips),
+        return Alert(self.source, f"{self.family}/skipped", step, float(self._consecutive_skips),
                      float(self.max_consecutive_skips), "critical",
                      f"{self.source}: {self._consecutive_skips} steps skipped in a row (max_consecutive_skips="
                      f"{self.max_consecutive_skips}), each for {self._cause}: the model no longer trains",
@@ -502,7 +504,7 @@ class LossSpikeDetector(DiagnosticCallback):
     def _recover(self, trainer: pl.Trainer, alerts: list[Alert]) -> None:
         """Rung 1 (skip) is the gate's and rung 3 (rollback) the gate's streak; here rung 2: a sustained
         rise (the factor or trend rule fired) lowers the learning rate."""
-        rises = [a for a in alerts if a.metric in ("loss_spike/ratio_to_min", "loss_spike/trend")]
+        rises = [a for a in alerts if a.metric in (f"{self.family}/ratio_to_min", f"{self.family}/trend")]
         self._warn(trainer, [a for a in alerts if a not in rises])
         if rises:
             self._reduce_lr(trainer, rises)
@@ -531,7 +533,7 @@ class LossSpikeDetector(DiagnosticCallback):
                    + (f"; stopping: budget spent (max_rollbacks={self.max_rollbacks})" if done else
                       f", learning rate x{self.lr_scale:g} of the schedule's, skipping {self.pending_skips} more "
                       f"batches (rollback {self.rollbacks}/{self.max_rollbacks})"))  # fmt: skip
-        alert = Alert(self.source, "loss_spike/rollbacks", now, float(self.rollbacks), float(self.max_rollbacks),
+        alert = Alert(self.source, f"{self.family}/rollbacks", now, float(self.rollbacks), float(self.max_rollbacks),
                       "critical" if done else "warning", message, acted_step=now)  # fmt: skip
         self._raise(trainer, [alert], now, act=False)
         trainer.should_stop = trainer.should_stop or done

@@ -406,7 +406,8 @@ def test_skip_stops_the_run_after_max_consecutive_skips():
 
 def test_two_detectors_on_one_loss_skip_spikes_and_watch_the_trend_separately(tmp_path):
     skip = LossSpikeDetector(action="skip", warmup=5, trend_window=None, every_n_steps=1)
-    trend = LossSpikeDetector(action="stop", z_threshold=None, factor=None, trend_window=5, every_n_steps=1)
+    trend = LossSpikeDetector(action="stop", z_threshold=None, factor=None, trend_window=5, every_n_steps=1,
+                              prefix="loss_trend")
     assert skip.state_key != trend.state_key
     trainer = make_trainer(max_steps=20, callbacks=[skip, trend, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
                            enable_checkpointing=True)
@@ -414,6 +415,8 @@ def test_two_detectors_on_one_loss_skip_spikes_and_watch_the_trend_separately(tm
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     assert saved[skip.state_key]["skipped"] == 1 and saved[trend.state_key]["skipped"] == 0
     assert skip.bad_batches == [{"epoch": 1, "batch_idx": 7, "step": 15}] and trend.bad_batches == []
+    logged = trainer.logger.history
+    assert "loss_trend/trend" in logged and "loss_spike/skipped" in logged and "loss_trend/skipped" not in logged
 
 
 def test_fp16_scaler_overflow_steps_are_not_spikes_and_a_real_spike_is_skipped():
