@@ -50,7 +50,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_diag.report.reading import AlertRecord, ReportError, Run, find_runs, load_run
+from lightning_diag.report.reading import AlertRecord, ReportError, Run, find_runs, join_resumed, load_run
 from lightning_diag.report.summary import Summary, count_phrase, format_summary, summarize
 
 __all__ = [
@@ -70,7 +70,7 @@ def _output_format(output: Path) -> str:
         suffix = output.suffix or "(no suffix)"
         raise ReportError(f"{output}: unknown report format {suffix!r}; use .html, .pdf or .png")
     if not output.parent.is_dir():
-        raise ReportError(f"{output}: cannot write the report (no folder {output.parent})")
+        raise ReportError(f"{output}: cannot write the report (no such directory: {output.parent})")
     if kind != "HTML":
         from lightning_diag.report.render import require_pyplot
 
@@ -101,18 +101,17 @@ def _run_name(path: Path, base: Path) -> str:
     return "/".join(parts)
 
 
-def read_summaries(logdir: str | Path, top: int = 3) -> list[Summary]:
-    """The summary of every run under ``logdir``, named by their path relative to it."""
+def read_summaries(logdir: str | Path, top: int = 3, join: bool = True) -> list[Summary]:
+    """The summary of every run under ``logdir``, named by their path relative to it; a version that
+    resumes the one before it from a checkpoint is joined to it (:func:`~.reading.join_resumed`)."""
     logdir = Path(logdir)
     base = logdir if logdir.is_dir() else logdir.parent
-    summaries = []
-    for path, files in find_runs(logdir).items():
-        summaries.append(summarize(load_run(path, files, name=_run_name(path, base)), top=top))
-    return summaries
+    runs = [load_run(path, files, name=_run_name(path, base)) for path, files in find_runs(logdir).items()]
+    return [summarize(run, top=top) for run in (join_resumed(runs) if join else runs)]
 
 
 def report(
-    logdir: str | Path, output: str | Path | None = None, top: int = 3, show_info: bool = False
+    logdir: str | Path, output: str | Path | None = None, top: int = 3, show_info: bool = False, join: bool = True
 ) -> tuple[str, list[Summary]]:
     """Read ``logdir``, write the report to ``output`` if given (format from its suffix); return the text.
 
@@ -120,8 +119,10 @@ def report(
         ReportError: no such path, no logs, a corrupted file, a bad suffix, no matplotlib for a
             PNG or PDF, or an unwritable output.
     """
+    if not Path(logdir).exists():  # before the output's folder, which a mistyped LOGDIR also lacks
+        raise ReportError(f"{logdir}: no such file or directory")
     kind = _output_format(Path(output)) if output is not None else None
-    summaries = read_summaries(logdir, top)
+    summaries = read_summaries(logdir, top, join)
     text = "\n\n".join(format_summary(s, show_info=show_info) for s in summaries)
     if output is not None and kind is not None:
         written = _write(summaries, Path(output), kind, f"lightning-diag health report: {logdir}", show_info)
@@ -138,6 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=3, help="worst layers listed per per-layer figure (default 3)")
     parser.add_argument("--show-info", action="store_true",
                         help="draw info records in the pictures and list them in the printed timeline")
+    parser.add_argument("--no-join", action="store_true",
+                        help="report a version resumed from a checkpoint apart from the version it resumes")
     parser.add_argument("--fail-on-alert", action="store_true",
                         help="exit with status 1 when any alert but an info record was logged")
 
@@ -151,7 +154,7 @@ def run_command(args: argparse.Namespace) -> int:
         output = None
         if not args.no_output:
             output = args.output or (logdir if logdir.is_dir() else logdir.parent) / DEFAULT_OUTPUT
-        text, summaries = report(logdir, output, top=args.top, show_info=args.show_info)
+        text, summaries = report(logdir, output, top=args.top, show_info=args.show_info, join=not args.no_join)
     except ReportError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
