@@ -6,11 +6,13 @@ run, a folder of runs, or one file. The command prints a summary per run and wri
 whose format follows the suffix of ``-o``:
 
 - ``.html`` (default ``LOGDIR/health_report.html``): one self-contained page; with several runs a
-  summary table at the top links one section per run; each section has the run's picture, its
-  summary and a table of every alert with its severity.
-- ``.pdf``: one page per run, after a summary page when there are several.
-- ``.png``: one run, its page; several runs, the summary page in the file named and one
-  ``<stem>-<run>.png`` per run beside it (never one giant image).
+  summary table at the top links one section per run; each section starts with the verdict as
+  text, then the run's first page (a picture), its summary (wrapped text), the warning and
+  critical alerts, the info records folded in a closed ``<details>``, and every figure.
+- ``.pdf``: A4 pages; with several runs a summary table first; then per run its summary as text
+  (searchable), its first page and its detail pages.
+- ``.png``: one run, its first page; several runs, the summary page in the file named and one
+  ``<stem>-<run>.png`` first page per run beside it (the detail pages are in the HTML and PDF).
 
 Any other suffix, or a PNG or PDF without matplotlib, is refused with a one-line error (status 2).
 
@@ -24,14 +26,20 @@ What a run's page and summary hold:
   ``"25 warning and critical alerts (20 warning, 5 critical), 33 info records"``. Info records are
   left out of the pictures and the printed timeline unless ``--show-info`` (then drawn faded); the
   printed timeline stops at 20 alerts and says how many it leaves out; the HTML lists every record.
-- The training loss (``loss_spike/loss``, else the logger's ``train_loss``/``loss``) on a log scale,
-  with the explosion step (:func:`~lightning_diag.testbeds.explosion_step` of the logged values,
-  the early-warning suite's definition) and the first non-finite loss marked,
-  and each monitor's first warning; one step axis for every panel.
-- Each monitor's model-level figures and, per per-layer figure, the worst layers at the last step.
-  What is per layer comes from the key scheme (``<family>/<figure>/<layer>``, see
-  :mod:`lightning_diag.keys`); higher is worse except for the figures in
-  :data:`~lightning_diag.report.summary.LOWER_IS_WORSE`.
+- The verdict: whether the loss exploded (:func:`~lightning_diag.testbeds.explosion_step` of the
+  logged values, the early-warning suite's definition) or turned non-finite (logged, or named by
+  an alert on the loss), at which step, and which monitor warned first and how early. Only an
+  alert strictly before the break, about a finite value, is an early warning.
+- The training loss (``loss_spike/loss``, else the logger's ``train_loss``/``loss``) over its
+  finite values (first, min, last finite; whether the run ended non-finite), on a log scale with
+  the break marked and every warning and critical alert below it; one step axis for every panel.
+- The figures that moved (first page) and every figure (detail pages), with the threshold of
+  their rule. Per per-layer figure, the worst layers by their last finite value (higher or lower
+  is worse, :func:`~lightning_diag.report.summary.direction`; a figure without a direction, such
+  as a spread, by how far each layer moved). What is per layer comes from the key scheme
+  (``<family>/<figure>/<layer>``, see :mod:`lightning_diag.keys`).
+- A version resumed from a checkpoint (``version_<n+1>`` whose first step continues
+  ``version_<n>``) is joined to the run it resumes (``--no-join``: apart).
 
 Modules: :mod:`~lightning_diag.report.reading` (runs, event files, CSV, alerts),
 :mod:`~lightning_diag.report.summary` (the summary and its text), :mod:`~lightning_diag.report.render`

@@ -287,6 +287,7 @@ def _draw_loss(ax: Any, summary: Summary) -> None:
     if loss.key == "loss_spike/loss" and scalars.get("loss_spike/ema"):
         drawn.append(("EMA of the loss", scalars["loss_spike/ema"], {"color": "tab:gray", "alpha": 0.8}))
     cap = loss.best * 10**_LOSS_DECADES if loss.best > 0 else math.inf
+    drawn = [(label, _visible(summary, series), style) for label, series, style in drawn]
     for label, series, style in drawn:
         kept = [(s, v) for s, v in series if not (math.isfinite(v) and v > cap)]
         _draw_series(ax, label, kept, **style)
@@ -331,10 +332,17 @@ def _draw_alerts(ax: Any, summary: Summary, colors: dict[str, Any], show_info: b
         ax.legend(handles=handles, **{**_LEGEND, "loc": "upper left", "ncol": len(handles)})
 
 
+def _visible(summary: Summary, series: Series) -> Series:
+    """The points on the step axis (:func:`x_range`): the y range follows what is drawn."""
+    span = x_range(summary)
+    return series if span is None else [(s, v) for s, v in series if s <= span[1]]
+
+
 def _draw_panel(ax: Any, panel: Panel, summary: Summary, colors: dict[str, Any]) -> None:
-    for label, _, series in panel.series:
+    shown = [(label, _visible(summary, series)) for label, _, series in panel.series]
+    for label, series in shown:
         _draw_series(ax, label, series)
-    _scale(ax, [s for _, _, s in panel.series])
+    _scale(ax, [s for _, s in shown])
     for label, value in panel.thresholds:
         ax.axhline(value, color="tab:red", ls="-.", lw=1.0, alpha=0.8, label=label)
     for severity, style in _SEVERITY_STYLE.items():
@@ -372,10 +380,10 @@ def first_page_figure(plt: Any, summary: Summary, colors: dict[str, Any], show_i
     text_ax = figure.add_subplot(spec[0, :])
     text_ax.axis("off")
     lines = verdict(summary)
-    wrapped = [textwrap.fill(line, 95, subsequent_indent="  ") for line in lines]
+    wrapped = [textwrap.fill(lines[0], 72)] + [textwrap.fill(line, 95, subsequent_indent="  ") for line in lines[1:]]
     colour = "#cf222e" if summary.broke_at is not None else "#1a7f37"
     text_ax.text(0, 1, wrapped[0], fontsize=11, weight="bold", color=colour, va="top", transform=text_ax.transAxes)
-    text_ax.text(0, 0.72, "\n".join(wrapped[1:]), fontsize=8.5, va="top", transform=text_ax.transAxes,
+    text_ax.text(0, 0.72 - 0.18 * wrapped[0].count("\n"), "\n".join(wrapped[1:]), fontsize=8.5, va="top", transform=text_ax.transAxes,
                  linespacing=1.5)
     row, step_axes = 1, []
     if summary.loss:
