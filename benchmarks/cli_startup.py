@@ -47,7 +47,7 @@ def _time(args: list[str], repeat: int) -> tuple[float, int, str]:
     times, status, heavy = [], 0, ""
     for _ in range(repeat):
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         times.append(time.perf_counter() - start)
         status = done.returncode
         heavy = next((line[6:] for line in done.stderr.splitlines() if line.startswith("HEAVY=")), "")

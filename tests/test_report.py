@@ -595,5 +595,5 @@ def test_help_and_argument_errors_import_no_training_stack() -> None:
     root = str(Path(__file__).resolve().parents[1])
     for args in (["--help"], ["report", "--help"], ["report"], ["report", "x", "--top", "x"]):
         done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True,
-                              env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+                              env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"}, cwd=root)
         assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout, done.stderr)
