@@ -10,7 +10,11 @@ import json
 import math
 import re
 import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from report_runs import alert, exploding_run, small_run, write_csv, write_tensorboard
@@ -189,14 +193,14 @@ def test_non_finite_loss_run_is_marked_where_it_broke(runs: dict[str, Path]) -> 
     plt = render.require_pyplot("PNG")
     figure = render.run_figure(plt, summary, render.monitor_colors([summary]))
     try:
-        loss_ax = figure.axes[0]
+        loss_ax = next(ax for ax in figure.axes if ax.get_title(loc="left").startswith("Training loss"))
         marks = {line.get_xdata()[0] for line in loss_ax.get_lines() if list(line.get_xdata()) in ([40, 40], [50, 50])}
         assert marks == {40, 50}
         assert loss_ax.get_yscale() == "log"
-        for ax in figure.axes:  # NaN never blanks an axis, and every panel shares the step range
+        for ax in figure.axes[1:]:  # NaN never blanks an axis, and every panel shares the step range
             assert all(math.isfinite(v) for v in (*ax.get_ylim(), *ax.get_xlim()))
             assert ax.get_xlim() == pytest.approx(loss_ax.get_xlim())
-        assert loss_ax.get_xlim()[0] <= 0 and loss_ax.get_xlim()[1] >= 59
+        assert loss_ax.get_xlim()[0] <= 0 and 50 < loss_ax.get_xlim()[1] < 59  # NaN to the end: cut after it
     finally:
         plt.close(figure)
 
@@ -219,9 +223,9 @@ def test_info_records_are_hidden_from_the_picture_unless_shown(tmp_path: Path) -
     drawn = {}
     for show_info in (False, True):
         figure = render.run_figure(plt, summary, render.monitor_colors([summary]), show_info=show_info)
-        strip = figure.axes[1]
+        strip = next(ax for ax in figure.axes if ax.get_title(loc="left").startswith("Alerts by monitor"))
         drawn[show_info] = sorted(round(x) for c in strip.collections for x, _ in c.get_offsets())
-        assert strip.get_title(loc="left").startswith("Alerts by monitor: 2 warning and critical alerts")
+        assert ("1 info records hidden" in strip.get_title(loc="left")) is not show_info
         plt.close(figure)
     assert drawn == {False: [9, 20], True: [3, 9, 20]}
 
@@ -232,25 +236,59 @@ def test_a_run_without_a_loss_starts_with_its_alerts_not_an_empty_panel(tmp_path
     assert summary.loss is None and summary.families == ["nc"] and count_phrase(summary) == "no alerts"
     plt = render.require_pyplot("PNG")
     figure = render.run_figure(plt, summary, {})
+    (details,) = render.detail_figures(plt, summary, {})
     try:
-        titles = [ax.get_title(loc="left") for ax in figure.axes]
-        assert titles == ["Alerts by monitor: no alerts", "nc: nc1, cdnv"]
+        titles = [ax.get_title(loc="left") for ax in figure.axes[1:]]  # after the verdict's text
+        assert titles == ["Alerts by monitor (first of each labelled with its step)"]
+        assert [ax.get_title(loc="left") for ax in details.axes] == ["nc: nc1, cdnv"]
     finally:
         plt.close(figure)
+        plt.close(details)
 
 
 # ------------------------------------------------------------------------------------- output
 
 
-def test_pdf_is_a_real_pdf_with_one_page_per_run_and_a_summary_page(tmp_path: Path) -> None:
+def _pdf_pages(data: bytes) -> tuple[list[tuple[float, float]], list[str]]:
+    """Each page's size in points, and the text of each content stream in file order (matplotlib writes
+    the pages in order; with TrueType fonts each glyph is a 2-byte string of its character code)."""
+    sizes = [(float(w), float(h)) for w, h in re.findall(rb"/MediaBox\s*\[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", data)]
+    texts = []
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue
+        if b"BT" in content:
+            texts.append(b"".join(re.findall(rb"\(((?:[^()\\]|\\.)*)\)", content)).replace(b"\x00", b"").decode("latin-1"))
+    return sizes, texts
+
+
+def test_pdf_is_a4_starts_with_the_summary_text_then_each_runs_pages(tmp_path: Path) -> None:
     pages = re.compile(rb"/Type\s*/Page\b")
-    one_run, two_runs = write_csv(tmp_path / "logs", "a", small_run(), []).parent, tmp_path / "logs"
+    figures, alerts = exploding_run(steps=60, explode_at=40, nonfinite_at=50)
+    one_run = write_csv(tmp_path / "logs", "a", figures, alerts)
+    two_runs = tmp_path / "logs"
     write_tensorboard(two_runs, "b", small_run(), [])
     assert main([str(one_run), "-o", str(tmp_path / "one.pdf")]) == 0
     assert main([str(two_runs), "-o", str(tmp_path / "two.pdf")]) == 0
     one, two = (tmp_path / "one.pdf").read_bytes(), (tmp_path / "two.pdf").read_bytes()
     assert one[:5] == b"%PDF-" and two[:5] == b"%PDF-"
-    assert len(pages.findall(one)) == 1 and len(pages.findall(two)) == 3  # summary + 2 runs
+    plt = render.require_pyplot("PDF")
+    run_pages = {}
+    for name in ("a", "b"):
+        summary = _summary(tmp_path / "logs" / name / "version_0")
+        run_pages[name] = len(render.text_figures(plt, summary)) + 1 + len(render.detail_figures(plt, summary, {}))
+        plt.close("all")
+    assert run_pages["a"] >= 3  # text, first page, detail pages
+    assert len(pages.findall(one)) == run_pages["a"]
+    assert len(pages.findall(two)) == 1 + run_pages["a"] + run_pages["b"]  # summary table first
+    sizes, texts = _pdf_pages(one)
+    assert sizes and all(size == pytest.approx((595.44, 841.68), abs=1.0) for size in sizes)  # A4 portrait
+    assert "health report" in texts[0] and "The loss exploded at step 40" in texts[0]  # page 1: real text
+    assert "First warning: SpectralAlignmentMonitor" in texts[0]
+    sizes, texts = _pdf_pages(two)
+    assert sizes[0] == pytest.approx((841.68, 595.44), abs=1.0) and "2 runs" in texts[0]  # the table, landscape
 
 
 def test_png_of_several_runs_is_a_summary_and_one_png_per_run(
@@ -280,7 +318,14 @@ def test_html_lists_every_alert_and_links_one_section_per_run(tmp_path: Path) ->
     for a in many:
         assert json.dumps(a["message"])[1:-1] in page
     assert page.count("<tr class='info'>") == 40 + 2 and "more not listed" not in page
-    assert "href='#run-0'" in page and "id='run-1'" in page and page.count("data:image/png;base64,") == 2
+    # info rows folded away (closed <details>, with their count); the verdict text before any picture
+    assert "<details open" not in page and "40 info records (recorded, never acted on)</summary>" in page
+    for section in page.split("<h2 id='run-")[1:]:
+        folded = section.split("<details>", 1)
+        assert "<tr class='info'>" not in folded[0] and "<tr class='info'>" in folded[1]
+        assert section.index("class='verdict'") < section.index("data:image/png") < section.index("<pre>")
+    assert "white-space:pre-wrap" in page
+    assert "href='#run-0'" in page and "id='run-1'" in page and page.count(": first page' src='data:image/png;base64,") == 2
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert text.count("  warning   GradNormWatcher") == 20 + 1 and "more not listed" not in text  # a: 20, b: 1
 
@@ -388,3 +433,167 @@ def test_truncated_last_record_is_a_note_not_an_error(
     (tmp_path / "live" / "events.out.tfevents.0.host.0.0").write_bytes(event_file.read_bytes()[:-7])
     assert main([str(tmp_path / "live"), "--no-output"]) == 0
     assert "last record truncated" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ one true story (the issue)
+
+
+def _loss_text(scalars: dict, alerts: list | None = None):  # noqa: ANN202
+    from lightning_diag.report.reading import Run
+    from lightning_diag.report.summary import summarize
+
+    run = Run(Path("r"), "r", [], "CSV", scalars=scalars, alerts=alerts or [], alerts_from="test")
+    summary = summarize(run)
+    return summary, format_summary(summary)
+
+
+def test_loss_summary_of_a_short_run_that_rose_does_not_just_say_no_explosion() -> None:
+    summary, text = _loss_text({"loss_spike/loss": [(0, 147.9), (1, 3.0e3), (2, 5.858e6)]})
+    assert summary.loss.broke_at is None  # too few logged values for explosion_step...
+    assert summary.loss.rise == pytest.approx(5.858e6 / 147.9, rel=1e-9)
+    assert "but the last loss is 3.96e+04x the minimum" in text  # ...and the summary says what happened
+
+
+def test_loss_summary_is_over_finite_values_and_says_when_the_run_ended_non_finite() -> None:
+    series = [(100, math.nan), (101, 2.0), (102, 1.5), (103, math.nan)]  # a resumed run: NaN at both ends
+    summary, text = _loss_text({"loss_spike/loss": series})
+    loss = summary.loss
+    assert (loss.first, loss.best, loss.last_finite) == pytest.approx((2.0, 1.5, 1.5))
+    assert math.isnan(loss.last) and loss.ended_nonfinite and loss.nonfinite_step == 100
+    assert "first 2, min 1.5, last nan (last finite 1.5): the run ended non-finite" in text
+    _, text = _loss_text({"loss_spike/loss": [(5, math.nan), (6, math.inf)]})
+    assert "no finite value in 2 logged values" in text and "min nan" not in text
+
+
+def test_an_alert_at_the_nan_step_is_the_break_not_an_early_warning() -> None:
+    from lightning_diag.report.reading import AlertRecord
+
+    scalars = {"loss_spike/loss": [(s, 2.0 if s < 90 else math.nan) for s in range(0, 100, 10)]}  # logged every 10
+    alerts = [AlertRecord(60, "GradNormWatcher", "warning", "GradNormWatcher: grad_norm/total = 9", "grad_norm/total", 9.0),
+              AlertRecord(83, "LossSpikeDetector", "critical", "LossSpikeDetector: loss_spike/loss = nan",
+                          "loss_spike/loss", math.nan)]
+    summary, text = _loss_text(scalars, alerts)
+    assert summary.loss.nonfinite_step == 83 == summary.broke_at  # the alert saw the NaN before the logger did
+    assert summary.first_early() is alerts[0]
+    assert "LossSpikeDetector  step 83 critical (at the break, not an early warning)" in text
+    assert "GradNormWatcher    step 60 warning (23 steps before)" in text
+    assert "steps before the break at step 83" in text and "7 steps before" not in text
+
+
+def test_a_mistyped_log_path_says_no_such_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "lightning_logz" / "version_0")]) == 2  # default output: inside LOGDIR
+    err = capsys.readouterr().err
+    assert err == f"{ERROR}{tmp_path / 'lightning_logz' / 'version_0'}: no such file or directory\n"
+
+
+def test_worst_layers_rank_finite_values_when_every_layer_ends_nan() -> None:
+    from lightning_diag.report.summary import worst_first
+
+    nan = math.nan
+    layers = {"a": [(0, 1.0), (1, 5.0), (2, nan)], "b": [(0, 1.0), (1, 9.0), (2, nan)], "c": [(0, 1.0), (1, 2.0), (2, nan)],
+              "d": [(0, 1.0), (1, nan), (2, nan)]}  # d broke first: the worst
+    assert [r.layer for r in worst_first("grad_norm/layer", layers)] == ["d", "b", "a", "c"]
+    assert [r.layer for r in worst_first("spectral_alignment/stable_rank", layers)] == ["d", "c", "a", "b"]
+    assert [r.last for r in worst_first("grad_norm/layer", dict(layers))][1:] == [9.0, 5.0, 2.0]
+
+
+def test_a_figure_without_a_direction_is_ranked_by_how_far_it_moved(runs: dict[str, Path]) -> None:
+    from lightning_diag.report.summary import direction, worst_first
+
+    assert direction("spectral_alignment/std") == "moved" and direction("grad_norm/layer") == "higher"
+    layers = {"flat": [(0, 0.3), (9, 0.3)], "fell": [(0, 0.3), (9, 0.01)], "rose": [(0, 0.3), (9, 0.6)]}
+    assert [r.layer for r in worst_first("spectral_alignment/std", layers)] == ["fell", "rose", "flat"]
+    summary = _summary(runs["tb"])
+    summary.layer_figures["spectral_alignment/std"] = layers
+    titles = [p.title for p in render.layer_panels(summary)]
+    assert "spectral_alignment/std: the layers that moved most (3 layers)" in titles
+    assert not any("std" in t and "higher is worse" in t for t in titles)
+    assert "(x" not in format_summary(summary)  # the worst layers say "from <first value>"
+
+
+def test_first_page_draws_thresholds_from_the_monitors_rules_with_labels_and_plain_ticks(tmp_path: Path) -> None:
+    from lightning_diag.callbacks import SharpnessMonitor, SpectralAlignmentMonitor
+
+    ratio = {rule.metric: rule.threshold for rule in SharpnessMonitor().book.rules}["sharpness/stability_ratio"]
+    collapse = {r.metric: r.threshold for r in SpectralAlignmentMonitor().book.rules}["spectral_alignment/mean_collapse"]
+    figures = {s: {"loss_spike/loss": 2.0 + 0.01 * s, "loss_spike/alerts": 0.0, "sharpness/stability_ratio": 2.0 * s,
+                   "sharpness/alerts": 0.0, "spectral_alignment/mean_collapse": 0.02 * s,
+                   "spectral_alignment/alerts": 0.0} for s in range(0, 50)}
+    summary = _summary(write_csv(tmp_path, "th", figures, []))
+    assert render.moved_keys(summary) == ["sharpness/stability_ratio", "spectral_alignment/mean_collapse"]
+    plt = render.require_pyplot("PNG")
+    figure = render.first_page_figure(plt, summary, {})
+    try:
+        figure.canvas.draw()
+        panels = {ax.get_title(loc="left").split(" ")[0]: ax for ax in figure.axes[1:]}
+        for key, value in (("sharpness/stability_ratio", ratio), ("spectral_alignment/mean_collapse", collapse)):
+            lines = [ln for ln in panels[key].get_lines() if ln.get_label().startswith("threshold")]
+            assert [ln.get_ydata()[0] for ln in lines] == pytest.approx([value]), key
+        assert (ratio, collapse) == pytest.approx((30.0, 0.8))
+        loss_ax = panels["Training"]
+        assert loss_ax.get_yscale() == "log"
+        for ax in figure.axes[1:]:
+            strip = ax.get_title(loc="left").startswith("Alerts by monitor")  # its y labels: the monitors
+            assert ax.get_ylabel() or strip, ax.get_title(loc="left")
+            labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)]
+            assert not any("times" in t or "^" in t for t in labels), labels  # never "2 x 10^0"
+        assert any(t.get_text() == "2" for t in loss_ax.get_yticklabels(minor=True) + loss_ax.get_yticklabels())
+    finally:
+        plt.close(figure)
+
+
+def test_the_step_axis_of_a_run_that_stays_nan_stops_shortly_after_it_turned(tmp_path: Path) -> None:
+    figures = {s: {"loss_spike/loss": 2.0 if s < 50 else math.nan, "grad_norm/total": 1.0, "grad_norm/alerts": 0.0}
+               for s in range(0, 500)}
+    summary = _summary(write_csv(tmp_path, "nan", figures, []))
+    low, high = render.x_range(summary)
+    assert low <= 0 and 50 < high < 70  # not 500: the healthy steps keep the width of the page
+
+
+def test_a_resumed_version_is_joined_to_the_run_it_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    figures, alerts = exploding_run(steps=80, explode_at=60, nonfinite_at=70)
+    before = {s: row for s, row in figures.items() if s < 55}
+    after = {s: row for s, row in figures.items() if s >= 45}  # the checkpoint was at step 45
+    write_csv(tmp_path / "logs", "gpt", before, [a for a in alerts if a["step"] < 55])
+    write_csv(tmp_path / "logs", "gpt", after, [a for a in alerts if a["step"] >= 45])  # version_1
+    write_csv(tmp_path / "logs", "other", small_run(), [])  # a fresh run beside it: not joined
+    text, summaries = report(tmp_path / "logs")
+    assert [s.run.name for s in summaries] == ["gpt/version_0+version_1", "other/version_0"]
+    joined = summaries[0]
+    assert [a.step for a in joined.alerts] == [a["step"] for a in alerts]
+    assert [s for s, _ in joined.run.scalars["loss_spike/loss"]] == list(range(80))
+    assert joined.first_early().step == 30 and "version_1 resumes version_0 from a checkpoint at step 45" in text
+    _, apart = report(tmp_path / "logs", join=False)
+    assert len(apart) == 3
+
+
+def test_alerts_file_is_strict_json_and_reads_back_non_finite_values(tmp_path: Path) -> None:
+    from lightning_diag.alerts import Alert
+    from lightning_diag.callbacks._trainer import write_alert_lines
+    from lightning_diag.report.reading import find_runs, load_run
+
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[SimpleNamespace(log_dir=str(tmp_path))])
+    alerts = [Alert("LossSpikeDetector", "loss_spike/loss", 7, math.nan, math.inf, "critical", "nan loss", 8),
+              Alert("GradNormWatcher", "grad_norm/total", 9, -math.inf, 5.0, "warning", "-inf norm", 9)]
+    write_alert_lines(trainer, alerts)  # type: ignore[arg-type]
+    (tmp_path / "metrics.csv").write_text("step,loss\n0,1.0\n")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    lines = (tmp_path / "lightning_diag_alerts.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [(r["value"], r["threshold"]) for r in records] == [("nan", "inf"), ("-inf", 5.0)]
+    read = load_run(tmp_path, find_runs(tmp_path)[tmp_path]).alerts
+    assert math.isnan(read[0].value) and read[0].threshold == math.inf and read[1].value == -math.inf
+    assert read[0].acted_step == 8
+
+
+def test_help_and_argument_errors_import_no_training_stack() -> None:
+    probe = ("import sys\nfrom lightning_diag.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'matplotlib', 'tensorboard') if m in sys.modules))")
+    root = str(Path(__file__).resolve().parents[1])
+    for args in (["--help"], ["report", "--help"], ["report"], ["report", "x", "--top", "x"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True,
+                              env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"}, cwd=root)
+        assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout, done.stderr)

@@ -4,6 +4,7 @@ change is a one-file fix."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -21,7 +22,7 @@ from torch import Tensor
 from lightning_diag.alerts import Alert, DiagnosticWarning
 
 __all__ = [
-    "ALERTS_FILE", "HostCopy", "grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics",
+    "ALERTS_FILE", "HostCopy", "alert_line", "grad_scale", "has_tensorboard", "log_histogram", "log_image", "log_metrics",
     "log_text", "loss_scale", "show_alert_count", "warn", "write_alert_lines", "write_dashboard_once",
 ]
 
@@ -81,9 +82,25 @@ def warn(message: str) -> None:
         warnings.warn(message, DiagnosticWarning, stacklevel=_user_stacklevel())
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float written as a string, ``"nan"``, ``"inf"`` or ``"-inf"``
+    (what ``float()`` reads back), since ``NaN`` and ``Infinity`` are not JSON (``jq``, ``JSON.parse``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return value
+
+
+def alert_line(alert: Alert) -> str:
+    """One alert as a line of strict JSON: non-finite numbers as the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
+    return json.dumps(_strict(alert.as_dict()), allow_nan=False) + "\n"
+
+
 def write_alert_lines(trainer: pl.Trainer, alerts: Iterable[Alert]) -> None:
-    """Append each alert as one JSON line to ``<log_dir>/lightning_diag_alerts.jsonl`` of every logger."""
-    lines = "".join(json.dumps(a.as_dict()) + "\n" for a in alerts)
+    """Append each alert as one line of strict JSON (:func:`alert_line`) to
+    ``<log_dir>/lightning_diag_alerts.jsonl`` of every logger."""
+    lines = "".join(map(alert_line, alerts))
     if not lines or not trainer.is_global_zero:
         return
     for log_dir in {lg.log_dir for lg in trainer.loggers if isinstance(getattr(lg, "log_dir", None), (str, Path))}:

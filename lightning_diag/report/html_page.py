@@ -1,5 +1,6 @@
-"""The self-contained HTML report: a summary table linking one section per run; each section has the
-run's page as an inline PNG, its text summary and a table of every alert with its severity."""
+"""The self-contained HTML report: a summary table linking one section per run. Each section starts with
+the verdict (text), then the run's first page (inline PNG), its text summary (wrapped), the warning and
+critical alerts, the info records folded in a closed ``<details>``, and the detail pages."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from collections.abc import Sequence
 
 from lightning_diag.report.reading import AlertRecord
 from lightning_diag.report import render
-from lightning_diag.report.summary import SUMMARY_COLUMNS, Summary, count_phrase, format_summary, summary_table
+from lightning_diag.report.summary import (
+    SUMMARY_COLUMNS, Summary, count_phrase, format_summary, summary_table, verdict,
+)
 
 __all__ = ["render_html"]
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1320px;margin:2em auto;color:#222;padding:0 1em}
-pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:13px}
+pre{background:#f6f8fa;padding:1em;font-size:13px;white-space:pre-wrap;overflow-wrap:anywhere}
+.verdict{font-size:16px;line-height:1.5}.verdict b{font-size:19px}details{margin:.5em 0}summary{cursor:pointer}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-img{max-width:100%}.ok{color:#1a7f37}.bad{color:#cf222e}.sev-critical{color:#cf222e;font-weight:bold}
+img{max-width:100%;display:block;margin:1em 0}.ok{color:#1a7f37}.bad{color:#cf222e}.sev-critical{color:#cf222e;font-weight:bold}
 .sev-warning{color:#9a6700;font-weight:bold}tr.info{color:#888}"""
 
 
@@ -51,17 +55,28 @@ def _runs_table(summaries: Sequence[Summary]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def _section(i: int, summary: Summary, image: bytes | None) -> str:
-    state = "bad" if summary.serious else "ok"
+def _section(i: int, summary: Summary, images: Sequence[bytes]) -> str:
+    state = "bad" if summary.serious or summary.broke_at is not None else "ok"
     counts = f"<small class='{state}'>{_esc(count_phrase(summary))}</small>"
-    parts = [f"<h2 id='run-{i}'>{_esc(summary.run.name)} {counts}</h2>"]
-    if image is not None:
-        encoded = base64.b64encode(image).decode("ascii")
-        parts.append(f"<img alt='{_esc(summary.run.name)}' src='data:image/png;base64,{encoded}'>")
+    lines = verdict(summary)
+    parts = [f"<h2 id='run-{i}'>{_esc(summary.run.name)} {counts}</h2>",
+             f"<div class='verdict'><b class='{state}'>{_esc(lines[0])}</b><br>"
+             + "<br>".join(map(_esc, lines[1:])) + "</div>"]
+    encoded = [base64.b64encode(image).decode("ascii") for image in images]
+    if encoded:
+        parts.append(f"<img alt='{_esc(summary.run.name)}: first page' src='data:image/png;base64,{encoded[0]}'>")
     parts.append(f"<pre>{_esc(format_summary(summary, timeline=0))}</pre>")
-    if summary.alerts:
-        parts.append(f"<h3>Alerts: all {len(summary.alerts)} records, every severity</h3>")
-        parts.append(_alerts_table(summary.alerts))
+    serious, info = summary.serious, [a for a in summary.alerts if a.is_info]
+    if serious:
+        parts.append(f"<h3>Warning and critical alerts: {len(serious)}</h3>")
+        parts.append(_alerts_table(serious))
+    if info:
+        parts.append(f"<details><summary>{len(info)} info records (recorded, never acted on)</summary>"
+                     f"{_alerts_table(info)}</details>")
+    if len(encoded) > 1:
+        parts.append("<h3>Every figure</h3>")
+        parts += [f"<img alt='{_esc(summary.run.name)}: page {n}' src='data:image/png;base64,{e}'>"
+                  for n, e in enumerate(encoded[1:], start=2)]
     return "\n".join(parts)
 
 
@@ -76,7 +91,7 @@ def render_html(summaries: Sequence[Summary], title: str, show_info: bool = Fals
     if len(summaries) > 1:
         parts.append(f"<h2>{len(summaries)} runs</h2>{_runs_table(summaries)}")
     for i, summary in enumerate(summaries):
-        image = render.page_png(summary, show_info, colors) if with_plots else None
-        parts.append(_section(i, summary, image))
+        images = render.page_pngs(summary, show_info, colors) if with_plots else []
+        parts.append(_section(i, summary, images))
     parts.append("</body></html>")
     return "\n".join(parts)

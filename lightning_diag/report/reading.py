@@ -28,7 +28,7 @@ from typing import Any
 
 __all__ = [
     "ALERTS_FILE", "CSV_FILE", "EVENT_FILE_PATTERN", "SEVERITIES", "AlertRecord", "ReportError", "Run",
-    "find_runs", "load_run", "parse_alert_text",
+    "find_runs", "join_resumed", "load_run", "parse_alert_text", "resume_step",
 ]
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
@@ -39,6 +39,8 @@ SEVERITIES = ("critical", "warning", "unknown", "info")
 _DATA_CRC_BUDGET = 16 << 20  # bytes of record data whose CRC is checked per run (0.2 s per MB)
 _TEXT = re.compile(r"^\[(?P<severity>[a-z]+)\]\s*(?P<message>.*)$", re.DOTALL)
 _MESSAGE = re.compile(r"^(?P<source>\w+):\s*(?P<metric>\S+) = (?P<value>\S+)")
+_THRESHOLD = re.compile(r"\((?:at or )?(?:above|below) (?P<threshold>[^\s)]+)")
+_VERSION = re.compile(r"^version_(?P<n>\d+)$")
 
 
 class ReportError(Exception):
@@ -56,6 +58,7 @@ class AlertRecord:
     metric: str | None = None
     value: float | None = None
     acted_step: int | None = None
+    threshold: float | None = None
 
     @property
     def is_info(self) -> bool:
@@ -241,28 +244,46 @@ def parse_alert_text(text: str, tag: str, step: int) -> AlertRecord:
         severity, message = match["severity"], match["message"].strip()
     fields = _MESSAGE.match(message)
     source = fields["source"] if fields else (tag.split("/", 1)[1] if tag.startswith("alerts/") else tag.split("/")[0])
-    value = None
-    if fields:
-        try:
-            value = float(fields["value"])
-        except ValueError:
-            value = None
-    return AlertRecord(step, source, severity, message, fields["metric"] if fields else None, value)
+    value = _number(_float_text(fields["value"])) if fields else None
+    rule = _THRESHOLD.search(message)
+    threshold = _number(_float_text(rule["threshold"])) if rule else None
+    return AlertRecord(step, source, severity, message, fields["metric"] if fields else None, value,
+                       threshold=threshold)
+
+
+def _float_text(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number, or a non-finite one written as a string (``"nan"``, ``"inf"``, ``"-inf"``); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(value)
+    return None
 
 
 def _alert_from_json(line: str) -> AlertRecord:
+    """One line of the alerts file: strict JSON (non-finite numbers as strings) or, from older versions,
+    Python's ``NaN``/``Infinity`` tokens, which ``json.loads`` accepts."""
     record: dict[str, Any] = json.loads(line)
     severity = record.get("severity")
-    value = record.get("value")
-    acted = record.get("acted_step")
+    acted = _number(record.get("acted_step"))
     return AlertRecord(
         step=int(record["step"]),
         source=str(record["source"]),
         severity=severity if severity in SEVERITIES else "unknown",
         message=str(record.get("message") or f"{record['source']}: {record.get('metric')}"),
         metric=record.get("metric"),
-        value=float(value) if isinstance(value, (int, float)) else None,
-        acted_step=int(acted) if isinstance(acted, (int, float)) and math.isfinite(acted) else None,
+        value=_number(record.get("value")),
+        acted_step=int(acted) if acted is not None and math.isfinite(acted) else None,
+        threshold=_number(record.get("threshold")),
     )
 
 
@@ -295,6 +316,80 @@ def _read_alerts(run: Run, texts: Sequence[tuple[int, str, str]]) -> None:
         run.alerts = [parse_alert_text(text, tag, step) for step, tag, text in texts]
         run.alerts_from = "TensorBoard texts"
     run.alerts.sort(key=lambda a: (a.step, a.source))
+
+
+# -------------------------------------------------------------------------- resumed runs
+
+
+def _first_last(run: Run) -> tuple[int, int] | None:
+    steps = [s for series in run.scalars.values() for s, _ in series[:1] + series[-1:]]
+    return (min(steps), max(steps)) if steps else None
+
+
+def _logging_interval(run: Run) -> int:
+    """The largest usual gap between logged steps: the median gap of the run's longest series."""
+    longest = max(run.scalars.values(), key=len, default=[])
+    gaps = sorted(b - a for (a, _), (b, _) in zip(longest, longest[1:]) if b > a)
+    return gaps[len(gaps) // 2] if gaps else 1
+
+
+def resume_step(earlier: Run, later: Run) -> int | None:
+    """The step at which ``later`` resumes ``earlier`` from a checkpoint, or None.
+
+    Lightning gives a resumed fit a new version folder whose steps go on from the checkpoint: the
+    later run's first logged step lies inside the earlier run (or within two logging intervals of
+    its end) and is far from 0, where a fresh run starts.
+    """
+    span, first = _first_last(earlier), _first_last(later)
+    if span is None or first is None:
+        return None
+    gap = 2 * _logging_interval(earlier) + 1
+    return first[0] if span[0] < first[0] <= span[1] + gap and first[0] > gap else None
+
+
+def _version(run: Run) -> int | None:
+    match = _VERSION.match(run.path.name)
+    return int(match["n"]) if match else None
+
+
+def _joined(earlier: Run, later: Run, step: int) -> Run:
+    """One run: ``earlier`` up to ``step``, then ``later`` (which redid the steps from its checkpoint on)."""
+    scalars = {k: [p for p in v if p[0] < step] for k, v in earlier.scalars.items()}
+    for key, series in later.scalars.items():
+        scalars[key] = scalars.get(key, []) + series
+    seen = {(a.step, a.source, a.metric, a.message) for a in later.alerts}
+    alerts = [a for a in earlier.alerts if a.step < step and (a.step, a.source, a.metric, a.message) not in seen]
+    sources = [s for s in (earlier.alerts_from, later.alerts_from) if s]
+    note = (f"{later.path.name} resumes {earlier.path.name} from a checkpoint at step {step}: read as one run "
+            f"({earlier.path.name} up to step {step - 1}, then {later.path.name}; --no-join reads them apart)")
+    return Run(path=later.path, name=f"{earlier.name}+{later.path.name}", files=earlier.files + later.files,
+               format=earlier.format if earlier.format == later.format else f"{earlier.format}+{later.format}",
+               scalars={k: v for k, v in scalars.items() if v}, alerts=sorted(alerts + later.alerts,
+                                                                              key=lambda a: (a.step, a.source)),
+               alerts_from=" and ".join(dict.fromkeys(sources)) or None,
+               notes=[*earlier.notes, *later.notes, note])
+
+
+def join_resumed(runs: Sequence[Run]) -> list[Run]:
+    """Join each ``version_<n+1>`` that resumes ``version_<n>`` of the same folder (:func:`resume_step`).
+
+    The alerts file of a resumed version holds only the alerts raised after the resume (the
+    earlier ones are in the earlier version's file), so a report of the versions apart would show
+    one run as two, the second without the warnings that came before its explosion.
+    """
+    out: list[Run] = []
+    for run in sorted(runs, key=lambda r: (str(r.path.parent), _version(r) is None, _version(r) or 0, r.path.name)):
+        previous = out[-1] if out else None
+        if previous is not None and previous.path.parent == run.path.parent:
+            numbers = _version(previous), _version(run)
+            step = None
+            if numbers[0] is not None and numbers[1] == numbers[0] + 1:
+                step = resume_step(previous, run)
+            if step is not None:
+                out[-1] = _joined(previous, run, step)
+                continue
+        out.append(run)
+    return out
 
 
 def load_run(path: Path, files: Sequence[Path], name: str | None = None) -> Run:

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lightning_diag.keys import split_key
 from lightning_diag.report.reading import SEVERITIES, AlertRecord, Run
-from lightning_diag.testbeds import explosion_step
 
 __all__ = [
-    "LOWER_IS_WORSE", "LayerRow", "LossSummary", "Summary", "count_phrase", "format_summary", "summarize",
+    "HIGHER_IS_WORSE", "LOWER_IS_WORSE", "direction", "LayerRow", "LossSummary", "Summary", "count_phrase", "format_summary", "summarize",
     "summary_table",
 ]
 
-# Per-layer figures where a lower value is worse; for every other per-layer figure higher is worse.
+# Per-layer figures with a direction: a lower value is worse, or a higher one. Any other per-layer
+# figure (a spread such as spectral_alignment/std) has none: its layers are ranked by how far they moved.
 LOWER_IS_WORSE = frozenset({"sign_diversity", "stable_rank"})
+HIGHER_IS_WORSE = frozenset({"layer", "weight_norm", "grad_weight_ratio", "update_ratio", "collapse", "mean_abs",
+                             "abs_mean", "sigma1", "attention_max", "lambda_max", "preconditioned_lambda_max",
+                             "stability_ratio"})
 # The training loss: LossSpikeDetector's, else the logger's own key (the first present wins).
 LOSS_KEYS = ("loss_spike/loss", "train_loss", "train_loss_step", "train/loss", "loss", "training_loss")
-# The explosion step: loss above 3x its running minimum for 10 logged values, or non-finite (as the demo).
+EXPLOSION_PATIENCE = 10  # testbeds.explosion_step's default patience: logged values above the bar in a row
 # Model-level figures drawn together, per family (each tuple one panel). A family not listed gets one
 # panel of its model-level figures that are not counts. NCTracker's family is its prefix: found by `nc1`.
 MODEL_PANELS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -44,27 +48,46 @@ Series = list[tuple[int, float]]
 
 
 class LayerRow(NamedTuple):
+    """A layer of a per-layer figure: its last and first finite values, and where it first went non-finite."""
+
     layer: str
-    last: float
-    first: float
+    last: float  # the last finite value (NaN: none)
+    first: float  # the first finite value (NaN: none)
+    nonfinite_step: int | None = None
 
 
 @dataclass(frozen=True)
 class LossSummary:
-    """The training loss of a run: figures, the explosion step and the first non-finite step."""
+    """The training loss of a run: figures over its finite values, the explosion and the first non-finite step.
+
+    ``first`` and ``best`` are the first and the lowest *finite* losses (NaN when there is none),
+    ``last`` the last value logged, finite or not, and ``last_finite`` the last finite one.
+    """
 
     key: str
     first: float
     best: float
     last: float
-    explosion_step: int | None  # divergence_step of the logged values, as a step
-    nonfinite_step: int | None
+    explosion_step: int | None  # explosion_step of the logged values, as a step
+    nonfinite_step: int | None  # the first non-finite loss, logged or named by an alert
+    last_finite: float = math.nan
+    logged: int = 0  # values logged
+    finite: int = 0  # of which finite
 
     @property
     def broke_at(self) -> int | None:
         """The step the run broke: the explosion, or the first non-finite loss, whichever is first."""
         steps = [s for s in (self.explosion_step, self.nonfinite_step) if s is not None]
         return min(steps) if steps else None
+
+    @property
+    def ended_nonfinite(self) -> bool:
+        return not math.isfinite(self.last)
+
+    @property
+    def rise(self) -> float:
+        """The last finite loss over the lowest (NaN without two finite values)."""
+        return self.last_finite / self.best if self.finite > 1 and self.best > 0 else math.nan
 
 
 @dataclass
@@ -95,6 +118,21 @@ class Summary:
         for alert in self.serious:
             first.setdefault(alert.source, alert)
         return first
+
+    @property
+    def broke_at(self) -> int | None:
+        return self.loss.broke_at if self.loss else None
+
+    def is_early(self, alert: AlertRecord) -> bool:
+        """A warning before the run broke: strictly before the break, about a finite value (an alert
+        on a NaN or inf reports the break itself, even when the log shows the NaN only later)."""
+        broke = self.broke_at
+        finite = alert.value is None or math.isfinite(alert.value)
+        return broke is not None and alert.step < broke and finite and not alert.is_info
+
+    def first_early(self) -> AlertRecord | None:
+        """The first warning or critical alert that came before the break (None: no break, or none before)."""
+        return next((a for a in self.serious if self.is_early(a)), None)
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -150,30 +188,68 @@ def layer_figures(scalars: dict[str, Series], families: list[str]) -> dict[str, 
     return {k: dict(sorted(figures[k].items())) for k in sorted(figures, key=lambda k: (rank[k.split("/")[0]], k))}
 
 
+def direction(figure: str) -> str:
+    """``"higher"`` or ``"lower"`` (which is worse) for a per-layer figure, or ``"moved"`` when neither is."""
+    name = figure.rsplit("/", 1)[-1]
+    return "lower" if name in LOWER_IS_WORSE else "higher" if name in HIGHER_IS_WORSE else "moved"
+
+
+def layer_row(layer: str, series: Series) -> LayerRow:
+    finite = [v for _, v in series if math.isfinite(v)]
+    broken = next((s for s, v in series if not math.isfinite(v)), None)
+    return LayerRow(layer, finite[-1] if finite else math.nan, finite[0] if finite else math.nan, broken)
+
+
+def _moved(row: LayerRow) -> float:
+    """How far a layer moved from its first finite value: |log ratio| when both are positive, else the gap."""
+    if row.first > 0 and row.last > 0:
+        return abs(math.log(row.last / row.first))
+    return abs(row.last - row.first) if math.isfinite(row.last - row.first) else -math.inf
+
+
 def worst_first(figure: str, layers: dict[str, Series]) -> list[LayerRow]:
-    """Layers ranked worst first by their last value; a non-finite last value is the worst of all."""
-    lower_is_worse = figure.rsplit("/", 1)[-1] in LOWER_IS_WORSE
-    rows = [LayerRow(layer, series[-1][1], series[0][1]) for layer, series in layers.items()]
-    return sorted(rows, key=lambda r: (math.isfinite(r.last), r.last if lower_is_worse else -r.last, r.layer))
+    """Layers ranked worst first: the earliest to go non-finite, then by their last finite value (lowest or
+    highest first, see :func:`direction`; figures without a direction by how far they moved), ties by name.
+
+    Ranking on finite values keeps the order meaningful when every layer ends NaN together.
+    """
+    way = direction(figure)
+
+    def badness(row: LayerRow) -> float:
+        if not math.isfinite(row.last):
+            return -math.inf
+        return -row.last if way == "lower" else row.last if way == "higher" else _moved(row)
+
+    rows = [layer_row(layer, series) for layer, series in layers.items()]
+    never = math.inf
+    return sorted(rows, key=lambda r: (never if r.nonfinite_step is None else r.nonfinite_step, -badness(r), r.layer))
 
 
 def loss_key(scalars: dict[str, Series]) -> str | None:
     return next((k for k in LOSS_KEYS if scalars.get(k)), None)
 
 
-def summarize_loss(scalars: dict[str, Series]) -> LossSummary | None:
-    """The loss figures, with the explosion step (:func:`~lightning_diag.testbeds.explosion_step`, the
-    suite's definition, on the logged values: its 10 steps are 10 logged values)."""
+def summarize_loss(scalars: dict[str, Series], alerts: Sequence[AlertRecord] = ()) -> LossSummary | None:
+    """The loss figures over its finite values, with the explosion step
+    (:func:`~lightning_diag.testbeds.explosion_step`, the suite's definition, on the logged values: its 10
+    steps are 10 logged values) and the first non-finite loss: logged, or named by an alert on the loss
+    (LossSpikeDetector checks every step; the logger may see the NaN only at its next logging step)."""
+    from lightning_diag.testbeds.labels import explosion_step  # torch: only when a run is read
+
     key = loss_key(scalars)
     if key is None:
         return None
     series = scalars[key]
     values = [v for _, v in series]
     finite = [v for v in values if math.isfinite(v)]
-    index = explosion_step(values)
-    nonfinite = next((s for s, v in series if not math.isfinite(v)), None)
-    return LossSummary(key, values[0], min(finite) if finite else math.nan, values[-1],
-                       series[index][0] if index is not None else None, nonfinite)
+    index = explosion_step(values) if finite else None
+    steps = [s for s, v in series if not math.isfinite(v)]
+    steps += [a.step for a in alerts if a.metric in (key, LOSS_KEYS[0]) and a.value is not None
+              and not math.isfinite(a.value)]  # fmt: skip
+    explosion = series[index][0] if index is not None else None
+    nan = math.nan
+    return LossSummary(key, finite[0] if finite else nan, min(finite) if finite else nan, values[-1], explosion,
+                       min(steps) if steps else None, finite[-1] if finite else nan, len(values), len(finite))
 
 
 def _nc_trend(scalars: dict[str, Series], families: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -212,7 +288,7 @@ def summarize(run: Run, top: int = 3) -> Summary:
         layer_figures=layers,
         worst_layers={figure: worst_first(figure, by_layer)[:top] for figure, by_layer in layers.items()},
         nc_trend=_nc_trend(scalars, families),
-        loss=summarize_loss(scalars),
+        loss=summarize_loss(scalars, run.alerts),
         steps=(min(steps), max(steps)) if steps else None,
         alert_counters=_alert_counters(scalars),
     )
@@ -256,16 +332,63 @@ def _by_monitor(alerts: list[AlertRecord]) -> list[str]:
             for source, c in sorted(counts.items())]
 
 
+def _g(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def _loss_line(loss: LossSummary) -> str:
-    line = f"Loss ({loss.key}): first {loss.first:.4g}, min {loss.best:.4g}, last {loss.last:.4g}"
+    """The loss in one line, over its finite values, saying how the run ended."""
+    line = f"Loss ({loss.key}): "
+    if loss.finite == 0:
+        line += f"no finite value in {_plural(loss.logged, 'logged value')}"
+    else:
+        line += f"first {_g(loss.first)}, min {_g(loss.best)}, last "
+        line += (f"{_g(loss.last)}" if not loss.ended_nonfinite
+                 else f"{loss.last} (last finite {_g(loss.last_finite)}): the run ended non-finite")
     if loss.explosion_step is not None:
-        line += (f"; explosion at step {loss.explosion_step} (testbeds.explosion_step of the logged values: 10 "
-                 "of them back half-way to the first loss and 1.5x above the best, or non-finite)")
+        line += (f"; explosion at step {loss.explosion_step} (testbeds.explosion_step of the logged values: "
+                 f"{EXPLOSION_PATIENCE} of them back half-way to the first loss and 1.5x above the best, or non-finite)")
     if loss.nonfinite_step is not None:
         line += f"; first non-finite loss at step {loss.nonfinite_step}"
     if loss.broke_at is None:
         line += "; no explosion"
+        if loss.rise > 1.5:  # the definition needs 10 logged values above the bar: a short run may not have them
+            line += (f" by testbeds.explosion_step, but the last loss is {loss.rise:.3g}x the minimum "
+                     f"({_plural(loss.logged, 'logged value')}; the definition needs {EXPLOSION_PATIENCE} in a row "
+                     "above the bar)")
     return line
+
+
+def verdict(summary: Summary, counts: bool = True) -> list[str]:
+    """The first lines of a report: did the run break, where, and which monitor warned first, how early."""
+    loss, broke = summary.loss, summary.broke_at
+    if loss is None:
+        lines = ["No training loss logged: no verdict on an explosion."]
+    elif broke is None:
+        lines = ["No explosion" + (f" (but the loss ended {loss.rise:.3g}x its minimum)." if loss.rise > 1.5 else ".")]
+    else:
+        how = []
+        if loss.explosion_step is not None:
+            how.append(f"exploded at step {loss.explosion_step}")
+        if loss.nonfinite_step is not None:
+            how.append(f"turned non-finite at step {loss.nonfinite_step}")
+        lines = ["The loss " + " and ".join(how) + ("; the run ended non-finite." if loss.ended_nonfinite else ".")]
+    early = summary.first_early()
+    if broke is not None:
+        if early is not None:
+            lines.append(f"First warning: {early.source} ({early.severity}, {early.metric or 'alert'}) at step "
+                         f"{early.step}, {broke - early.step} steps before the break at step {broke}.")
+        else:
+            late = summary.serious[0] if summary.serious else None
+            after = (f" (first: {late.source} at step {late.step}, {late.step - broke} steps after)"
+                     if late is not None and late.step >= broke else "")
+            lines.append(f"No monitor warned before the break at step {broke}{after}.")
+    elif summary.serious:
+        first = summary.serious[0]
+        lines.append(f"First warning: {first.source} ({first.severity}, {first.metric or 'alert'}) at step {first.step}.")
+    if counts:
+        lines.append(count_phrase(summary)[:1].upper() + count_phrase(summary)[1:] + ".")
+    return lines
 
 
 def _timeline(summary: Summary, limit: int | None, show_info: bool) -> list[str]:
@@ -286,33 +409,38 @@ def _first_alerts(summary: Summary) -> list[str]:
     first = summary.first_serious()
     if not first:
         return []
-    broke = summary.loss.broke_at if summary.loss else None
+    broke = summary.broke_at
     head = "First warning or critical alert per monitor"
     lines = [head + (f" (lead over the break at step {broke}):" if broke is not None else ":")]
     width = max(map(len, first))
     for source, alert in sorted(first.items(), key=lambda kv: kv[1].step):
         lead = ""
         if broke is not None:
-            lead = f" ({abs(broke - alert.step)} steps {'before' if alert.step <= broke else 'after'})"
+            lead = (f" ({broke - alert.step} steps before)" if summary.is_early(alert) else
+                    " (at the break, not an early warning)" if alert.step <= broke else
+                    f" ({alert.step - broke} steps after)")
         message = alert.message.removeprefix(f"{source}: ")
         lines.append(f"  {source:<{width}}  step {alert.step} {alert.severity}{lead}: {message}")
     return lines
 
 
 def _layer_cell(row: LayerRow) -> str:
-    """``"blocks.0.fc 4.2 (x3.1)"``: the last value, and how many times the first it is."""
-    ratio = row.first and math.isfinite(row.first) and math.isfinite(row.last)
-    return f"{row.layer} {row.last:.3g}" + (f" (x{row.last / row.first:.3g})" if ratio else "")
+    """``"blocks.0.fc 4.2 (from 1.4)"``: the last finite value and the first; when it broke."""
+    if not math.isfinite(row.last):
+        return f"{row.layer} never finite"
+    cell = f"{row.layer} {row.last:.3g} (from {row.first:.3g}"
+    return cell + (f", non-finite from step {row.nonfinite_step})" if row.nonfinite_step is not None else ")")
 
 
 def _worst_lines(summary: Summary) -> list[str]:
     if not summary.worst_layers:
         return []
-    lower = ", ".join(sorted(LOWER_IS_WORSE))
-    lines = [f"Worst layers at the last step (higher is worse, except {lower}):"]
+    lines = ["Worst layers (last finite value, from the first; higher is worse, except lower for "
+             f"{', '.join(sorted(LOWER_IS_WORSE))}; figures without a direction: the layers that moved most):"]
     width = max(map(len, summary.worst_layers))
     for figure, rows in summary.worst_layers.items():
-        lines.append(f"  {figure:<{width}}  {', '.join(map(_layer_cell, rows))}")
+        way = {"higher": "", "lower": " [lower is worse]", "moved": " [moved most]"}[direction(figure)]
+        lines.append(f"  {figure:<{width}}  {', '.join(map(_layer_cell, rows))}{way}")
     return lines
 
 
@@ -337,6 +465,7 @@ def format_summary(summary: Summary, timeline: int | None = 20, show_info: bool 
     steps = f"steps {summary.steps[0]}-{summary.steps[1]}" if summary.steps else "no steps"
     files = _plural(len(run.files), "event file") if run.format == "TensorBoard" else "metrics.csv"
     lines = [f"== {run.name}  ({run.format}, {files}; {steps})"]
+    lines += [f"   {line}" for line in verdict(summary, counts=False)]
     lines += [f"   note: {n}" for n in run.notes]
     source = f", from {run.alerts_from}" if run.alerts_from else ""
     lines.append(f"Health: {count_phrase(summary)}{source}")
@@ -372,15 +501,18 @@ def summary_table(summaries: list[Summary]) -> list[tuple[str, ...]]:
     """One row per run (columns :data:`SUMMARY_COLUMNS`): the multi-run summary of the HTML and PDF."""
     rows = []
     for s in summaries:
-        loss = f"{s.loss.first:.3g} \u2192 {s.loss.last:.3g}" if s.loss else "-"
+        loss = f"{s.loss.first:.3g} \u2192 {s.loss.last_finite:.3g}" if s.loss and s.loss.finite else "-"
+        if s.loss and s.loss.ended_nonfinite:
+            loss += f" \u2192 {s.loss.last}"
         broke = "-"
         if s.loss and s.loss.broke_at is not None:
             broke = f"step {s.loss.broke_at}" + (" (non-finite)" if s.loss.broke_at == s.loss.nonfinite_step else "")
-        first = min(s.first_serious().values(), key=lambda a: a.step, default=None)
+        first = s.first_early() or min(s.first_serious().values(), key=lambda a: a.step, default=None)
         known = s.run.alerts_from is not None
         rows.append((
             s.run.name, s.run.format, f"{s.steps[0]}-{s.steps[1]}" if s.steps else "-", loss, broke,
             _serious_cell(s) if known else "?", str(s.count("info")) if known else "?",
-            f"step {first.step}, {first.source}" if first else "none",
+            (f"step {first.step}, {first.source}" + (f" ({s.broke_at - first.step} before)" if s.is_early(first)
+                                                     else "")) if first else "none",
         ))
     return rows
