@@ -935,7 +935,9 @@ class TrainingStateGuard:
     evaluation of one check then draws the *same* dropout masks, which finite differences need
     (the gradients must be of one function) and autograd does not mind.
 
-    A buffer replaced (re-assigned) during the block is re-attached on exit. Parameters are not
+    A buffer replaced (re-assigned) during the block is re-attached on exit, and so is every plain
+    attribute of ``module`` itself that the block set or added (``self.last_loss = loss`` in a
+    ``training_step`` run again); a mutable attribute changed in place is not. Parameters are not
     guarded (:class:`HessianVectorProduct` restores its own perturbations), nor is ``.grad``
     (``autograd.grad`` never writes it). Modes: ``training=None`` keeps each submodule's flag;
     True/False sets the whole module for the block (e.g. False for PyHessian's eval-mode Hessian).
@@ -957,6 +959,7 @@ class TrainingStateGuard:
         self._buffers: list[tuple[nn.Module, str, Tensor, Tensor]] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._rng: dict[str, Any] = {}
+        self._attributes: dict[str, Any] = {}
 
     def _cuda_devices(self) -> list[int]:
         tensors = [*self.module.parameters(), *self.module.buffers()]
@@ -968,6 +971,7 @@ class TrainingStateGuard:
             for mod in self.module.modules() for name, buf in mod._buffers.items() if buf is not None
         ]
         self._modes = [(m, m.training) for m in self.module.modules()]
+        self._attributes = dict(vars(self.module))  # shallow: the values, not copies of them
         self._rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                      "cuda": {d: torch.cuda.get_rng_state(d) for d in self._cuda_devices()}}
         if self.training is not None:
@@ -998,5 +1002,11 @@ class TrainingStateGuard:
                 original.copy_(saved)
         for m, flag in self._modes:
             m.training = flag
+        attributes = vars(self.module)
+        for name in [n for n in attributes if n not in self._attributes]:
+            del attributes[name]
+        for name, value in self._attributes.items():
+            if attributes.get(name, self) is not value:
+                attributes[name] = value
         self.replay()
-        self._buffers, self._modes = [], []
+        self._buffers, self._modes, self._attributes = [], [], {}

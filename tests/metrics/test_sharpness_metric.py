@@ -715,3 +715,18 @@ def test_estimate_makes_no_host_sync_on_cuda(method):
         torch.cuda.set_sync_debug_mode(0)
     assert all(v.is_cuda for v in result.figures.values())
     assert torch.isfinite(result.figures["stability_ratio"])
+
+
+def test_the_guard_puts_back_attributes_a_recomputed_training_step_sets():
+    """A ``training_step`` run again for a check (the governor's ``f1``, a sharpness check) sets
+    ``self.last_loss`` and the like: after the guard the module holds the training step's own
+    values, and an attribute the recomputation added is gone."""
+    from lightning_diag.metrics.sharpness import TrainingStateGuard
+
+    net = nn.Linear(2, 1)
+    net.last_loss = first = torch.tensor(1.0)
+    with TrainingStateGuard(net):
+        net.last_loss = torch.tensor(99.0)
+        net.scratch = 3
+    assert net.last_loss is first and not hasattr(net, "scratch")
+    assert isinstance(net.weight, nn.Parameter)  # modules and parameters untouched
