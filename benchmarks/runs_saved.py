@@ -36,7 +36,7 @@ seed), ``final`` = mean of the last ``FINAL_WINDOW`` (20) losses of a run that f
 - *twin cost* of an arm: ``1 - (L0 - final of the twin with the arm) / (L0 - final of the plain twin)``,
   the share of the twin's loss reduction lost (negative: it did better); target <= 0.02 on every
   twin. *acted*: the arm's own count of its interventions on the twin (clipped steps, skipped
-  steps, LR reductions, rollbacks, or a governor's ``acted_steps``/``interventions``); an arm that
+  steps, LR reductions, rollbacks; for a governor, the steps run at a scale below 1); an arm that
   never acted must leave the run bit-identical: the SHA-256 of the final weights equals the plain twin's.
 
 Targets: >= 90% of the exploded runs saved; no twin loses more than 2%.
@@ -182,6 +182,60 @@ def acted_count(callbacks: Sequence[Any]) -> int | None:
     return total if known else None
 
 
+class ScaleTrace:
+    """Counts the steps a governor ran at a learning-rate scale below 1 (read-only: a host float per step).
+
+    Its ``controller.scale`` is the factor the step about to run uses (applied inside ``optimizer.step``).
+    """
+
+    def __init__(self, governor: Any) -> None:
+        self.governor, self.acted_steps, self.min_scale = governor, 0, 1.0
+
+    def callback(self) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        trace = self
+
+        class _Trace(Callback):
+            def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+                scale = float(trace.governor.controller.scale)
+                trace.acted_steps += scale < 1.0
+                trace.min_scale = min(trace.min_scale, scale)
+
+        return _Trace()
+
+
+def _recorder(stop_after: int | None) -> Any:
+    """The suite's :class:`ExplosionRecorder`, reading each step's ``task_loss`` before the optimizer step.
+
+    An arm that re-runs ``training_step`` inside ``optimizer.step`` (the governor's extra forward on
+    the updated weights) overwrites the module's ``task_loss`` before ``on_train_batch_end``, where
+    the recorder reads it: the record would hold the loss after the update on those steps.
+    """
+    from lightning_diag.testbeds.recording import ExplosionRecorder
+
+    class _Recorder(ExplosionRecorder):
+        _loss: Any = None
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._loss = None
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            self._loss = getattr(pl_module, "task_loss", None)
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            after = getattr(pl_module, "task_loss", None)
+            if self._loss is not None:
+                pl_module.task_loss = self._loss
+            try:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            finally:
+                pl_module.task_loss = after
+
+    return _Recorder(stop_after=stop_after, cadence=1, definition=explosion_step, check_every=5)
+
+
 def weights_hash(module: Any) -> str:
     """SHA-256 of every parameter and buffer, in ``state_dict`` order: equal iff bit-identical."""
     digest = hashlib.sha256()
@@ -215,7 +269,6 @@ def run_one(spec: RunSpec, arm: Arm, out: str, stop_after: int | None) -> dict[s
     import torch
 
     from lightning_diag.testbeds import CharLM, DigitsClassifier, DigitsCNN, flush_denormals
-    from lightning_diag.testbeds.recording import ExplosionRecorder
 
     torch.set_num_threads(1)
     flush_denormals(True)
@@ -223,7 +276,8 @@ def run_one(spec: RunSpec, arm: Arm, out: str, stop_after: int | None) -> dict[s
     testbed = {"CharLM": CharLM, "DigitsClassifier": DigitsClassifier, "DigitsCNN": DigitsCNN}[spec.testbed]
     model = testbed(seed=spec.seed, **spec.model)
     callbacks = arm.callbacks()
-    recorder = ExplosionRecorder(stop_after=stop_after, cadence=1, definition=explosion_step, check_every=5)
+    traces = [ScaleTrace(c) for c in callbacks if hasattr(getattr(c, "controller", None), "scale")]
+    recorder = _recorder(stop_after)
     plugins = []
     if spec.precision == "16-mixed":  # as the suite: fp16 autocast with a CPU GradScaler
         from lightning.pytorch.plugins import MixedPrecision
@@ -231,7 +285,7 @@ def run_one(spec: RunSpec, arm: Arm, out: str, stop_after: int | None) -> dict[s
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=spec.max_steps, max_epochs=-1, logger=False,
-        callbacks=[recorder, *callbacks], plugins=plugins, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[recorder, *callbacks, *(t.callback() for t in traces)], plugins=plugins, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=os.path.join(out, "tmp"),
     )  # fmt: skip
@@ -246,7 +300,8 @@ def run_one(spec: RunSpec, arm: Arm, out: str, stop_after: int | None) -> dict[s
                        fault_step=spec.fault_step, seconds=seconds)  # fmt: skip
     record.explosion = explosion_step(record.loss)
     data = {**record.to_json(), "arm": arm.name, "setting": dict(arm.setting), "arm_key": arm.key,
-            "budget": spec.max_steps, "acted": acted_count(callbacks), "weights_sha256": weights_hash(model)}
+            "budget": spec.max_steps, "acted": acted_count([*callbacks, *traces]), "weights_sha256": weights_hash(model),
+            "min_scale": min((t.min_scale for t in traces), default=None)}
     path = record_path(out, spec.name, arm)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with gzip.open(path + ".tmp", "wt", encoding="utf-8") as handle:

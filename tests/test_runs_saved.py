@@ -147,3 +147,31 @@ def test_help_and_a_tiny_real_run_then_rescore(tmp_path, capsys):
     assert main(["--rescore", "--families", "poisoned-batch", "--seeds", "1", "--max-steps", "30",
                  "--arms", "none,skip", "--out", out]) == 0  # fmt: skip
     assert "| skip | unpredictable |" in capsys.readouterr().out
+
+
+def test_the_recorder_keeps_the_steps_own_loss_when_an_arm_reruns_training_step_inside_the_optimizer_step():
+    """The governor's extra forward on the updated weights overwrites ``task_loss`` inside ``optimizer.step``."""
+    import lightning.pytorch as pl
+    import torch
+
+    from benchmarks.runs_saved import _recorder
+    from lightning_diag.testbeds import DigitsClassifier
+
+    class Rerun(DigitsClassifier):
+        seen: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.seen.append(float(loss))
+            return loss
+
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            self.task_loss = torch.tensor(99.0)  # what a re-run of training_step after the update leaves
+
+    model = Rerun(seed=0, hidden=(16,))
+    recorder = _recorder(None)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, callbacks=[recorder], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model)
+    assert recorder.losses == pytest.approx(model.seen)
