@@ -91,7 +91,7 @@ __all__ = ["ARMS", "Arm", "Outcome", "choose", "final_loss", "judge", "leave_one
 FINAL_WINDOW = 20  # losses averaged into a run's final loss
 SAVED_PROGRESS = 0.9  # a survivor reaching this share of its twin's progress is saved
 TWIN_COST_LIMIT = 0.02  # share of a twin's loss reduction an arm may cost it
-ARMS = ("none", "reduce_lr", "zclip", "skip", "governor")
+ARMS = ("none", "reduce_lr", "zclip", "skip", "rollback", "recover", "governor")
 _KINDS = {f.name: f.kind for f in FAMILIES}
 
 
@@ -117,26 +117,15 @@ class Arm:
 
     def callbacks(self) -> list[Any]:
         """Fresh callbacks of this arm (built in the worker: one set per run)."""
-        from lightning_diag import GradNormWatcher, LossSpikeDetector
+        from lightning_diag import GradNormWatcher, LossSpikeDetector, StabilityGovernor
 
         if self.name == "none":
             return []
-        if self.name == "reduce_lr":
-            return [LossSpikeDetector(action="reduce_lr")]
         if self.name == "zclip":
             return [GradNormWatcher(clip="zclip")]
-        if self.name == "skip":
-            return [LossSpikeDetector(action="skip")]
-        return [governor_class()(**dict(self.setting))]
-
-
-def governor_class() -> type:
-    """``lightning_diag.StabilityGovernor``, imported only when a governor arm runs (it may not exist yet)."""
-    try:
-        from lightning_diag import StabilityGovernor  # type: ignore[attr-defined]
-    except ImportError:
-        from lightning_diag.callbacks import StabilityGovernor  # type: ignore[attr-defined,no-redef]
-    return StabilityGovernor
+        if self.name in ("reduce_lr", "skip", "rollback", "recover"):
+            return [LossSpikeDetector(action=self.name)]
+        return [StabilityGovernor(**dict(self.setting))]
 
 
 def parse_grid(texts: Iterable[str]) -> list[tuple[tuple[str, Any], ...]]:
@@ -634,11 +623,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid = parse_grid(args.governor) or [()]
     except ValueError as error:
         parser.error(str(error))
-    if "governor" in names and not args.rescore:
-        try:
-            governor_class()
-        except ImportError as error:
-            parser.error(f"--arms governor needs lightning_diag.StabilityGovernor, which does not import: {error}")
     arms = [Arm("none")] + [Arm(n, s) for n in names if n != "none" for s in (grid if n == "governor" else [()])]
     chosen = (args.families.split(",") if args.families
               else list(QUICK_FAMILIES if args.quick else [f.name for f in FAMILIES]))  # fmt: skip
