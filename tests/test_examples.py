@@ -3,8 +3,8 @@
 Each example fixes its thread count (one) and seeds, so the steps its docstring states are measured
 values; the tests below rerun them and check each stated step against the run's alerts and against
 the explosion step ``lightning-diag report`` gives (:func:`~lightning_diag.report.read_summaries`,
-the report's own reading of the logs). Each run takes under 20 s on one idle CPU core (the
-language-model ones 11-18 s, the digits ones a few seconds), so none is marked slow.
+the report's own reading of the logs). Each run takes under 20 s on one CPU core (the language-model
+ones 5-18 s depending on load, the digits ones a few seconds), so none is marked slow.
 """
 
 from __future__ import annotations
