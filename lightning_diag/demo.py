@@ -2,21 +2,29 @@
 
 Usage::
 
-    python -m lightning_diag.demo              # about a minute on a laptop CPU
+    python -m lightning_diag.demo              # a minute or a few on a CPU (4 min on a busy 2-core machine)
     python -m lightning_diag.demo --stable     # a safe learning rate: no explosion, no divergence alert
     lightning-diag-demo --steps 1500 --lr 3.0 --seed 1 --out runs/demo
 
 The run trains :class:`~lightning_diag.testbeds.CharLM` (a 3-layer pre-LN GPT, about 150k
 parameters, on the characters of Python's own standard library, no download) under an exponential
 learning-rate ramp from ``1e-3`` to ``--lr`` over ``--steps`` steps: the learning-rate range test,
-whose loss explodes once the rate passes about 0.5 (near step 900 of the default 1,000). Every
-monitor that exists runs at its default settings (logging every 10 steps, for smoother TensorBoard
-curves; alerts are acted on, here printed, within the step they fire at, whatever the logging
-cadence). Lightning's own ``SpikeDetection`` runs beside them for comparison, recording instead of
-raising. The explosion step is :func:`~lightning_diag.testbeds.explosion_step` of the recorded
-losses (the suite's definition: a run of 10 losses that gave back half the progress made and are
-1.5x above the best, or a non-finite loss); the run stops 100 steps after it (or at a non-finite
-loss) and prints each monitor's first warning and its lead time. TensorBoard logs go under ``--out``.
+whose loss explodes once the rate passes about 0.35 (measured, seed 0, one CPU thread: step 857 of
+the default 1,000, learning rate 0.37). Every monitor that exists runs at its default settings
+(logging every 10 steps, for smoother TensorBoard curves, and LossSpikeDetector every step; alerts
+are acted on, here printed, within the step they fire at, whatever the logging cadence).
+Lightning's own ``SpikeDetection`` runs beside them for comparison, recording instead of raising.
+
+The explosion is dated exactly as ``lightning-diag report`` dates it on the same run:
+:func:`~lightning_diag.testbeds.explosion_step` of the losses (the first of 10 losses in a row that
+gave back half the progress made since the start and are 1.5x the lowest loss before them, or a
+non-finite loss). The report reads the losses ``LossSpikeDetector`` logged; here it logs every step
+(its figures are known every step anyway), so the report reads the very losses the demo dates the
+explosion on, and its "first warning" lines give the same step and the same leads as the table.
+The run stops 100 steps after the explosion (or soon after a non-finite loss) and prints each
+monitor's first warning or critical alert, how far before or after the explosion it came, and its
+info records apart (those are kept, never acted on). Every line printed during the run starts with
+its step, in step order. TensorBoard logs go under ``--out``.
 
 The helpers (:class:`ExplosionRecorder`, :class:`RecordingSpikeDetection`, :func:`default_monitors`)
 live in :mod:`lightning_diag.testbeds.recording`, shared with ``benchmarks/early_warning.py``.
@@ -32,7 +40,7 @@ import os
 import shlex
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -68,6 +76,8 @@ _DEFAULT_PEAK_LR = 1.0
 _CADENCE = 10  # every_n_steps of the monitors in the demo and the suite
 _STOP_AFTER = 100  # steps recorded past the explosion before the run stops
 _PRINTED_PER_RULE = 3  # live alerts printed per (monitor, rule); the table counts them all
+EXPLAINED = ("10 losses in a row gave back half the progress made since the start and were 1.5x the "
+             "lowest loss before them, or the loss was not finite")
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -99,10 +109,11 @@ class _LivePrinter:
         rule = (alert.source, _rule_of(alert.metric))
         self.counts[rule] = self.counts.get(rule, 0) + 1
         if self.counts[rule] <= self.limit:
-            print(f"  ALERT step {alert.step:>5}  {alert.source:<24} {alert.metric} = {alert.value:.4g}"
-                  f"  (threshold {alert.threshold:g}, {alert.severity})", flush=True)  # fmt: skip
+            print(f"  step {alert.step:>5}   {alert.severity.upper():<8} {alert.source:<24} {alert.metric} = "
+                  f"{alert.value:.4g}  (threshold {alert.threshold:g})", flush=True)  # fmt: skip
         if self.counts[rule] == self.limit:
-            print(f"        (further {alert.source} {rule[1]} alerts are counted, not printed)", flush=True)
+            print(f"  step {alert.step:>5}   (further {alert.source} {rule[1]} alerts are counted, not printed)",
+                  flush=True)
 
 
 def _rule_of(metric: str) -> str:
@@ -171,22 +182,35 @@ def _warnings_of(monitor: Callback) -> list[tuple[int, str]]:
     return [(a.step, a.metric) for a in getattr(monitor, "alerts", []) if a.severity != "info"]
 
 
+def _infos_of(monitor: Callback) -> int:
+    """How many info records a monitor kept (logged, never acted on)."""
+    return sum(a.severity == "info" for a in getattr(monitor, "alerts", []))
+
+
+def _lead(step: int, explosion: int | None) -> str:
+    """``"70 steps before"`` / ``"20 steps after"`` the explosion, as the report says it."""
+    if explosion is None:
+        return "-"
+    return f"{abs(explosion - step)} steps {'before' if step <= explosion else 'after'}"
+
+
 def _summary(
     monitors: list[Callback], left_out: dict[str, str], spikes: RecordingSpikeDetection, explosion: int | None
 ) -> str:
-    def cells(name: str, alerts: list[tuple[int, str]]) -> tuple[str, ...]:
-        boom = "none" if explosion is None else str(explosion)
+    def cells(name: str, alerts: list[tuple[int, str]], infos: int | str) -> tuple[str, ...]:
         if not alerts:
-            return (name, "-", "", "0", boom, "-" if explosion is None else "missed")
+            return (name, "-", "", "0", str(infos), "-" if explosion is None else "no warning")
         step, metric = min(alerts)
-        lead = "-" if explosion is None else str(explosion - step)
-        return (name, str(step), metric, str(len(alerts)), boom, lead)
+        return (name, str(step), metric, str(len(alerts)), str(infos), _lead(step, explosion))
 
-    rows = [("monitor", "first warning", "metric", "alerts", "explosion", "lead (steps)")]
+    when = "no explosion" if explosion is None else f"the explosion at step {explosion}"
+    rows = [("monitor", "first warning", "metric", "warnings", "info records", f"lead over {when}")]
     for monitor in monitors:
-        rows.append(cells(type(monitor).__name__, _warnings_of(monitor)))
-    rows.append(cells("SpikeDetection (Lightning)", [(s, "loss spike") for s in spikes.spike_steps]))
+        rows.append(cells(type(monitor).__name__, _warnings_of(monitor), _infos_of(monitor)))
+    rows.append(cells("SpikeDetection (Lightning)", [(s, "loss spike") for s in spikes.spike_steps], "-"))
     text = _table(rows)
+    text += ("\nwarnings: warning and critical alerts, the ones acted on; info records are kept and logged, "
+             "never acted on")
     for name, reason in left_out.items():
         text += f"\n{name}: {reason}"
     return text
@@ -203,15 +227,26 @@ def _model(args: argparse.Namespace) -> tuple[CharLM, str]:
 
 
 def _outcome(model: CharLM, recorder: ExplosionRecorder, seconds: float) -> str:
-    """One line: steps trained, time, last learning rate, and the explosion if any."""
+    """Steps trained, time, last learning rate, and the explosion if any (of the logged losses)."""
     hp, steps, explosion = model.hparams, len(recorder.losses), recorder.explosion_step
     line = f"Trained {steps} steps in {seconds:.0f} s (last learning rate "
     line += f"{lr_at_step(steps - 1, hp.lr, hp.lr_end, hp.ramp_steps):.3g}). "
     if explosion is None:
         return line + "No explosion."
     floor = min(recorder.losses[:explosion] or [math.nan])
-    return line + (f"Explosion at step {explosion}: loss {recorder.losses[explosion]:.3g}, "
-                   f"running minimum before it {floor:.3g}.")
+    return line + (f"The loss exploded at step {explosion} (learning rate {recorder.lrs[explosion]:.3g}): "
+                   f"loss {recorder.losses[explosion]:.3g} there, lowest loss before it {floor:.3g}.")
+
+
+def _explosion_line(recorder: ExplosionRecorder) -> Callable[[int], None]:
+    """What to print when the explosion becomes known (at the current step, later than the explosion)."""
+
+    def say(explosion: int) -> None:
+        now = len(recorder.losses) - 1
+        print(f"  step {now:>5}   the loss exploded at step {explosion}: from there on {EXPLAINED}; "
+              f"training goes on for {_STOP_AFTER} steps after it at most", flush=True)
+
+    return say
 
 
 def _stable_verdict(monitors: list[Callback], spikes: RecordingSpikeDetection) -> str:
@@ -229,10 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _quiet_cpu_session():
         pl.seed_everything(args.seed, verbose=False)
         model, schedule = _model(args)
-        monitors, left_out = default_monitors("lm", every_n_steps=_CADENCE, action=_LivePrinter())
-        recorder = ExplosionRecorder(definition=explosion_step, on_explosion=lambda step: print(
-            f"  >>> the loss exploded at step {step} (testbeds.explosion_step); stopping {_STOP_AFTER} steps later",
-            flush=True))
+        monitors, left_out = default_monitors("lm", every_n_steps=_CADENCE, action=_LivePrinter(),
+                                              overrides={"LossSpikeDetector": {"every_n_steps": 1}})
+        recorder = ExplosionRecorder(stop_after=_STOP_AFTER, cadence=_CADENCE, definition=explosion_step,
+                                     check_every=1)  # known at the step the 10th loss above comes in
+        recorder.on_explosion = _explosion_line(recorder)
         spikes = RecordingSpikeDetection()
         logger = TensorBoardLogger(args.out, name="stable" if args.stable else "explode", default_hp_metric=False)
         trainer = pl.Trainer(
@@ -243,9 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning_diag demo: a {sum(p.numel() for p in model.parameters()):,}-parameter GPT on "
               f"{len(model.dataset.data):,} characters of the Python standard library, {schedule}, seed {args.seed}.")
         names = ", ".join(type(m).__name__ for m in monitors)
-        print(f"Monitors (default settings, every_n_steps={_CADENCE}): {names}; "
+        print(f"Monitors (default settings, every_n_steps={_CADENCE}; LossSpikeDetector logs every step): {names}; "
               "Lightning's SpikeDetection for comparison.")
-        print("Alerts are printed as they are acted on, within the step their rule fired at.\n")
+        print("Each line starts with its step. Alerts (WARNING, CRITICAL) are printed as they are acted on, "
+              "within the step their rule fired at; info records are counted in the table.\n")
         start = time.perf_counter()
         trainer.fit(model)
         summary = _summary(monitors, left_out, spikes, recorder.explosion_step)

@@ -78,7 +78,7 @@ def test_a_class_path_that_does_not_import_fails_rather_than_skips() -> None:
             _class(path)
 
 
-def test_recommended_config_holds_all_four_monitors() -> None:
+def test_recommended_config_holds_its_four_monitors_in_order() -> None:
     paths = [spec["class_path"] for spec in _callback_specs(CONFIGS / "recommended.yaml")]
     assert paths == ["lightning_diag.GradNormWatcher", "lightning_diag.LossSpikeDetector", "lightning_diag.NCTracker",
                      "lightning_diag.SpectralAlignmentMonitor"]

@@ -2,27 +2,80 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import os
+import re
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from conftest import make_trainer
 from lightning_diag.demo import ExplosionRecorder, RecordingSpikeDetection, default_monitors, main
+from lightning_diag.report import read_summaries
 
 
-def test_demo_returns_zero_writes_tensorboard_events_and_prints_table_and_command(tmp_path, capsys):
-    out = str(tmp_path / "tb")
-    assert main(["--steps", "60", "--seed", "1", "--out", out]) == 0
-    printed = capsys.readouterr().out
+MONITOR_NAMES = ("GradNormWatcher", "LossSpikeDetector", "SpectralAlignmentMonitor", "LogitMonitor",
+                 "SharpnessMonitor")
+
+
+def _table_rows(printed: str) -> dict[str, tuple[str, str, int, str, str]]:
+    """The demo's table: monitor -> (first warning step or "-", metric, warnings, info records, lead)."""
+    rows = {}
+    for name in (*MONITOR_NAMES, "SpikeDetection (Lightning)"):
+        found = re.search(rf"^{re.escape(name)}  +(\d+|-)  +(.*?) +(\d+)  +(\d+|-)  +(.+)$", printed, re.M)
+        assert found, f"no table row for {name} in:\n{printed}"
+        step, metric, warned, infos, lead = found.groups()
+        rows[name] = (step, metric, int(warned), infos, lead.strip())
+    return rows
+
+
+@pytest.fixture(scope="module")
+def exploding_demo(tmp_path_factory) -> tuple[str, str]:
+    """One short demo run that explodes (near step 46): its log folder and what it printed."""
+    out, printed = str(tmp_path_factory.mktemp("demo") / "tb"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--steps", "80", "--lr", "100", "--seed", "1", "--out", out]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_dates_the_explosion_and_leads_as_the_report_does_on_the_same_run(exploding_demo):
+    """One definition on the same values: the demo's table says what `lightning-diag report` says."""
+    out, printed = exploding_demo
     assert glob.glob(os.path.join(out, "explode", "version_0", "events.out.tfevents.*"))
-    for column in ("monitor", "first warning", "explosion", "lead (steps)"):
-        assert column in printed
-    for name in ("GradNormWatcher", "LossSpikeDetector", "SpectralAlignmentMonitor", "SpikeDetection (Lightning)"):
-        assert name in printed
     assert "NCTracker: not applicable" in printed
     assert f"tensorboard --logdir {out}" in printed
+    assert "testbeds." not in printed and "explosion_step" not in printed  # user words, not internal names
+    explosion = int(re.search(r"The loss exploded at step (\d+)", printed).group(1))
+    assert f"lead over the explosion at step {explosion}" in printed
+
+    (summary,) = read_summaries(os.path.join(out, "explode", "version_0"))
+    assert summary.loss.key == "loss_spike/loss" and summary.loss.broke_at == explosion
+    rows = _table_rows(printed)
+    first = summary.first_serious()
+    for name in MONITOR_NAMES:
+        step, metric, warned, infos, lead = rows[name]
+        mine = [a for a in summary.alerts if a.source == name]
+        assert warned == sum(not a.is_info for a in mine) and int(infos) == sum(a.is_info for a in mine), name
+        if name not in first:
+            assert (step, lead) == ("-", "no warning"), name
+            continue
+        alert = first[name]
+        assert (int(step), metric) == (alert.step, alert.metric), name
+        said = f"{abs(explosion - alert.step)} steps {'before' if alert.step <= explosion else 'after'}"
+        assert lead == said, name  # the report's words for the same lead
+    assert any(rows[name][0] != "-" for name in MONITOR_NAMES), "no monitor warned: the run tests nothing"
+
+
+def test_demo_prints_its_live_lines_in_step_order_with_the_explosion_at_the_step_it_is_known(exploding_demo):
+    printed = exploding_demo[1]
+    steps = [int(s) for s in re.findall(r"^  step +(\d+) ", printed, re.M)]
+    assert steps == sorted(steps) and len(steps) >= 4
+    known = re.search(r"^  step +(\d+) +the loss exploded at step (\d+):", printed, re.M)
+    assert known and int(known.group(1)) >= int(known.group(2))
+    assert re.search(r"^  step +\d+ +WARNING ", printed, re.M) and "ALERT" not in printed
 
 
 def test_demo_stable_flag_trains_at_a_constant_rate_and_reports_no_divergence_alert(tmp_path, capsys):
