@@ -79,6 +79,8 @@ class LogitMonitor(DiagnosticCallback):
         patience: steps a condition must hold (checks are ``check_every_n_steps`` apart).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra rules on the logged keys, e.g. ``Above("logits/attention_max/*", 50.0)``.
+        prefix: the first part of the keys in place of ``logits`` (two of these monitors on one
+            trainer need two prefixes).
 
     Example:
         >>> monitor = LogitMonitor(check_every_n_steps=20, attention_threshold=100.0, growth_factor=10.0)
@@ -121,8 +123,9 @@ class LogitMonitor(DiagnosticCallback):
         patience: int = 1,
         action: Action = "warn",
         rules: Rule | Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         for name, value, low in (("check_every_n_steps", check_every_n_steps, 1), ("max_queries", max_queries, 1),
                                  ("baseline_checks", baseline_checks, 1), ("patience", patience, 1)):  # fmt: skip
             check_int(name, value, low)
@@ -140,8 +143,8 @@ class LogitMonitor(DiagnosticCallback):
         self.baseline = EmaBaseline(1, alpha=0.999, warmup=baseline_checks)  # the mean of the first checks
         keys = {"attention_threshold": "attention_max", "growth_factor": "attention_growth",
                 "log_z_threshold": "log_z_abs_max", "collapse_threshold": "softmax_collapse"}  # fmt: skip
-        self._builtin_rules: list[Rule] = [NonFinite("logits/log_z_max"), NonFinite("logits/attention_max")]
-        self._builtin_rules += [Above(f"logits/{keys[n]}", v, patience=patience) for n, v in thresholds.items()
+        self._builtin_rules: list[Rule] = [NonFinite(f"{self.family}/log_z_max"), NonFinite(f"{self.family}/attention_max")]
+        self._builtin_rules += [Above(f"{self.family}/{keys[n]}", v, patience=patience) for n, v in thresholds.items()
                                 if v is not None]  # fmt: skip
         self._head: nn.Module | None = None
         self._head_name = ""

@@ -97,6 +97,8 @@ class SharpnessMonitor(DiagnosticCallback):
         seed: seed of the cold-start vectors and probes, in ``[0, 2**63)``.
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra rules on the logged keys, e.g. ``Above("sharpness/lambda_max", 1e4)``.
+        prefix: the first part of the keys in place of ``sharpness`` (two of these monitors on one
+            trainer need two prefixes).
 
     Example:
         >>> monitor = SharpnessMonitor(check_every_n_steps=200, iters=4)
@@ -113,11 +115,11 @@ class SharpnessMonitor(DiagnosticCallback):
         Key("stability_ratio", "preconditioned sharpness / the optimizer's limit (2, 2 + 2 beta, 38 for Adam)",
             _RATIO, rate="check"),
         Key("lambda_max/{layer}", "top eigenvalue of the parameter group's diagonal Hessian block", rate="check",
-            note="per parameter group ('layer' = group name)"),
+            requires="per_group_figures", note="per parameter group ('layer' = group name)"),
         Key("preconditioned_lambda_max/{layer}", "the group's block, preconditioned", rate="check",
-            note="per parameter group"),
+            requires="per_group_figures", note="per parameter group"),
         Key("stability_ratio/{layer}", "the group's block over its limit", _RATIO, rate="check",
-            note="per parameter group"),
+            requires="per_group_figures", note="per parameter group"),
         Key("trace", "Hutchinson estimate of the Hessian trace", rate="check", requires="trace_probes",
             note="with trace_probes > 0"),
     )  # fmt: skip
@@ -138,8 +140,9 @@ class SharpnessMonitor(DiagnosticCallback):
         seed: int = 0,
         action: Action = "warn",
         rules: Rule | Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         check_int("check_every_n_steps", check_every_n_steps, 1)
         check_int("patience", patience, 1)
         check_int("seed", seed, 0, maximum=2**63 - 1)  # a generator seed: 2**70 would overflow at the first check
@@ -152,10 +155,11 @@ class SharpnessMonitor(DiagnosticCallback):
         self.estimator = SharpnessEstimator(iters=iters, cold_iters=cold_iters, method=method, per_group=per_group,
                                             trace_probes=trace_probes, seed=seed)  # fmt: skip
         self.check_every_n_steps, self.loss_fn, self.trace_probes = check_every_n_steps, loss_fn, trace_probes
+        self.per_group_figures = False  # per-group keys: set at fit start (several groups, and per_group or distinct LRs)
         self.checks = Cadence(check_every_n_steps)
-        self._builtin_rules: list[Rule] = [NonFinite("sharpness/lambda_max")]
+        self._builtin_rules: list[Rule] = [NonFinite(f"{self.family}/lambda_max")]
         if stability_threshold is not None:
-            self._builtin_rules.append(Above("sharpness/stability_ratio", stability_threshold, patience=patience))
+            self._builtin_rules.append(Above(f"{self.family}/stability_ratio", stability_threshold, patience=patience))
         self._batch: tuple[Any, int] | None = None
         self._params: list[Tensor] = []
 
@@ -171,7 +175,12 @@ class SharpnessMonitor(DiagnosticCallback):
         if any(isinstance(p, DTensor) for p in self._params):
             self.warn_once("dtensor", "sharded (DTensor) parameters are not supported; sharpness is not measured")
             self._params = []
-        self.layers = [g.get("name", f"group{i}") for opt in trainer.optimizers for i, g in enumerate(opt.param_groups)]
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        per_group = self.estimator.per_group
+        self.per_group_figures = len(groups) > 1 and (per_group if per_group is not None
+                                                      else len({id(lr) if isinstance(lr, Tensor) else lr
+                                                                for lr in (g["lr"] for g in groups)}) > 1)  # fmt: skip
+        self.layers = [g.get("name", f"group{i}") for i, g in enumerate(groups)] if self.per_group_figures else []
 
     def arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch = (batch, batch_idx)  # a reference: the step's own batch, already on the device

@@ -97,6 +97,8 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         seed: seed of the row sampling (rank ``r`` uses ``seed + r``).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra rules on the logged keys, e.g. ``Above("spectral_alignment/frac_flagged", 0.1)``.
+        prefix: the first part of the keys in place of ``spectral_alignment`` (two of these monitors on one
+            trainer need two prefixes).
 
     Example:
         >>> monitor = SpectralAlignmentMonitor(check_every_n_steps=10, exclude=["*.attn.*"], action="warn")
@@ -145,8 +147,9 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
         seed: int = 0,
         action: Action = "warn",
         rules: Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         for name, value, low in [("check_every_n_steps", check_every_n_steps, 1), ("max_rows", max_rows, 1),
                                  ("power_iterations", power_iterations, 1), ("patience", patience, 1),
                                  ("mean_collapse_patience", mean_collapse_patience, 1),
@@ -170,13 +173,14 @@ class SpectralAlignmentMonitor(DiagnosticCallback):
                                                   None if layer_rule == "absolute" else baseline_rise,
                                                   alpha=baseline_alpha, warmup=baseline_warmup)  # fmt: skip
         self._flags: dict[str, bool] = {}
-        self._layer_rule = _LayerCollapse(self._flags, collapse_threshold, patience, baseline_rise, layer_rule)
-        self._nonfinite = NonFinite("spectral_alignment/sigma1/*", severity="critical")
+        self._layer_rule = _LayerCollapse(self._flags, collapse_threshold, patience, baseline_rise, layer_rule, self.family)
+        self._nonfinite = NonFinite(f"{self.family}/sigma1/*", severity="critical")
         self._builtin_rules = [self._nonfinite]
         if layer_rule != "none":
             self._builtin_rules.append(self._layer_rule)
         if mean_collapse_threshold is not None:
-            self._builtin_rules.append(_MeanCollapse(mean_collapse_threshold, mean_collapse_patience, self._layer_rule))
+            self._builtin_rules.append(_MeanCollapse(mean_collapse_threshold, mean_collapse_patience, self._layer_rule,
+                                                      family=self.family))
         self._histograms = Cadence(histogram_every_n_steps)
         self.checks = Cadence(check_every_n_steps)
         self._maps: list[LinearMap] = []
@@ -470,8 +474,9 @@ class _LayerCollapse(Rule):
 
     relation = "collapse at or above"
 
-    def __init__(self, flags: dict[str, bool], threshold: float, patience: int, rise: float, mode: str) -> None:
-        super().__init__("spectral_alignment/collapse/*", threshold, patience=patience)
+    def __init__(self, flags: dict[str, bool], threshold: float, patience: int, rise: float, mode: str,
+                 family: str = "spectral_alignment") -> None:
+        super().__init__(f"{family}/collapse/*", threshold, patience=patience)
         self.flags, self.rise, self.armed = flags, (rise if mode == "baseline" else None), False
 
     def describe(self) -> str:
@@ -488,9 +493,10 @@ class _MeanCollapse(Above):
     relation = "at or above"
 
     def __init__(
-        self, threshold: float, patience: int, layer_rule: _LayerCollapse, severity: Severity = "critical"
+        self, threshold: float, patience: int, layer_rule: _LayerCollapse, severity: Severity = "critical",
+        family: str = "spectral_alignment",
     ) -> None:
-        super().__init__("spectral_alignment/mean_collapse", threshold, patience=patience, severity=severity)
+        super().__init__(f"{family}/mean_collapse", threshold, patience=patience, severity=severity)
         self.layer_rule = layer_rule
 
     def hits(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:

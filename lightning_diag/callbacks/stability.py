@@ -111,6 +111,8 @@ class StabilityGovernor(DiagnosticCallback):
         every_n_steps: logging cadence (``None``: the trainer's ``log_every_n_steps``).
         action: ``"log"``, ``"warn"``, ``"stop"``, ``"raise"`` or ``callable(alert, trainer)``.
         rules: extra rules on the logged keys, e.g. ``Above("stability/ratio", 2.0)``.
+        prefix: the first part of the keys in place of ``stability`` (two of these monitors on one
+            trainer need two prefixes).
 
     Example:
         >>> governor = StabilityGovernor(target=0.8, check_every_n_steps=25)
@@ -155,8 +157,9 @@ class StabilityGovernor(DiagnosticCallback):
         every_n_steps: int | None = None,
         action: Action = "warn",
         rules: Rule | Sequence[Rule] = (),
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules)
+        super().__init__(every_n_steps=every_n_steps, action=action, rules=rules, prefix=prefix)
         check_int("check_every_n_steps", check_every_n_steps, 1)
         check_int("pin_patience", pin_patience, 1)
         check_number("min_relative_decrease", min_relative_decrease, 0.0, low_open=False)
@@ -169,10 +172,10 @@ class StabilityGovernor(DiagnosticCallback):
         self.target, self.check_every_n_steps, self.govern = float(target), check_every_n_steps, govern
         self.min_relative_decrease, self.loss_fn = float(min_relative_decrease), loss_fn
         self.checks = Cadence(check_every_n_steps)
-        self._builtin_rules: list[Rule] = [NonFinite("stability/loss_change")]
+        self._builtin_rules: list[Rule] = [NonFinite(f"{self.family}/loss_change")]
         if warn_scale is not None:
-            self._builtin_rules.append(Below("stability/scale", warn_scale))
-        self._builtin_rules.append(Above("stability/pinned_checks", pin_patience - 0.5, severity="critical"))
+            self._builtin_rules.append(Below(f"{self.family}/scale", warn_scale))
+        self._builtin_rules.append(Above(f"{self.family}/pinned_checks", pin_patience - 0.5, severity="critical"))
         self._control = StepControl(lr_scale=self._lr_scale if govern else None, before=self._before,
                                     after=self._after)  # fmt: skip
         self._trainer: pl.Trainer | None = None

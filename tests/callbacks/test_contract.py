@@ -119,13 +119,7 @@ def test_every_logged_key_matches_a_declared_key(name: str, tmp_path: Path) -> N
             and "``" + callback.KEYS[0].key(callback.family) in type(callback).__doc__)
 
 
-_SHARPNESS_PER_GROUP = ("sharpness.py: per-group keys (stability_ratio/{layer}, ...) are declared without `requires`, "
-                       "and `layers` lists every parameter group, though per-group figures are measured only with "
-                       "per_group (or distinct learning rates) and >= 2 groups")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_SHARPNESS_PER_GROUP))
-                                  if n == "SharpnessMonitor" else n for n in EXPORTED])  # fmt: skip
+@pytest.mark.parametrize("name", EXPORTED)
 def test_every_dashboard_pattern_draws_a_key_the_monitor_logs_with_its_settings(name: str) -> None:
     callback = make(name, action="log", **({"attention": False} if name == "LogitMonitor" else {}))  # no attention
     trainer = fit(callback, Poisoned(poison_at=9), max_steps=12, log_every_n_steps=4)

@@ -343,18 +343,23 @@ def test_training_is_bit_identical_with_and_without_the_monitor() -> None:
 class LoggingMLP(FixedBatchMLP):
     """Logs from ``training_step`` with ``self.log`` and ``self.log_dict`` (which calls ``self.log``
     per item); ``logged`` records ``(hook, key)`` of every ``self.log`` call, ``calls`` counts
-    ``training_step`` calls."""
+    ``training_step`` calls (in a list changed in place: a recomputation puts re-assigned
+    attributes back, so ``self.calls += 1`` would not show it)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.calls, self.logged = 0, []
+        self._calls, self.logged = [0], []
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         self.logged.append((self._current_fx_name, name))
         super().log(name, value, *args, **kwargs)
 
+    @property
+    def calls(self) -> int:
+        return self._calls[0]
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self.calls += 1
+        self._calls[0] += 1
         loss = super().training_step(batch, batch_idx)
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         self.log("train/rows", float(len(batch[0])), on_step=False, on_epoch=True, reduce_fx="sum")
