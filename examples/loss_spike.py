@@ -1,16 +1,18 @@
 """LossSpikeDetector with action="rollback" on a digits MLP whose learning rate is too high: the
-detector restores the last snapshot instead of leaving the run diverged.
+detector restores the last healthy snapshot and trains on at half the rate instead of leaving the
+run diverged.
 
 Measured on this script (one CPU thread, lr 0.6 with momentum 0.9): the first alert comes at step
-15. With ``log``, ``skip`` and ``rollback`` the loss explodes at step 13 (as ``lightning-diag
-report`` dates it), 2 steps before that alert; with ``reduce_lr`` the report finds no explosion.
-What is left of the run (the validation loss of the final weights; a model that knows nothing
-scores ln 10 = 2.30):
+15. With ``log``, ``skip`` and ``recover`` the loss explodes at step 13 (as ``lightning-diag
+report`` dates it), 2 steps before that alert; with ``rollback`` and ``reduce_lr`` the report
+finds no explosion. What is left after 80 steps (the validation loss of the final weights; a model
+that knows nothing scores ln 10 = 2.30):
 
-- ``log``: 2.33 after 80 steps; ``skip``: 2.32 (only the alerted steps are skipped);
-- ``rollback``: 1.87: three rollbacks, then the fourth alert (step 54) restores the last snapshot
-  and stops the run at step 55;
-- ``reduce_lr``: 1.09, the rate halved at each alert: the only action that lets it train on.
+- ``log``: 2.33; ``skip``: 2.32 (only the alerted steps are skipped);
+- ``recover``: 2.32: it skips two bad steps, but the loss stays high without three bad steps in a
+  row, so the ladder never reaches its rollback rung here;
+- ``rollback``: 1.41: one rollback at step 15 to the last healthy snapshot, then half the rate;
+- ``reduce_lr``: 1.09, the rate halved at each alert.
 
     python examples/loss_spike.py                  # ~10 s on a laptop CPU
     python examples/loss_spike.py --action skip    # or stop, reduce_lr, warn, log
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[LossSpikeDetector, float]:
     parser.add_argument("--max-steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=0.6)
     parser.add_argument("--action", default="rollback",
-                        choices=["log", "warn", "stop", "skip", "rollback", "reduce_lr"])
+                        choices=["log", "warn", "stop", "skip", "rollback", "recover", "reduce_lr"])
     parser.add_argument("--logdir", default="runs")
     args = parser.parse_args(argv)
 

@@ -101,17 +101,20 @@ def test_sharpness_example_warns_four_steps_before_the_explosion_and_stays_quiet
     assert not monitor.alerts and not detector.alerts and summary.loss.explosion_step is None
 
 
-@pytest.mark.parametrize(("action", "final", "steps"),
-                         [("log", 2.33, 80), ("skip", 2.32, 80), ("rollback", 1.87, 55), ("reduce_lr", 1.09, 80)])
+@pytest.mark.parametrize(("action", "final", "exploded"),
+                         [("log", 2.33, True), ("skip", 2.32, True), ("recover", 2.32, True), ("rollback", 1.41, False),
+                          ("reduce_lr", 1.09, False)])
 def test_loss_spike_example_leaves_what_its_docstring_says_for_each_action(
-    action: str, final: float, steps: int, tmp_path: Path
+    action: str, final: float, exploded: bool, tmp_path: Path
 ) -> None:
     (detector, loss), summary = _run("loss_spike.py", tmp_path, "--action", action)
-    assert summary.loss.explosion_step == (None if action == "reduce_lr" else 13) and _first(detector).step == 15
+    assert summary.loss.explosion_step == (13 if exploded else None) and _first(detector).step == 15
     assert loss == pytest.approx(final, abs=0.005)
-    assert summary.steps[1] == steps - 1
-    if action == "rollback":
-        assert detector.rollbacks == 4 and detector.alerts[3].step == 54  # three rollbacks, the fourth stops
+    assert summary.steps[1] == 79  # every action trains the 80 steps
+    if action == "rollback":  # one rollback at the first alert, at half the learning rate from then on
+        assert detector.rollbacks == 1 and detector.lr_scale == 0.5 and detector.alerts[1].step == 15
+    if action == "recover":  # two skipped steps; no rollback (it needs 3 bad steps in a row), no LR cut
+        assert (detector.skipped, detector.rollbacks, detector.lr_scale) == (2, 0, 1.0)
     assert math.log(10) == pytest.approx(2.30, abs=0.005)  # "a model that knows nothing scores 2.30"
 
 

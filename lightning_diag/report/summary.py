@@ -346,16 +346,16 @@ def _loss_line(loss: LossSummary) -> str:
         line += (f"{_g(loss.last)}" if not loss.ended_nonfinite
                  else f"{loss.last} (last finite {_g(loss.last_finite)}): the run ended non-finite")
     if loss.explosion_step is not None:
-        line += (f"; explosion at step {loss.explosion_step} (testbeds.explosion_step of the logged values: "
-                 f"{EXPLOSION_PATIENCE} of them back half-way to the first loss and 1.5x above the best, or non-finite)")
+        line += (f"; explosion at step {loss.explosion_step} (from there {EXPLOSION_PATIENCE} logged losses in a row "
+                 "gave back at least half the progress and stood 1.5x above the best, or were non-finite)")
     if loss.nonfinite_step is not None:
         line += f"; first non-finite loss at step {loss.nonfinite_step}"
     if loss.broke_at is None:
         line += "; no explosion"
         if loss.rise > 1.5:  # the definition needs 10 logged values above the bar: a short run may not have them
-            line += (f" by testbeds.explosion_step, but the last loss is {loss.rise:.3g}x the minimum "
-                     f"({_plural(loss.logged, 'logged value')}; the definition needs {EXPLOSION_PATIENCE} in a row "
-                     "above the bar)")
+            line += (f", but the last loss is {loss.rise:.3g}x the minimum (an explosion needs {EXPLOSION_PATIENCE} "
+                     "logged losses in a row half-way back to the first and 1.5x above the best; this run logged "
+                     f"{_plural(loss.logged, 'value')})")
     return line
 
 
