@@ -65,6 +65,16 @@ class TinyModule(pl.LightningModule):
         return DataLoader(self.data, batch_size=self.batch_size, shuffle=False)
 
 
+class LoggedSoFar(Callback):
+    """After the monitor: the steps of ``key`` logged so far, at the end of each step (``seen[step]``)."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.seen = key, {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen[trainer.global_step - 1] = sorted(trainer.logger.values(self.key))
+
+
 def make_trainer(**overrides: Any) -> pl.Trainer:
     """A quiet CPU trainer; any Trainer argument can be overridden."""
     kwargs: dict[str, Any] = dict(

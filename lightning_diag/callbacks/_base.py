@@ -276,10 +276,14 @@ class DiagnosticCallback(Callback):
         twins = [m for m in list(_LIVE) if m is not self and type(m) is type(self) and not m._bound]
         return f"{key}#{id(self):x}" if any(m._plain_state_key() == key for m in twins) else key
 
-    def _plain_state_key(self) -> str:
+    def _plain_state_key(self) -> str | None:
+        """The state key without the twin suffix; None for a monitor whose constructor raised (it is in
+        ``_LIVE`` until collected, but it is no twin: it never reaches a trainer)."""
         self._plain_key = True
         try:
             return self.state_key
+        except AttributeError:
+            return None
         finally:
             self._plain_key = False
 
@@ -558,6 +562,8 @@ class DiagnosticCallback(Callback):
         """Log the held device figures (one transfer) with the host's figures of the same step."""
         metrics: dict[str, float] = {}
         held, self._held = self._held, None
+        if held is None and self._host is not None and self._logged_step < self._host[0] < step:
+            step = self._host[0]  # a check between two logging steps is logged at the next one, at its own step
         if held is not None:
             parts = [(held.keys, held.values), *held.extra]
             flat = torch.cat([v.reshape(-1).to(torch.float64) for _, v in parts]).tolist()  # the one host read

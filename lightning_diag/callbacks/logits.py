@@ -277,14 +277,6 @@ class LogitMonitor(DiagnosticCallback):
             return {"attention_growth": peak / mean}  # NaN logits give NaN growth
         return {"attention_growth": 0.0 if math.isfinite(peak) else math.nan}  # no baseline yet; NaN is never 0
 
-    def publish(self, trainer: pl.Trainer, step: int) -> None:
-        # Every figure is a check-rate stream, on the host since its check: a check between two
-        # logging steps is logged at the next one, at its own step, as SpectralAlignmentMonitor's held
-        # figures are (the base logs the host's figures only of a check on the logging step itself).
-        if self._host is not None and self._logged_step < self._host[0] < step:
-            step = self._host[0]
-        super().publish(trainer, step)
-
     def extra_state(self) -> dict[str, Any]:
         return {"baseline": self.baseline.state_dict()}
 

@@ -210,14 +210,6 @@ class SharpnessMonitor(DiagnosticCallback):
                 values[f"{name}/{{layer}}"] = torch.stack([result.figures[f"{name}/{g}"] for g in groups])
         return Figures(values, groups)
 
-    def publish(self, trainer: pl.Trainer, step: int) -> None:
-        # Every figure is a check-rate stream, on the host since its check: a check between two
-        # logging steps is logged at the next one, at its own step, as SpectralAlignmentMonitor's held
-        # figures are (the base logs the host's figures only of a check on the logging step itself).
-        if self._host is not None and self._logged_step < self._host[0] < step:
-            step = self._host[0]
-        super().publish(trainer, step)
-
     def extra_state(self) -> dict[str, Any]:
         return {"estimator": self.estimator.state_dict()}
 

@@ -214,3 +214,16 @@ def test_a_prefix_names_the_keys_the_rules_the_source_and_the_state_key() -> Non
     assert plain.state_key == "GradNormWatcher{'include': None, 'exclude': None, 'group_depth': None}"  # unchanged
     with pytest.raises(ValueError, match=r"`prefix` must be None or a non-empty string without '/', got 'a/b'"):
         GradNormWatcher(prefix="a/b")
+
+
+def test_a_monitor_whose_constructor_raised_is_no_twin_of_the_next_one() -> None:
+    """A constructor that raises after the base's ``__init__`` leaves a half-built monitor behind
+    (here kept alive by the traceback, as pytest keeps it); building the next monitor of that kind
+    must not read its state key (before: ``AttributeError: ... no attribute 'loss_fn'`` when the
+    next Trainer was built)."""
+    from lightning_diag import SharpnessMonitor
+
+    with pytest.raises(ValueError) as raised:
+        SharpnessMonitor(check_every_n_steps=0)
+    assert SharpnessMonitor().state_key.startswith("SharpnessMonitor")
+    assert raised.traceback  # the half-built monitor was alive all along

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RowSplit, ddp_on_cpu, fit, forbid_host_sync, make_trainer
+from conftest import LoggedSoFar, RowSplit, ddp_on_cpu, fit, forbid_host_sync, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
@@ -241,16 +241,6 @@ def test_softmax_collapse_counts_the_rows_whose_top_probability_rounds_to_one() 
 
 
 # -- cadence: a check between logging steps -------------------------------------------------------
-
-
-class LoggedSoFar(Callback):
-    """After the monitor: the steps of ``key`` logged so far, at the end of each step (``seen[step]``)."""
-
-    def __init__(self, key: str) -> None:
-        self.key, self.seen = key, {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.seen[trainer.global_step - 1] = sorted(trainer.logger.values(self.key))
 
 
 def test_a_check_between_logging_steps_is_logged_at_the_next_logging_step() -> None:
