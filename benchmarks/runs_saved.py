@@ -15,8 +15,10 @@ seeds ``0..N-1``. Every run trains for the family's ``max_steps``, the twins inc
 trains its twins ``twin_steps``, fewer): the twin's progress is then measured over the same number
 of steps as the run it is compared with. Each arm is a callback list: ``none`` (no callback, the
 reference), ``reduce_lr`` (``LossSpikeDetector(action="reduce_lr")``), ``zclip``
-(``GradNormWatcher(clip="zclip")``), ``skip`` (``LossSpikeDetector(action="skip")``), ``governor``
-(``StabilityGovernor(**setting)``, one run per setting of ``--governor``'s grid). Monitors at their
+(``GradNormWatcher(clip="zclip")``), ``skip``, ``rollback`` and ``recover``
+(``LossSpikeDetector(action=...)``), ``governor`` (``StabilityGovernor(**setting)``, one run per
+setting of ``--governor``'s grid) and ``governor+recover`` (the governor at each setting with
+``LossSpikeDetector(action="recover")``, the combination the README recommends). Monitors at their
 defaults, ``Trainer`` at its defaults (``log_every_n_steps=50``, no logger), one thread, seeded: the
 same command gives the same records on the same machine.
 
@@ -91,7 +93,7 @@ __all__ = ["ARMS", "Arm", "Outcome", "choose", "final_loss", "judge", "leave_one
 FINAL_WINDOW = 20  # losses averaged into a run's final loss
 SAVED_PROGRESS = 0.9  # a survivor reaching this share of its twin's progress is saved
 TWIN_COST_LIMIT = 0.02  # share of a twin's loss reduction an arm may cost it
-ARMS = ("none", "reduce_lr", "zclip", "skip", "rollback", "recover", "governor")
+ARMS = ("none", "reduce_lr", "zclip", "skip", "rollback", "recover", "governor", "governor+recover")
 _KINDS = {f.name: f.kind for f in FAMILIES}
 
 
@@ -125,7 +127,8 @@ class Arm:
             return [GradNormWatcher(clip="zclip")]
         if self.name in ("reduce_lr", "skip", "rollback", "recover"):
             return [LossSpikeDetector(action=self.name)]
-        return [StabilityGovernor(**dict(self.setting))]
+        governor = [StabilityGovernor(**dict(self.setting))]
+        return governor + ([LossSpikeDetector(action="recover")] if self.name == "governor+recover" else [])
 
 
 def parse_grid(texts: Iterable[str]) -> list[tuple[tuple[str, Any], ...]]:
@@ -623,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid = parse_grid(args.governor) or [()]
     except ValueError as error:
         parser.error(str(error))
-    arms = [Arm("none")] + [Arm(n, s) for n in names if n != "none" for s in (grid if n == "governor" else [()])]
+    arms = [Arm("none")] + [Arm(n, s) for n in names if n != "none" for s in (grid if n.startswith("governor") else [()])]
     chosen = (args.families.split(",") if args.families
               else list(QUICK_FAMILIES if args.quick else [f.name for f in FAMILIES]))  # fmt: skip
     unknown = sorted(set(chosen) - {f.name for f in FAMILIES})

@@ -58,7 +58,7 @@ def _class_paths(node: Any) -> list[str]:
 
 def test_the_configs_folder_holds_the_presets() -> None:
     assert NAMES == ["grad_norm.yaml", "logits.yaml", "loss_spike.yaml", "neural_collapse.yaml", "recommended.yaml",
-                     "sharpness.yaml", "spectral_alignment.yaml"]
+                     "sharpness.yaml", "spectral_alignment.yaml", "stability.yaml"]
 
 
 @pytest.mark.parametrize("name", NAMES)

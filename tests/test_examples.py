@@ -32,6 +32,7 @@ SHORT = {
     "neural_collapse.py": ["--max-epochs", "2", "--limit-train-batches", "5"],
     "sharpness.py": ["--max-steps", "40"],
     "spectral_alignment.py": ["--max-steps", "60"],
+    "stability.py": ["--max-steps", "40"],
 }
 
 
@@ -148,3 +149,15 @@ def test_logits_example_attention_growth_leads_without_qk_layernorm_and_trails_w
     else:
         assert summary.loss.explosion_step == 287 and _first(detector).step == 282
         assert attention.step == 294 and _first(monitor).step == 294  # after the loss's alert and the explosion
+
+
+def test_stability_example_governed_trains_where_the_measured_run_explodes(tmp_path: Path) -> None:
+    ((governor, _), final), summary = _run("stability.py", tmp_path / "governed")
+    scale = dict(summary.run.scalars["stability/scale"])
+    assert summary.loss.explosion_step is None and final == pytest.approx(0.344, abs=0.005)
+    assert min(scale.values()) == pytest.approx(0.025, abs=0.0005) and min(scale, key=scale.get) == 46
+    assert governor.controller.scale == pytest.approx(0.269, abs=0.0005)
+    assert _first(governor).step == 46 and _first(governor).metric == "stability/scale"
+    ((watcher, _), final), summary = _run("stability.py", tmp_path / "measured", "--govern", "false")
+    assert summary.loss.explosion_step == 13 and final == pytest.approx(2.33, abs=0.005)
+    assert min(v for _, v in summary.run.scalars["stability/scale"]) == pytest.approx(0.112, abs=0.0005)

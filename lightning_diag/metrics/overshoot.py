@@ -129,7 +129,7 @@ class OvershootController(Stateful):
         (0.4, 0.4)
     """
 
-    def __init__(self, *, target: float = 0.8, smoothing: float = 0.9, recovery: float = 1.05,
+    def __init__(self, *, target: float = 0.65, smoothing: float = 0.9, recovery: float = 1.05,
                  min_scale: float = 0.01, margin: float = 0.2) -> None:  # fmt: skip
         check_number("target", target, 0.0)
         check_number("smoothing", smoothing, 0.0, 1.0, low_open=False)

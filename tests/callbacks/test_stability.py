@@ -213,7 +213,7 @@ def test_govern_false_changes_nothing_even_when_it_would_cut() -> None:
 
 
 def test_the_scale_falling_below_warn_scale_warns_and_a_pinned_floor_is_critical() -> None:
-    governor = StabilityGovernor(check_every_n_steps=1, min_scale=0.2, warn_scale=0.3, pin_patience=2,
+    governor = StabilityGovernor(target=0.8, check_every_n_steps=1, min_scale=0.2, warn_scale=0.3, pin_patience=2,
                                  action="log")  # fmt: skip
     _explode([governor], lr=8.0)
     metrics = {(a.metric, a.severity) for a in governor.alerts}
