@@ -199,8 +199,9 @@ class SharpnessMonitor(DiagnosticCallback):
             result = self.estimator.estimate(guard.wrap(lambda: loss_fn(pl_module, *batch)), self._params, optimizer,
                                              reduce=mean_over_ranks if trainer.world_size > 1 else None)  # fmt: skip
         if result.fallback_reason:
-            self.warn_once("method", f"double backward is not available ({result.fallback_reason}); Hessian-vector "
-                                     "products use finite differences of gradients (one extra pass each)")  # fmt: skip
+            self.warn_once("method", f"{_no_second_derivative(result.fallback_reason)} has no second derivative, so "
+                           "the curvature is measured by finite differences of gradients instead (one extra backward "
+                           "per Hessian-vector product; the figures mean the same)")  # fmt: skip
         for figure, why in result.notes.items():
             self.warn_once(f"note-{figure}", f"sharpness/{figure}: {why}")
         groups = sorted({k.split("/")[1] for k in result.figures if "/" in k})
@@ -216,3 +217,18 @@ class SharpnessMonitor(DiagnosticCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "estimator" in state:
             self.estimator.load_state_dict(state["estimator"])
+
+
+def _no_second_derivative(reason: str) -> str:
+    """What in the model has no double backward, in a user's words, from PyTorch's error.
+
+    Example:
+        >>> _no_second_derivative("the derivative for '_scaled_dot_product_flash_attention' is not implemented")
+        'flash attention (F.scaled_dot_product_attention)'
+    """
+    if "donated buffers" in reason or "compile" in reason:
+        return "a torch.compile'd module"
+    if "attention" in reason or "NotImplemented" in reason:
+        return "flash attention (F.scaled_dot_product_attention)"
+    return f"a layer of the model ({reason})"
+
