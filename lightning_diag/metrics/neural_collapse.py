@@ -110,6 +110,9 @@ class NeuralCollapse(Metric):
         0.0
     """
 
+    __jit_unused_properties__ = [*Metric.__jit_unused_properties__, "classifier", "reference_means",
+                                 "reference_present"]  # fmt: skip
+
     is_differentiable = False
     higher_is_better = None  # NC1-NC4 fall as collapse proceeds, but the dict also holds counts
     full_state_update = False  # forward merges the batch state into the running one (Chan)
@@ -150,6 +153,7 @@ class NeuralCollapse(Metric):
                 self.add_state(name, getattr(acc, name), dist_reduce_fx=None)
                 setattr(acc, name, None)
         self._acc = acc  # an empty shell: each call binds the states to it (no copy)
+        self._dtype = self.counts.dtype  # `dtype` is the states' (torchmetrics would say float32)
         self._reference: tuple[Tensor, Tensor] | None = None  # NC4 reference means and classes
         #: Global class means, counts and scatters ``t_c = sum_{i in c} ||h_i - mu_c||^2`` at the
         #: last ``compute()`` (after the DDP sync), or None. A class with a finite mean can still
@@ -241,6 +245,7 @@ class NeuralCollapse(Metric):
             self._new_reference = False
         super().reset()
 
+    @torch.jit.unused  # as torchmetrics' own forward: scripting keeps the metric's other methods
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """torchmetrics' forward (accumulate, and return the metrics of this batch alone)."""
         self._in_forward = True  # its internal reset/compute must not touch the NC4 reference
@@ -310,6 +315,7 @@ class NeuralCollapse(Metric):
         if self._reference is not None:
             means = move(self._reference[0])
             self._reference = (means, self._reference[1].to(means.device))
+        self._dtype = self.counts.dtype  # the states', whatever `.to(dtype)` asked
         return this
 
     def state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:

@@ -458,3 +458,21 @@ def test_two_gloo_processes_sync_to_the_single_process_result(tmp_path):
             assert report[name + "/local_after_compute"]
         torch.testing.assert_close(report["synced_counts"], metric.counts, rtol=0, atol=0)
         assert float(report["unsynced_counts"].sum()) == pytest.approx(150 if rank == 0 else 90, abs=0.5)
+
+
+def test_dtype_is_the_states_dtype_and_does_not_follow_a_module_cast():
+    """torchmetrics' convention: ``metric.dtype`` is the states' dtype, changed by ``set_dtype`` only.
+    Before: it said float32 while the states were float64, and followed ``.to(torch.half)``."""
+    metric = NeuralCollapse(num_classes=3, dim=4)
+    assert metric.dtype == metric.counts.dtype == torch.float64
+    metric = metric.to(torch.half)
+    assert metric.dtype == metric.means.dtype == torch.float64
+    metric.set_dtype(torch.float32)
+    assert metric.dtype == metric.means.dtype == torch.float32
+
+
+def test_the_metric_can_be_scripted_like_every_torchmetrics_metric():
+    """``torch.jit.script`` failed at the ``forward`` override (``*args``) before; torchmetrics marks
+    its own ``forward`` unused for scripting, and so does this one."""
+    scripted = torch.jit.script(NeuralCollapse(num_classes=3, dim=4))
+    assert isinstance(scripted, torch.jit.ScriptModule)
