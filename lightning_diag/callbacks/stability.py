@@ -95,7 +95,7 @@ class StabilityGovernor(DiagnosticCallback):
 
     Args:
         target: smoothed ratio the scale holds the run at (> 0). 0.65 is what the runs-saved
-            benchmark chose leave-one-family-out (on 8 of its 9 folds, and on all families), from
+            benchmark chose leave-one-family-out (on 14 of its 15 folds, and on all families), from
             0.5, 0.65, 0.8 and 1.0 (``docs/runs_saved.md``).
         smoothing: EMA decay of the smoothed ratio, in ``[0, 1)``.
         recovery: growth factor of the scale per check while the ratio is low (> 1).
