@@ -346,17 +346,21 @@ class StepControl:
             def controlled(*args: Any, _inner: Callable[..., Any] = inner, _opt: Any = optimizer, **kwargs: Any) -> Any:
                 return self._step(_opt, _inner, *args, **kwargs)
 
+            controlled._step_control = (self, inner, had_own)  # type: ignore[attr-defined]
             optimizer.step = controlled  # type: ignore[method-assign]
             self._wrapped.append((optimizer, controlled, had_own, inner))
 
     def remove(self) -> None:
-        for optimizer, controlled, had_own, inner in reversed(self._wrapped):
-            if vars(optimizer).get("step") is controlled:
-                if had_own:
-                    optimizer.step = inner  # type: ignore[method-assign]
-                else:
-                    del optimizer.step
-        self._wrapped = []
+        wrapped, self._wrapped = self._wrapped, []
+        for optimizer, controlled, had_own, inner in reversed(wrapped):
+            if vars(optimizer).get("step") is not controlled:
+                continue  # someone wrapped ours: it passes through now, and goes when the one on top does
+            while hasattr(inner, "_step_control") and not inner._step_control[0].installed:
+                _, inner, had_own = inner._step_control  # a control removed earlier, under ours: drop it too
+            if had_own:
+                optimizer.step = inner  # type: ignore[method-assign]
+            else:
+                del optimizer.step
 
     @property
     def installed(self) -> bool:
@@ -368,10 +372,11 @@ class StepControl:
         closure = kwargs.get("closure", args[0] if args else None)
         result = None
         if closure is not None:  # run it now, so the decisions see this step's gradients
-            result = closure()
+            result, calls = closure(), [0]
 
-            def replay() -> Any:
-                return result
+            def replay() -> Any:  # the first call is the one already run; an optimizer that evaluates
+                calls[0] += 1  # its closure again (SAM, line searches) gets fresh evaluations
+                return result if calls[0] == 1 else closure()
 
             if "closure" in kwargs:
                 kwargs["closure"] = replay

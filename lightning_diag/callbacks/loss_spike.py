@@ -263,6 +263,7 @@ class LossSpikeDetector(DiagnosticCallback):
         self.skip_positions: set[tuple[int, int]] = {_position(b) for b in skip_batches}
         self.pending_skips = 0  # batches still to skip after a rollback
         self._skip_batch = False  # this batch is one to skip (every optimizer step of it)
+        self._window_step = -1  # the optimizer step the current micro-batches accumulate for
         self._rollback_due: Alert | None = None  # done between steps, at the next batch boundary
         self._last_z = 0.0  # the last step's z-score, for the snapshot decision
         self._trainer_ref: pl.Trainer | None = None  # the gate asks without a trainer argument
@@ -329,10 +330,14 @@ class LossSpikeDetector(DiagnosticCallback):
         self._batches_seen += 1
         self._micro_batches.append((trainer.current_epoch, batch_idx))
         position = (trainer.current_epoch, batch_idx)
-        self._skip_batch = self.pending_skips > 0 or position in self.skip_positions
-        if self._skip_batch:
+        skip = self.pending_skips > 0 or position in self.skip_positions
+        if skip:
             self.pending_skips = max(self.pending_skips - 1, 0)
             self.skip_positions.discard(position)
+        if trainer.global_step != self._window_step:  # the first micro-batch of an optimizer step
+            self._window_step, self._skip_batch = trainer.global_step, skip
+        else:  # under gradient accumulation a micro-batch to skip takes its whole step with it
+            self._skip_batch = self._skip_batch or skip
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
@@ -460,7 +465,10 @@ class LossSpikeDetector(DiagnosticCallback):
             self.drain(trainer, trainer.global_step, wait=True)
         skip = self._gate is not None and self._gate == (self._batches_seen, True)
         if not skip and self._measured_step != trainer.global_step:  # an optimizer stepping after another's
-            skip = bool(self._nonfinite_grads(trainer, optimizer) > 0)  # measurement (manual optimization)
+            flag = self._nonfinite_grads(trainer, optimizer)  # measurement (manual optimization): any rank's
+            if trainer.world_size > 1:  # shard counts, and every rank decides alike
+                flag = trainer.strategy.reduce(flag, reduce_op="sum")
+            skip = bool(flag > 0)
             if skip:
                 self._gate, self._cause = (self._batches_seen, True), "nonfinite_grads"
         self._consecutive_skips = self._consecutive_skips + 1 if skip else 0

@@ -219,7 +219,7 @@ class StabilityGovernor(DiagnosticCallback):
                    "steps the optimizers itself and cannot be recomputed")  # fmt: skip
         elif isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
             why = f"{type(trainer.strategy).__name__} is not supported (FSDP2 and DDP are)"
-        elif any(isinstance(opt, torch.optim.LBFGS) for opt in trainer.optimizers) and not self.govern:
+        elif any(isinstance(opt, torch.optim.LBFGS) for opt in trainer.optimizers):
             why = "LBFGS re-evaluates the closure inside step(), so an update cannot be measured"
         if why is not None:
             self.warn_once("unsupported", f"nothing is measured: {why}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,70 @@ def test_chained_controls_multiply_their_scales_and_a_skip_leaves_the_weights_al
     for control in (skip, outer, inner):
         control.remove()
     assert "step" not in vars(opt)  # every wrapper gone
+
+
+def test_controls_removed_in_the_order_they_were_installed_leave_no_wrapper():
+    """Two monitors' controls on one optimizer, removed bottom first: before, the bottom one's
+    wrapper stayed on the optimizer for good (the top one restored it as its ``inner``)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    bottom, top = StepControl(lr_scale=lambda o: 0.5), StepControl(lr_scale=lambda o: 0.5)
+    bottom.install([opt])
+    top.install([opt])
+    bottom.remove()
+    top.remove()
+    assert "step" not in vars(opt)
+
+
+class TwiceClosureSGD(torch.optim.SGD):
+    """An optimizer that evaluates its closure twice per step (as SAM and line searches do)."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        closure()
+        return super().step(closure)
+
+
+def _twice_closure_run(*callbacks: Any) -> tuple[dict[str, torch.Tensor], int]:
+    from conftest import TinyModule, make_trainer
+
+    class Module(TinyModule):
+        calls = 0
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            type(self).calls += 1
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return TwiceClosureSGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    module = Module()
+    make_trainer(max_steps=4, callbacks=list(callbacks)).fit(module)
+    return {k: v.clone() for k, v in module.state_dict().items()}, Module.calls
+
+
+def test_an_optimizer_that_evaluates_its_closure_again_gets_fresh_evaluations():
+    """Before: the step control replayed the first evaluation to every call, so a run that only
+    measured (``govern=False``) or never skipped trained differently (4 forwards instead of 8)."""
+    from lightning_diag import LossSpikeDetector, StabilityGovernor
+
+    plain, plain_calls = _twice_closure_run()
+    for callback in (StabilityGovernor(govern=False, action="log", check_every_n_steps=1),
+                     LossSpikeDetector(action="skip")):
+        state, calls = _twice_closure_run(callback)
+        assert calls >= plain_calls == 8
+        assert all(torch.equal(state[k], plain[k]) for k in plain), type(callback).__name__
+
+
+def test_the_governor_says_once_that_it_cannot_measure_lbfgs_and_does_not_crash_the_run():
+    from conftest import TinyModule, make_trainer
+
+    from lightning_diag import StabilityGovernor
+
+    class WithLBFGS(TinyModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+    governor = StabilityGovernor(action="log")
+    with pytest.warns(UserWarning, match="LBFGS"):
+        make_trainer(max_steps=3, callbacks=[governor]).fit(WithLBFGS())
+    assert governor.controller.scale == 1.0

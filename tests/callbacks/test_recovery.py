@@ -306,3 +306,23 @@ def test_ddp_every_rank_rolls_back_to_the_same_snapshot_at_the_same_step(tmp_pat
     assert ("loss_spike/rollbacks", 11) in rank0["alerts"] and rank0["alerts"] == rank1["alerts"]
     assert rank0["scheduler"] == rank1["scheduler"] < 16  # both schedules went back to the snapshot
     assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+
+
+def test_under_gradient_accumulation_a_batch_to_skip_skips_its_whole_optimizer_step():
+    """``skip_batches=[(0, 0)]`` with ``accumulate_grad_batches=2``: micro-batches 0 and 1 make step 0.
+    Before: the flag of micro-batch 0 was overwritten by micro-batch 1's, so the step ran on the bad
+    batch with no word; now the step of the window holding it is skipped."""
+    torch.manual_seed(0)
+    detector = LossSpikeDetector(action="log", skip_batches=[(0, 0)])
+    weights: dict[int, torch.Tensor] = {}
+
+    class Weights(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            weights[trainer.global_step] = pl_module.net[0].weight.detach().clone()
+
+    module = TinyModule()
+    start = module.net[0].weight.detach().clone()
+    make_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[detector, Weights()]).fit(module)
+    assert torch.equal(weights[1], start)  # after the window of step 0: its optimizer step was skipped
+    assert not torch.equal(weights[2], start)  # the next step trains
+    assert detector.skipped == 1
