@@ -123,3 +123,15 @@ def test_readme_setup_commands_name_what_the_package_ships() -> None:
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     for needed in ("pytest", "scikit-learn", "matplotlib", "jsonargparse"):  # what the test suite imports
         assert any(d.startswith(needed) for d in dev), needed
+
+
+def test_readme_runs_saved_rows_are_rows_of_the_runs_saved_doc() -> None:
+    """Every row of the README's runs-saved table is a row of ``docs/runs_saved.md`` (the tables the
+    benchmark wrote), with the same counts and shares; the README leaves out the median column."""
+    doc = (ROOT / "docs" / "runs_saved.md").read_text(encoding="utf-8")
+    in_doc = {(c[2], c[3], c[5], c[6], c[7], c[8], c[9]) for table in tables(doc) for c in map(cells, table[2:])
+              if len(c) == 11 and c[1] == "all"}
+    readme = section(README, "Keeping a run from exploding: StabilityGovernor")
+    (table,) = [t for t in tables(readme) if "twin cost" in t[0]]
+    rows = [cells(row) for row in table[2:]]
+    assert len(rows) >= 8 and all(tuple(c[2:]) in in_doc for c in rows), [c[0] for c in rows if tuple(c[2:]) not in in_doc]
