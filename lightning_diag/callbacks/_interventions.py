@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_diag.alerts import Alert
 from lightning_diag.callbacks._sharding import local_tensor
+from lightning_diag.metrics.norms import tensor_norms
 
 __all__ = ["Snapshot", "Snapshots", "StepControl", "cpu_copy", "nonfinite_count", "nonfinite_weights",
            "scaled_learning_rates", "serious_alert"]
@@ -244,23 +245,18 @@ def serious_alert(trainer: pl.Trainer, quiet_steps: int) -> Alert | str | None:
 def nonfinite_count(tensors: list[Tensor]) -> Tensor:
     """How many of ``tensors`` hold a NaN or inf entry, as a 0-d float device tensor (no host read).
 
-    The 2-norm of each tensor, summed in float64 (one fused ``_foreach_norm``), is finite exactly when
-    every entry is: float64 holds the square of any float32 value, so a huge finite gradient is not
-    mistaken for an infinite one (a max-abs norm would do too, but has no fused kernel on the CPU and
-    costs 5x more there). Sparse tensors are read through their stored values; empty tensors (a
-    rank's empty shard) count as finite.
+    A tensor's 2-norm summed in float64 (:func:`~lightning_diag.metrics.norms.tensor_norms`, one
+    fused ``_foreach_norm``) is finite exactly when every entry is: float64 holds the square of any
+    float32 value, so a huge finite gradient is not taken for an infinite one. An empty tensor (a
+    rank's empty shard) counts as finite.
 
     Example:
         >>> nonfinite_count([torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
         tensor(2.)
     """
-    dense = [t for t in tensors if t.layout == torch.strided and t.numel()]
-    values = [t.coalesce().values() for t in tensors if t.layout != torch.strided]
-    norms = list(torch._foreach_norm(dense, dtype=torch.float64)) if dense else []
-    norms += [v.abs().amax().double() if v.numel() else v.new_zeros((), dtype=torch.float64) for v in values]
-    if not norms:
-        return torch.zeros((), device=tensors[0].device if tensors else None)
-    return (~torch.stack(norms).isfinite()).sum(dtype=torch.float32)
+    if not tensors:
+        return torch.zeros(())
+    return (~tensor_norms(tensors).isfinite()).sum(dtype=torch.float32)
 
 
 @contextlib.contextmanager

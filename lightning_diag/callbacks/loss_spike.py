@@ -477,18 +477,21 @@ class LossSpikeDetector(DiagnosticCallback):
             # skipping did not help: the weights themselves are bad (rung 3, done between steps)
             self._rollback_due = self._rollback_due or (f"{self._consecutive_skips} bad steps in a row ({self._cause})")
         elif self._consecutive_skips >= self.max_consecutive_skips and not trainer.should_stop:
-            trainer.should_stop = True
-            self._raise(trainer, [self._budget_alert(trainer.global_step)], trainer.global_step, act=False)
-            warn(f"lightning_diag: {self._budget_alert(trainer.global_step)} -> stopping the run")
+            self._say(trainer, trainer.global_step, "skipped", self._consecutive_skips, self.max_consecutive_skips,
+                      f"{self.source}: {self._consecutive_skips} steps skipped in a row (max_consecutive_skips="
+                      f"{self.max_consecutive_skips}), each for {self._cause}: the model no longer trains; stopping the run",
+                      stop=True)  # fmt: skip
         return skip
 
-    def _budget_alert(self, step: int) -> Alert:
-        """The critical alert of a spent skip budget, naming what kept the steps bad."""
-        return Alert(self.source, f"{self.family}/skipped", step, float(self._consecutive_skips),
-                     float(self.max_consecutive_skips), "critical",
-                     f"{self.source}: {self._consecutive_skips} steps skipped in a row (max_consecutive_skips="
-                     f"{self.max_consecutive_skips}), each for {self._cause}: the model no longer trains",
-                     acted_step=step)  # fmt: skip
+    def _say(self, trainer: pl.Trainer, step: int, figure: str, value: float, threshold: float, message: str,
+             *, stop: bool) -> None:
+        """An alert of the detector's own doing (a spent budget, a rollback): recorded and logged as every
+        alert, warned, and critical when it stops the run."""
+        alert = Alert(self.source, f"{self.family}/{figure}", step, float(value), float(threshold),
+                      "critical" if stop else "warning", message, acted_step=step)  # fmt: skip
+        self._raise(trainer, [alert], step, act=False)
+        trainer.should_stop = trainer.should_stop or stop
+        warn(f"lightning_diag: {alert}")
 
     def _lr_scale(self, optimizer: Any) -> float:
         return self.lr_scale
@@ -541,11 +544,7 @@ class LossSpikeDetector(DiagnosticCallback):
                    + (f"; stopping: budget spent (max_rollbacks={self.max_rollbacks})" if done else
                       f", learning rate x{self.lr_scale:g} of the schedule's, skipping {self.pending_skips} more "
                       f"batches (rollback {self.rollbacks}/{self.max_rollbacks})"))  # fmt: skip
-        alert = Alert(self.source, f"{self.family}/rollbacks", now, float(self.rollbacks), float(self.max_rollbacks),
-                      "critical" if done else "warning", message, acted_step=now)  # fmt: skip
-        self._raise(trainer, [alert], now, act=False)
-        trainer.should_stop = trainer.should_stop or done
-        warn(f"lightning_diag: [{alert.severity}] {message}")
+        self._say(trainer, now, "rollbacks", self.rollbacks, self.max_rollbacks, message, stop=done)
 
     # -- snapshots --------------------------------------------------------------------------------
 
